@@ -20,6 +20,8 @@ from pathlib import Path
 import attrs
 
 from hamgr.config import ConfigError, MachineConfig
+from shim.criu import CriuRuntime
+from shim.criu import parse_version as parse_criu_version
 
 MIN_CRIU = (4, 2, 0)
 MIN_DPDK = (22, 11, 0)
@@ -132,7 +134,7 @@ def classify_hugepages(meminfo: dict[str, int], mounts: Iterable[Mount]) -> Chec
 
 def classify_criu_version(path: str, version_output: str) -> Check:
     try:
-        version = parse_version(version_output)
+        version = parse_criu_version(version_output)
     except ValueError as exc:
         return Check("criu_version", Status.FAIL, f"{path}: {exc}", SETUP_FIX)
     detail = f"{path}: {format_version(version)}"
@@ -303,8 +305,6 @@ def check_criu() -> list[Check]:
             Check("criu_check", Status.FAIL, skipped, SETUP_FIX),
             Check("criu_tcp_dump", Status.FAIL, skipped, SETUP_FIX),
         ]
-    from shim.criu import CriuRuntime
-
     runtime = CriuRuntime(path)
     proc = _run([path, "--version"])
     version = classify_criu_version(path, proc.stdout + proc.stderr)
@@ -357,12 +357,11 @@ def check_qemu() -> Check:
     )
     if check.status is not Status.OK:
         return check
-    accels = _run(["qemu-system-x86_64", "-accel", "help"]).stdout
+    # "Accelerators supported in QEMU binary:" followed by one name per line.
+    accels = _run(["qemu-system-x86_64", "-accel", "help"]).stdout.splitlines()[1:]
     if "tcg" not in accels:
         return Check("qemu", Status.FAIL, check.detail + "; no TCG accelerator", "reinstall QEMU")
-    return Check(
-        "qemu", Status.OK, check.detail + "; accelerators: " + " ".join(accels.split()[2:])
-    )
+    return Check("qemu", Status.OK, check.detail + "; accelerators: " + " ".join(accels))
 
 
 def check_kvm() -> Check:
