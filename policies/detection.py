@@ -1,0 +1,155 @@
+"""When missed liveness probes become a declared failure.
+
+The knobs mean what they mean in keepalived and Pacemaker. Probes go out every ``interval_us``.
+After ``misses`` consecutive probes get no reply (the timeout, ``interval_us * misses``), the peer
+is suspect. It is declared failed only when both of these hold:
+
+- **hold-down**: the silence has lasted at least ``hold_down_us``. A loaded host can lose a short
+  burst of probes, or its prober can stall and count several misses at once; neither lasts long.
+- **confirmation**: the agent's own check of the peer, over another path and sent after the
+  silence began, says the peer is dead, or has not answered within ``confirm_window_us``.
+
+If the agent's check answers that the peer is alive, the verdict is DISPUTED: the data-plane path
+is lost but the host is not, so a failover would split the unit's brain. That answer only counts
+for ``confirm_window_us``; after that it is asked again.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+__all__ = [
+    "MIN_INTERVAL_US",
+    "AgentCheck",
+    "DetectionDecision",
+    "DetectionPolicy",
+    "ProbeFacts",
+    "Verdict",
+    "assess",
+]
+
+# Below this the probe rate competes with the data plane's own packets for the lcore.
+MIN_INTERVAL_US = 200
+
+
+def _interval(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if value < MIN_INTERVAL_US:
+        raise ValueError(f"{attr.name} must be >= {MIN_INTERVAL_US} us, got {value}")
+
+
+def _positive(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{attr.name} must be > 0, got {value}")
+
+
+def _not_negative(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attr.name} must be >= 0, got {value}")
+
+
+@attrs.frozen
+class DetectionPolicy:
+    interval_us: int = attrs.field(default=1_000, validator=_interval)
+    misses: int = attrs.field(default=3, validator=_positive)
+    hold_down_us: int = attrs.field(default=5_000, validator=_not_negative)
+    confirm_window_us: int = attrs.field(default=5_000, validator=_positive)
+
+    @property
+    def timeout_us(self) -> int:
+        """Silence after which the peer becomes suspect."""
+        return self.interval_us * self.misses
+
+    @property
+    def max_detection_us(self) -> int:
+        """Longest time from the last reply to a declared failure of a dead peer."""
+        return max(self.timeout_us + self.confirm_window_us, self.hold_down_us)
+
+
+class AgentCheck(enum.Enum):
+    NOT_ASKED = "not-asked"
+    PENDING = "pending"
+    ALIVE = "alive"
+    DEAD = "dead"
+
+
+@attrs.frozen
+class ProbeFacts:
+    now_us: int
+    # When the last probe reply arrived; the silence is measured from here.
+    last_reply_us: int
+    consecutive_misses: int
+    agent: AgentCheck = AgentCheck.NOT_ASKED
+    agent_asked_us: int | None = None
+
+
+class Verdict(enum.Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DISPUTED = "disputed"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class DetectionDecision:
+    verdict: Verdict
+    reason: str
+    # The caller should start the agent's confirmation check now.
+    ask_agent: bool = False
+    # When the verdict can next change by time alone.
+    wake_at_us: int | None = None
+
+
+def _agent_state(policy: DetectionPolicy, facts: ProbeFacts) -> AgentCheck:
+    if facts.agent is AgentCheck.NOT_ASKED or facts.agent_asked_us is None:
+        return AgentCheck.NOT_ASKED
+    # An answer to a question asked before the silence began says nothing about it.
+    if facts.agent_asked_us < facts.last_reply_us:
+        return AgentCheck.NOT_ASKED
+    if (
+        facts.agent is AgentCheck.ALIVE
+        and facts.now_us >= facts.agent_asked_us + policy.confirm_window_us
+    ):
+        return AgentCheck.NOT_ASKED
+    return facts.agent
+
+
+def assess(policy: DetectionPolicy, facts: ProbeFacts) -> DetectionDecision:
+    if facts.consecutive_misses < policy.misses:
+        return DetectionDecision(
+            Verdict.ALIVE, f"{facts.consecutive_misses} of {policy.misses} probes missed"
+        )
+    agent = _agent_state(policy, facts)
+    silent_us = facts.now_us - facts.last_reply_us
+    if agent is AgentCheck.NOT_ASKED:
+        return DetectionDecision(
+            Verdict.SUSPECT,
+            f"{facts.consecutive_misses} probes missed, {silent_us} us silent; confirming",
+            ask_agent=True,
+            wake_at_us=facts.now_us + policy.confirm_window_us,
+        )
+    assert facts.agent_asked_us is not None
+    if agent is AgentCheck.ALIVE:
+        return DetectionDecision(
+            Verdict.DISPUTED,
+            f"{facts.consecutive_misses} probes missed but the agent's check answers",
+            wake_at_us=facts.agent_asked_us + policy.confirm_window_us,
+        )
+    confirm_deadline = facts.agent_asked_us + policy.confirm_window_us
+    confirmed = agent is AgentCheck.DEAD or facts.now_us >= confirm_deadline
+    held_until = facts.last_reply_us + policy.hold_down_us
+    held = facts.now_us >= held_until
+    if confirmed and held:
+        how = "fails" if agent is AgentCheck.DEAD else "timed out"
+        return DetectionDecision(
+            Verdict.FAILED,
+            f"{facts.consecutive_misses} probes missed, {silent_us} us silent, agent's check {how}",
+        )
+    deadlines = ([] if held else [held_until]) + ([] if confirmed else [confirm_deadline])
+    return DetectionDecision(
+        Verdict.SUSPECT,
+        f"{facts.consecutive_misses} probes missed, {silent_us} us silent; "
+        + ("in hold-down" if not held else "awaiting the agent's check"),
+        wake_at_us=min(deadlines),
+    )

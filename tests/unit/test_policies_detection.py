@@ -1,0 +1,84 @@
+"""When missed probes become a declared failure (policies/detection.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies import AgentCheck, DetectionPolicy, ProbeFacts, Verdict, assess
+
+POLICY = DetectionPolicy(interval_us=1_000, misses=3, hold_down_us=5_000, confirm_window_us=4_000)
+
+
+def test_defaults_and_keepalived_meanings() -> None:
+    policy = DetectionPolicy()
+    assert (policy.interval_us, policy.misses) == (1_000, 3)
+    assert policy.timeout_us == 3_000
+    assert POLICY.max_detection_us == 7_000
+    with pytest.raises(ValueError, match=">= 200"):
+        DetectionPolicy(interval_us=199)
+    assert DetectionPolicy(interval_us=200).interval_us == 200
+    with pytest.raises(ValueError, match="misses must be > 0"):
+        DetectionPolicy(misses=0)
+
+
+def test_fewer_than_n_misses_is_alive() -> None:
+    decision = assess(POLICY, ProbeFacts(now_us=2_900, last_reply_us=0, consecutive_misses=2))
+    assert decision.verdict is Verdict.ALIVE
+    assert not decision.ask_agent
+
+
+def test_n_misses_make_a_suspect_and_ask_the_agent() -> None:
+    decision = assess(POLICY, ProbeFacts(3_000, 0, 3))
+    assert decision.verdict is Verdict.SUSPECT
+    assert decision.ask_agent
+    assert decision.wake_at_us == 7_000
+
+
+def test_a_short_burst_is_held_down_even_if_the_agent_cannot_tell() -> None:
+    # A stalled prober counted 5 misses within 3.5 ms; even a failing agent check (a loaded
+    # host answers late too) must wait for the hold-down.
+    facts = ProbeFacts(3_500, 0, 5, AgentCheck.DEAD, agent_asked_us=3_000)
+    decision = assess(POLICY, facts)
+    assert decision.verdict is Verdict.SUSPECT
+    assert decision.wake_at_us == 5_000
+    assert "hold-down" in decision.reason
+
+
+def test_a_long_silence_confirmed_by_the_agent_fails() -> None:
+    facts = ProbeFacts(5_000, 0, 5, AgentCheck.DEAD, agent_asked_us=3_000)
+    decision = assess(POLICY, facts)
+    assert decision.verdict is Verdict.FAILED
+    assert "agent's check fails" in decision.reason
+
+
+def test_an_unanswered_agent_check_confirms_after_its_window() -> None:
+    pending = ProbeFacts(6_999, 0, 7, AgentCheck.PENDING, agent_asked_us=3_000)
+    assert assess(POLICY, pending).verdict is Verdict.SUSPECT
+    assert assess(POLICY, pending).wake_at_us == 7_000
+    timed_out = ProbeFacts(7_000, 0, 7, AgentCheck.PENDING, agent_asked_us=3_000)
+    decision = assess(POLICY, timed_out)
+    assert decision.verdict is Verdict.FAILED
+    assert "timed out" in decision.reason
+
+
+def test_an_agent_that_sees_the_peer_alive_vetoes_failover() -> None:
+    facts = ProbeFacts(20_000, 0, 20, AgentCheck.ALIVE, agent_asked_us=18_000)
+    decision = assess(POLICY, facts)
+    assert decision.verdict is Verdict.DISPUTED
+    assert decision.wake_at_us == 22_000
+    # That answer expires: the agent is asked again.
+    later = assess(POLICY, ProbeFacts(22_000, 0, 22, AgentCheck.ALIVE, agent_asked_us=18_000))
+    assert later.verdict is Verdict.SUSPECT
+    assert later.ask_agent
+
+
+def test_an_agent_answer_from_before_the_silence_does_not_count() -> None:
+    facts = ProbeFacts(10_000, 2_000, 8, AgentCheck.DEAD, agent_asked_us=1_000)
+    decision = assess(POLICY, facts)
+    assert decision.verdict is Verdict.SUSPECT
+    assert decision.ask_agent
+
+
+def test_a_reply_resets_everything() -> None:
+    facts = ProbeFacts(50_000, 49_900, 0, AgentCheck.DEAD, agent_asked_us=10_000)
+    assert assess(POLICY, facts).verdict is Verdict.ALIVE
