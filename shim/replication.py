@@ -1,0 +1,1254 @@
+"""The checkpoint replication link between a primary and its standby (DESIGN.md step 6), on pyzmq.
+
+Three layers, each usable without the ones above it:
+
+1. **Wire codec** (`encode`, `decode`): pure functions between `Message` values and zmq frames.
+2. **`Receiver`**: the standby's protocol logic. It takes decoded messages, drives one
+   `store.Store` per unit and returns the replies; it never touches a socket, and it never raises
+   on bad input (every refusal is a `Nack` with a code and a reason).
+3. **Sockets**: `ReplicationServer` (ROUTER, a poller thread around a `Receiver`) and
+   `ReplicationClient` (DEALER, an asyncio loop in its own thread, with sync twins).
+
+Wire format (version 1). Every message is one multipart zmq message (the ROUTER adds the peer's
+routing id in front). Frame 0 is a UTF-8 JSON object, at most 64 KiB::
+
+    {"v": 1, "type": T, "unit": U, "epoch": E, "term": N, "seq": S, ...,
+     "crc": [crc32 of payload frame 1, crc32 of frame 2, ...]}
+
+`seq` counts up per unit on each link; the standby uses it to detect loss and reordering within
+a transfer. `crc` is present exactly when payload frames follow. Types and their extra fields:
+
+==========  =========  ===================================================  ==================
+type        direction  extra header fields                                  payload frames
+==========  =========  ===================================================  ==================
+hello       P -> S     -                                                    -
+status      S -> P     committed: null | {epoch, term, id (hex)}            -
+heartbeat   both       - (the standby answers with its highest term)        -
+begin       P -> S     base: base epoch or null, meta: {str: int|str}       manifest
+blocks      P -> S     n: number of blocks                                  index, data
+end         P -> S     first: seq of begin, messages: blocks messages sent,  -
+                       blocks: blocks sent
+ack         S -> P     - (term is the committed term)                       -
+nack        S -> P     code, reason (term is the standby's highest term)    -
+==========  =========  ===================================================  ==================
+
+`manifest` is `delta.encode_manifest`; `index` is n entries of (16-byte block digest, u32 LE
+length); `data` is the n blocks back to back. A block's digest is its own checksum and the
+standby checks it before writing; the frame crc catches damage before any parsing. A transfer is
+begin, blocks*, end; the standby acks only after verify and commit, and every end gets exactly
+one reply. A failure is reported as soon as it is found (then the rest of the transfer is
+dropped and its end gets the same nack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import enum
+import itertools
+import json
+import logging
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+import attrs
+import zmq
+import zmq.asyncio
+import zmq.utils.z85
+
+from shim.delta import (
+    BATCH_BYTES,
+    BLOCK_SIZE,
+    DIGEST_SIZE,
+    Base,
+    BaseMismatchError,
+    Batch,
+    BlockError,
+    Delta,
+    DeltaError,
+    Manifest,
+    ManifestError,
+    VerifyError,
+    decode_manifest,
+    iter_batches,
+    make_delta,
+    scan,
+)
+from shim.store import (
+    Checkpoint,
+    Meta,
+    StaleEpochError,
+    StaleTermError,
+    Store,
+    StoreError,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Begin",
+    "Blocks",
+    "ClosedError",
+    "Code",
+    "End",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Nack",
+    "NackedError",
+    "Receiver",
+    "ReplicationClient",
+    "ReplicationError",
+    "ReplicationServer",
+    "Shipped",
+    "Status",
+    "WireError",
+    "decode",
+    "encode",
+]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION: Final = 1
+MAX_HEADER: Final = 64 << 10
+# A manifest of 64 GiB of images is 256 MiB; nothing legitimate is larger.
+MAX_FRAME: Final = (256 << 20) + (64 << 10)
+_UNIT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_INDEX = struct.Struct("<16sI")
+_ZAP_DOMAIN: Final = "inproc://zeromq.zap.01"
+
+
+class Code(enum.StrEnum):
+    """Why a standby refused something. Only these strings appear in a nack."""
+
+    BAD_MESSAGE = "bad_message"
+    BAD_CHECKSUM = "bad_checksum"
+    UNKNOWN_UNIT = "unknown_unit"
+    STALE_TERM = "stale_term"
+    STALE_EPOCH = "stale_epoch"
+    BASE_MISMATCH = "base_mismatch"
+    BAD_MANIFEST = "bad_manifest"
+    SEQUENCE = "sequence"
+    NO_TRANSFER = "no_transfer"
+    VERIFY_FAILED = "verify_failed"
+    STORE_ERROR = "store_error"
+    INTERNAL = "internal"
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def _check_unit(_inst: object, _attr: object, value: str) -> None:
+    if not isinstance(value, str) or not _UNIT_RE.match(value):
+        raise ValueError(f"bad unit name {value!r}")
+
+
+# Bounded because epochs and terms end up in file names and in fixed-width fields downstream.
+_COUNT = attrs.validators.and_(
+    attrs.validators.instance_of(int), attrs.validators.ge(0), attrs.validators.lt(1 << 63)
+)
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    unit: str = attrs.field(validator=_check_unit)
+    epoch: int = attrs.field(validator=_COUNT)
+    term: int = attrs.field(validator=_COUNT)
+    seq: int = attrs.field(validator=_COUNT)
+
+
+@attrs.frozen(kw_only=True)
+class Hello(Message):
+    """The primary announces itself and its term; the standby answers with `Status`."""
+
+
+@attrs.frozen(kw_only=True)
+class Status(Message):
+    """The standby's answer to `Hello`: its highest term and what it has committed."""
+
+    committed_epoch: int | None = None
+    committed_term: int | None = None
+    manifest_id: bytes | None = attrs.field(default=None, repr=lambda v: v and v.hex())
+
+
+@attrs.frozen(kw_only=True)
+class Heartbeat(Message):
+    pass
+
+
+def _check_meta(_inst: object, _attr: object, value: Mapping[str, int | str]) -> None:
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int | str):
+            raise ValueError(f"meta {k!r}: only str keys and int or str values")
+
+
+@attrs.frozen(kw_only=True)
+class Begin(Message):
+    manifest: bytes = attrs.field(repr=lambda v: f"<{len(v)} B>")
+    base_epoch: int | None = None
+    meta: Meta = attrs.field(factory=dict, validator=_check_meta)
+
+
+@attrs.frozen(kw_only=True)
+class Blocks(Message):
+    batch: Batch
+
+
+@attrs.frozen(kw_only=True)
+class End(Message):
+    first_seq: int = attrs.field(validator=_COUNT)
+    messages: int = attrs.field(validator=_COUNT)
+    blocks: int = attrs.field(validator=_COUNT)
+
+
+@attrs.frozen(kw_only=True)
+class Ack(Message):
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Nack(Message):
+    code: Code
+    reason: str
+
+
+_TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
+    {
+        "hello": Hello,
+        "status": Status,
+        "heartbeat": Heartbeat,
+        "begin": Begin,
+        "blocks": Blocks,
+        "end": End,
+        "ack": Ack,
+        "nack": Nack,
+    }
+)
+_NAMES: Final = {cls: name for name, cls in _TYPES.items()}
+_PAYLOADS: Final = {"begin": 1, "blocks": 2}
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+
+class WireError(Exception):
+    """A message that cannot be accepted; carries what could be read of its identity."""
+
+    def __init__(self, code: Code, reason: str, ids: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+        self.ids: Mapping[str, Any] = ids or {}
+
+    def nack(self, term: int | None = None) -> Nack:
+        """The nack that answers the bad message, addressed as well as it could be read."""
+        ids = self.ids
+
+        def count(key: str) -> int:
+            v = ids.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+        unit = ids.get("unit")
+        return Nack(
+            unit=unit if isinstance(unit, str) and _UNIT_RE.match(unit) else "unknown",
+            epoch=count("epoch"),
+            term=count("term") if term is None else term,
+            seq=count("seq"),
+            code=self.code,
+            reason=self.reason[:500],
+        )
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames of `msg` (without the ROUTER's routing id)."""
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "type": _NAMES[type(msg)],
+        "unit": msg.unit,
+        "epoch": msg.epoch,
+        "term": msg.term,
+        "seq": msg.seq,
+    }
+    payloads: list[bytes] = []
+    match msg:
+        case Status():
+            header["committed"] = (
+                None
+                if msg.committed_epoch is None
+                else {
+                    "epoch": msg.committed_epoch,
+                    "term": msg.committed_term,
+                    "id": msg.manifest_id.hex() if msg.manifest_id else None,
+                }
+            )
+        case Begin():
+            header["base"] = msg.base_epoch
+            header["meta"] = dict(msg.meta)
+            payloads = [msg.manifest]
+        case Blocks():
+            b = msg.batch
+            header["n"] = len(b)
+            index = b"".join(
+                _INDEX.pack(b.digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE], n)
+                for i, n in enumerate(b.lengths)
+            )
+            payloads = [index, b.data]
+        case End():
+            header.update(first=msg.first_seq, messages=msg.messages, blocks=msg.blocks)
+        case Nack():
+            header.update(code=str(msg.code), reason=msg.reason)
+    if payloads:
+        header["crc"] = [zlib.crc32(p) for p in payloads]
+    return [json.dumps(header, separators=(",", ":")).encode(), *payloads]
+
+
+def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in header:
+        raise WireError(Code.BAD_MESSAGE, f"missing field {key!r}", header)
+    value = header[key]
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise WireError(Code.BAD_MESSAGE, f"field {key!r} has the wrong type", header)
+    return value
+
+
+def _optional_int(header: Mapping[str, Any], key: str) -> int | None:
+    return None if header.get(key) is None else int(_field(header, key, int))
+
+
+def _decode_blocks(header: Mapping[str, Any], index: bytes, data: bytes) -> Batch:
+    n = _field(header, "n", int)
+    if len(index) != n * _INDEX.size:
+        raise WireError(Code.BAD_MESSAGE, f"index holds {len(index)} B for {n} blocks", header)
+    digests: list[bytes] = []
+    lengths: list[int] = []
+    for digest, length in _INDEX.iter_unpack(index):
+        if not 0 < length <= BLOCK_SIZE:
+            raise WireError(Code.BAD_MESSAGE, f"block length {length}", header)
+        digests.append(digest)
+        lengths.append(length)
+    if sum(lengths) != len(data):
+        raise WireError(Code.BAD_MESSAGE, "block lengths do not add up to the data", header)
+    return Batch(b"".join(digests), tuple(lengths), data)
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse and check one message; raises `WireError` for anything that is not exactly right."""
+    if not frames:
+        raise WireError(Code.BAD_MESSAGE, "empty message")
+    if len(frames[0]) > MAX_HEADER:
+        raise WireError(Code.BAD_MESSAGE, f"header longer than {MAX_HEADER} B")
+    try:
+        header = json.loads(frames[0])
+    except (ValueError, UnicodeDecodeError):
+        raise WireError(Code.BAD_MESSAGE, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise WireError(Code.BAD_MESSAGE, "header is not a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise WireError(Code.BAD_MESSAGE, f"protocol version {header.get('v')!r}", header)
+    kind = header.get("type")
+    if not isinstance(kind, str) or kind not in _TYPES:
+        raise WireError(Code.BAD_MESSAGE, f"unknown message type {kind!r}", header)
+    ids = {k: _field(header, k, int) for k in ("epoch", "term", "seq")}
+    unit = _field(header, "unit", str)
+    payloads = frames[1:]
+    if len(payloads) != _PAYLOADS.get(kind, 0):
+        raise WireError(Code.BAD_MESSAGE, f"{kind} with {len(payloads)} payload frames", header)
+    if payloads:
+        crcs = _field(header, "crc", list)
+        if len(crcs) != len(payloads):
+            raise WireError(Code.BAD_MESSAGE, "crc list does not match the frames", header)
+        for i, (crc, frame) in enumerate(zip(crcs, payloads, strict=True), 1):
+            if crc != zlib.crc32(frame):
+                raise WireError(Code.BAD_CHECKSUM, f"frame {i} of {kind} fails its crc", header)
+    try:
+        match kind:
+            case "status":
+                c = header.get("committed")
+                if c is None:
+                    return Status(unit=unit, **ids)
+                if not isinstance(c, dict):
+                    raise WireError(Code.BAD_MESSAGE, "committed is not an object", header)
+                mid = c.get("id")
+                return Status(
+                    unit=unit,
+                    **ids,
+                    committed_epoch=_field(c, "epoch", int),
+                    committed_term=_field(c, "term", int),
+                    manifest_id=bytes.fromhex(mid) if isinstance(mid, str) else None,
+                )
+            case "begin":
+                meta = header.get("meta", {})
+                if not isinstance(meta, dict):
+                    raise WireError(Code.BAD_MESSAGE, "meta is not an object", header)
+                return Begin(
+                    unit=unit,
+                    **ids,
+                    manifest=payloads[0],
+                    base_epoch=_optional_int(header, "base"),
+                    meta=meta,
+                )
+            case "blocks":
+                return Blocks(unit=unit, **ids, batch=_decode_blocks(header, *payloads))
+            case "end":
+                return End(
+                    unit=unit,
+                    **ids,
+                    first_seq=_field(header, "first", int),
+                    messages=_field(header, "messages", int),
+                    blocks=_field(header, "blocks", int),
+                )
+            case "nack":
+                return Nack(
+                    unit=unit,
+                    **ids,
+                    code=Code(_field(header, "code", str)),
+                    reason=_field(header, "reason", str),
+                )
+            case _:
+                return _TYPES[kind](unit=unit, **ids)
+    except (ValueError, TypeError, DeltaError) as e:
+        raise WireError(Code.BAD_MESSAGE, f"{kind}: {e}", header) from None
+
+
+# --- standby protocol logic --------------------------------------------------------------------
+
+
+@attrs.define
+class _Transfer:
+    """One checkpoint arriving: counts to check `end` against, and the failure if one came."""
+
+    epoch: int
+    term: int
+    first_seq: int
+    last_seq: int
+    messages: int = 0
+    blocks: int = 0
+    duplicate: bool = False
+    failed: Nack | None = None
+
+
+class _RefusedError(Exception):
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _abort(store: Store, msg: Message) -> None:
+    """Abandon the assembly `msg` belongs to, and never one that a newer transfer started."""
+    if store.assembling == (msg.epoch, msg.term):
+        store.abort()
+
+
+class Receiver:
+    """The standby end of the link, without sockets: messages in, replies out.
+
+    Holds one `Store` per unit it protects; a message for any other unit is refused. Not
+    thread-safe; `ReplicationServer` serializes calls.
+    """
+
+    def __init__(self, stores: Mapping[str, Store]) -> None:
+        self._stores = dict(stores)
+        self._transfers: dict[str, _Transfer] = {}
+        self._committed: set[str] = set()
+
+    @property
+    def units(self) -> frozenset[str]:
+        return frozenset(self._stores)
+
+    def store(self, unit: str) -> Store:
+        return self._stores[unit]
+
+    def promote(self, unit: str, term: int) -> Checkpoint | None:
+        """Fence `unit` at `term` and return the checkpoint to restore."""
+        self._transfers.pop(unit, None)
+        store = self._stores[unit]
+        store.promote(term)
+        return store.committed()
+
+    def collect(self) -> None:
+        """Delete superseded checkpoints; call it once the acks are sent, off the ack's path."""
+        while self._committed:
+            self._stores[self._committed.pop()].collect()
+
+    def receive(self, frames: Sequence[bytes]) -> list[list[bytes]]:
+        """Frames in, reply frames out. Never raises."""
+        try:
+            msg = decode(frames)
+        except WireError as e:
+            log.warning("replication: refusing message: %s", e)
+            unit = e.ids.get("unit")
+            store = self._stores.get(unit) if isinstance(unit, str) else None
+            self._fail_transfer(e.ids, e.code, e.reason)
+            return [encode(e.nack(store.term if store is not None else None))]
+        return [encode(r) for r in self.handle(msg)]
+
+    def handle(self, msg: Message) -> list[Message]:
+        """Apply one decoded message; never raises."""
+        store = self._stores.get(msg.unit)
+        if store is None:
+            return [self._nack(msg, msg.term, Code.UNKNOWN_UNIT, f"not a standby for {msg.unit}")]
+        try:
+            match msg:
+                case Hello() | Heartbeat():
+                    return [self._greet(store, msg)]
+                case Begin():
+                    return self._begin(store, msg)
+                case Blocks():
+                    return self._blocks(store, msg)
+                case End():
+                    return self._end(store, msg)
+                case _:
+                    raise _RefusedError(
+                        Code.BAD_MESSAGE, f"{_NAMES[type(msg)]} is not for a standby"
+                    )
+        except _RefusedError as e:
+            return [self._nack(msg, store.term, e.code, e.reason)]
+        except Exception as e:
+            # A bug or an I/O failure must cost this transfer, not the server.
+            log.exception("replication: %s of %s failed", _NAMES[type(msg)], msg.unit)
+            _abort(store, msg)
+            t = self._transfers.get(msg.unit)
+            if t is not None and (t.epoch, t.term) == (msg.epoch, msg.term):
+                del self._transfers[msg.unit]
+            return [self._nack(msg, store.term, Code.INTERNAL, f"{type(e).__name__}: {e}")]
+
+    @staticmethod
+    def _nack(msg: Message, term: int, code: Code, reason: str) -> Nack:
+        return Nack(
+            unit=msg.unit, epoch=msg.epoch, term=term, seq=msg.seq, code=code, reason=reason
+        )
+
+    def _fail_transfer(self, ids: Mapping[str, Any], code: Code, reason: str) -> None:
+        """A damaged message in the middle of a transfer dooms the transfer."""
+        unit = ids.get("unit")
+        if not isinstance(unit, str) or (t := self._transfers.get(unit)) is None:
+            return
+        if (ids.get("epoch"), ids.get("term")) != (t.epoch, t.term) or t.failed is not None:
+            return
+        store = self._stores[unit]
+        if store.assembling == (t.epoch, t.term):
+            store.abort()
+        t.failed = Nack(
+            unit=unit, epoch=t.epoch, term=store.term, seq=t.last_seq, code=code, reason=reason
+        )
+
+    @staticmethod
+    def _observe(store: Store, term: int) -> None:
+        try:
+            store.observe_term(term)
+        except StaleTermError as e:
+            raise _RefusedError(Code.STALE_TERM, str(e)) from None
+
+    def _greet(self, store: Store, msg: Hello | Heartbeat) -> Message:
+        self._observe(store, msg.term)
+        c = store.committed()
+        epoch = c.epoch if c is not None else 0
+        if isinstance(msg, Heartbeat):
+            return Heartbeat(unit=msg.unit, epoch=epoch, term=store.term, seq=msg.seq)
+        base = store.committed_base()
+        return Status(
+            unit=msg.unit,
+            epoch=epoch,
+            term=store.term,
+            seq=msg.seq,
+            committed_epoch=c.epoch if c is not None else None,
+            committed_term=c.term if c is not None else None,
+            manifest_id=base.id if base is not None else None,
+        )
+
+    def _begin(self, store: Store, msg: Begin) -> list[Message]:
+        t = _Transfer(msg.epoch, msg.term, msg.seq, msg.seq)
+        self._transfers[msg.unit] = t
+        try:
+            self._observe(store, msg.term)
+            c = store.committed()
+            if c is not None and (c.epoch, c.term) == (msg.epoch, msg.term):
+                # A resend after a lost ack. One primary per term, one dump per epoch: it is the
+                # checkpoint already committed, so the end is acked without assembling again.
+                t.duplicate = True
+                return []
+            try:
+                manifest = decode_manifest(msg.manifest, store.committed_base())
+            except BaseMismatchError as e:
+                raise _RefusedError(Code.BASE_MISMATCH, str(e)) from None
+            except ManifestError as e:
+                raise _RefusedError(Code.BAD_MANIFEST, str(e)) from None
+            try:
+                store.begin(msg.epoch, msg.term, manifest, msg.meta)
+            except StaleEpochError as e:
+                raise _RefusedError(Code.STALE_EPOCH, str(e)) from None
+            except StoreError as e:
+                raise _RefusedError(Code.STORE_ERROR, str(e)) from None
+        except _RefusedError as e:
+            t.failed = self._nack(msg, store.term, e.code, e.reason)
+            return [t.failed]
+        return []
+
+    def _blocks(self, store: Store, msg: Blocks) -> list[Message]:
+        t = self._transfers.get(msg.unit)
+        if t is None or (t.epoch, t.term) != (msg.epoch, msg.term) or t.failed is not None:
+            # The rest of a transfer that already failed or was superseded; its end will say so.
+            return []
+        try:
+            if msg.seq <= t.last_seq:
+                raise _RefusedError(Code.SEQUENCE, f"seq {msg.seq} after {t.last_seq}")
+            t.last_seq = msg.seq
+            t.messages += 1
+            t.blocks += len(msg.batch)
+            if t.duplicate:
+                return []
+            self._observe(store, msg.term)
+            if store.assembling != (msg.epoch, msg.term):
+                raise _RefusedError(Code.NO_TRANSFER, "the assembly was abandoned")
+            try:
+                for digest, data in msg.batch.items():
+                    store.put_block(digest, data)
+            except BlockError as e:
+                raise _RefusedError(Code.BAD_CHECKSUM, str(e)) from None
+        except _RefusedError as e:
+            _abort(store, msg)
+            t.failed = self._nack(msg, store.term, e.code, e.reason)
+            return [t.failed]
+        return []
+
+    def _end(self, store: Store, msg: End) -> list[Message]:
+        t = self._transfers.get(msg.unit)
+        if t is None or (t.epoch, t.term) != (msg.epoch, msg.term):
+            # The term first: a deposed primary must learn that it is, whatever else went wrong.
+            self._observe(store, msg.term)
+            raise _RefusedError(
+                Code.NO_TRANSFER, f"no transfer of epoch {msg.epoch} term {msg.term}"
+            )
+        del self._transfers[msg.unit]
+        if t.failed is not None:
+            return [attrs.evolve(t.failed, seq=msg.seq)]
+        try:
+            self._observe(store, msg.term)
+            sent = (msg.first_seq, msg.messages, msg.blocks)
+            if msg.seq <= t.last_seq or sent != (t.first_seq, t.messages, t.blocks):
+                raise _RefusedError(
+                    Code.SEQUENCE,
+                    f"sender sent (begin seq, messages, blocks) {sent}, "
+                    f"received {(t.first_seq, t.messages, t.blocks)}",
+                )
+            if not t.duplicate:
+                if store.assembling != (msg.epoch, msg.term):
+                    raise _RefusedError(Code.NO_TRANSFER, "the assembly was abandoned")
+                try:
+                    store.commit()
+                    self._committed.add(msg.unit)
+                except VerifyError as e:
+                    raise _RefusedError(Code.VERIFY_FAILED, str(e)) from None
+                except StoreError as e:
+                    raise _RefusedError(Code.STORE_ERROR, str(e)) from None
+        except _RefusedError:
+            _abort(store, msg)
+            raise
+        return [Ack(unit=msg.unit, epoch=msg.epoch, term=msg.term, seq=msg.seq)]
+
+
+# --- standby socket ---------------------------------------------------------------------------
+
+
+def _binary_key(key: bytes) -> bytes:
+    return zmq.utils.z85.decode(key) if len(key) == 40 else key
+
+
+class ReplicationServer:
+    """The standby's ROUTER socket, served by one thread around a `Receiver`.
+
+    With `secret_key` the socket is a CURVE server; clients must then know its public key. With
+    `allowed_clients` as well (public keys, z85 or binary), a ZAP handler on the server's own zmq
+    context admits only those clients. Acks are sent only after verify and commit.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        stores: Mapping[str, Store],
+        *,
+        secret_key: bytes | None = None,
+        allowed_clients: Iterable[bytes] | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        poll_ms: int = 50,
+    ) -> None:
+        if allowed_clients is not None and secret_key is None:
+            raise ValueError("allowed_clients needs CURVE (a secret_key)")
+        self._endpoint = endpoint
+        self._receiver = Receiver(stores)
+        self._secret_key = secret_key
+        self._allowed = (
+            None if allowed_clients is None else frozenset(map(_binary_key, allowed_clients))
+        )
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._poll_ms = poll_ms
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._zap: zmq.Socket[bytes] | None = None
+        self._bound = ""
+
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint, with the real port when bound to `*`."""
+        return self._bound
+
+    def start(self) -> str:
+        if self._thread is not None:
+            raise RuntimeError("already started")
+        if self._allowed is not None:
+            self._zap = self._context.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(_ZAP_DOMAIN)
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        if self._secret_key is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key)
+            if self._allowed is not None:
+                sock.setsockopt(zmq.ZAP_DOMAIN, b"hamgr")
+        try:
+            sock.bind(self._endpoint)
+        except zmq.ZMQError:
+            sock.close()
+            self._close_zap()
+            raise
+        self._bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="hamgr-repl-server", daemon=True)
+        self._thread.start()
+        return self._bound
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and release the socket; idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("replication server thread did not stop")
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self._close_zap()
+        if self._own_context:
+            self._context.term()
+
+    def __enter__(self) -> ReplicationServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def promote(self, unit: str, term: int) -> Checkpoint | None:
+        """Fence `unit` at `term` between two messages; returns the checkpoint to restore."""
+        with self._lock:
+            return self._receiver.promote(unit, term)
+
+    def committed(self, unit: str) -> Checkpoint | None:
+        with self._lock:
+            return self._receiver.store(unit).committed()
+
+    def _close_zap(self) -> None:
+        if self._zap is not None:
+            self._zap.close()
+            self._zap = None
+
+    def _serve(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                for ready, _ in poller.poll(self._poll_ms):
+                    if ready is self._zap:
+                        self._answer_zap()
+                    else:
+                        self._drain(sock)
+        except Exception:
+            log.exception("replication server failed")
+        finally:
+            sock.close()
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        # Bounded, so that ZAP handshakes and stop() are served between bursts.
+        for _ in range(64):
+            try:
+                routing_id, *frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with self._lock:
+                replies = self._receiver.receive(frames)
+            for reply in replies:
+                try:
+                    sock.send_multipart([routing_id, *reply], zmq.NOBLOCK)
+                except zmq.Again:
+                    log.warning("replication: peer is not reading; reply dropped")
+            with self._lock:
+                self._receiver.collect()
+
+    def _answer_zap(self) -> None:
+        assert self._zap is not None
+        assert self._allowed is not None
+        request = self._zap.recv_multipart()
+        version, request_id, mechanism = request[0], request[1], request[5]
+        key = request[6] if len(request) > 6 else b""
+        ok = mechanism == b"CURVE" and key in self._allowed
+        if not ok:
+            log.warning("replication: refused a client (%s)", mechanism.decode(errors="replace"))
+        status = (b"200", b"OK") if ok else (b"400", b"client key not allowed")
+        self._zap.send_multipart([version, request_id, *status, b"", b""])
+
+
+# --- primary socket ---------------------------------------------------------------------------
+
+
+class ReplicationError(Exception):
+    pass
+
+
+class ClosedError(ReplicationError):
+    pass
+
+
+class NackedError(ReplicationError):
+    """The standby refused; `nack.code` says why and `nack.term` is the standby's term."""
+
+    def __init__(self, nack: Nack) -> None:
+        super().__init__(f"{nack.unit} epoch {nack.epoch}: {nack.code}: {nack.reason}")
+        self.nack = nack
+
+
+@attrs.frozen
+class Shipped:
+    """One committed transfer, as the primary saw it."""
+
+    unit: str
+    epoch: int
+    term: int
+    full: bool
+    blocks: int
+    block_bytes: int
+    manifest_bytes: int
+    seconds: float
+
+
+@attrs.frozen
+class _ShipRequest:
+    unit: str
+    epoch: int
+    term: int
+    source: Path
+    manifest: Manifest | None
+    full: bool
+    meta: Meta
+    timeout: float
+
+
+class _Link:
+    """Per unit on one client: the standby's committed base, sequence numbers, one transfer."""
+
+    def __init__(self) -> None:
+        self.base: Base | None = None
+        self.lock = asyncio.Lock()
+        self._seq = itertools.count(1)
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+
+_T = TypeVar("_T")
+
+
+class ReplicationClient:
+    """The primary's DEALER socket to one standby, shared by every unit protected there.
+
+    An asyncio loop in a private thread owns the socket. Each unit's transfers run one after
+    another (the standby assembles one checkpoint per unit at a time), different units' transfers
+    interleave batch by batch, so a large image for one unit does not hold up the others.
+    `ship_nowait` returns a `concurrent.futures.Future`; `ship` blocks; `async_ship` can be
+    awaited from any event loop.
+
+    Each ship is encoded against the last checkpoint the standby acked on this link, chosen
+    when the transfer starts; if the standby has another base (it restarted), the checkpoint is
+    sent again in full. A new standby needs a new client, so that its base starts empty.
+
+    CURVE: pass `server_key` (the standby's public key) and optionally `keypair` (public,
+    secret); a keypair is generated if only `server_key` is given.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        server_key: bytes | None = None,
+        keypair: tuple[bytes, bytes] | None = None,
+        batch_bytes: int = BATCH_BYTES,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if batch_bytes < BLOCK_SIZE:
+            raise ValueError("batch_bytes must hold at least one block")
+        self._endpoint = endpoint
+        self._server_key = server_key
+        self._keypair = keypair
+        self._batch_bytes = batch_bytes
+        self._own_context = context is None
+        self._context = context if context is not None else zmq.Context()
+        self._links: dict[str, _Link] = {}
+        # unit -> (epoch, seq of its begin, reply): replies to an earlier attempt at the same
+        # epoch carry a lower seq and must not answer this one.
+        self._waiting: dict[str, tuple[int, int, asyncio.Future[Message]]] = {}
+        self._requests: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="hamgr-repl-client", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._call(self._open()).result(timeout=10)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # --- public API ----------------------------------------------------------------------------
+
+    def ship_nowait(
+        self,
+        unit: str,
+        epoch: int,
+        term: int,
+        source: Path,
+        *,
+        manifest: Manifest | None = None,
+        full: bool = False,
+        meta: Meta | None = None,
+        timeout: float = 30.0,
+    ) -> concurrent.futures.Future[Shipped]:
+        """Ship checkpoint directory `source` as epoch `epoch` of `unit` under `term`.
+
+        `manifest` saves the scan if the caller already hashed `source` (e.g. right after the
+        dump, while the previous transfer was in flight). The future raises `NackedError`,
+        `TimeoutError` (the transfer took longer than `timeout`, counted from its start after any
+        earlier transfer of the unit) or `ClosedError`.
+        """
+        request = _ShipRequest(
+            unit, epoch, term, Path(source), manifest, full, dict(meta or {}), timeout
+        )
+        return self._call(self._ship(request))
+
+    def ship(
+        self,
+        unit: str,
+        epoch: int,
+        term: int,
+        source: Path,
+        *,
+        manifest: Manifest | None = None,
+        full: bool = False,
+        meta: Meta | None = None,
+        timeout: float = 30.0,
+    ) -> Shipped:
+        return self.ship_nowait(
+            unit, epoch, term, source, manifest=manifest, full=full, meta=meta, timeout=timeout
+        ).result()
+
+    async def async_ship(
+        self,
+        unit: str,
+        epoch: int,
+        term: int,
+        source: Path,
+        *,
+        manifest: Manifest | None = None,
+        full: bool = False,
+        meta: Meta | None = None,
+        timeout: float = 30.0,
+    ) -> Shipped:
+        return await asyncio.wrap_future(
+            self.ship_nowait(
+                unit, epoch, term, source, manifest=manifest, full=full, meta=meta, timeout=timeout
+            )
+        )
+
+    def hello(self, unit: str, term: int, *, timeout: float = 5.0) -> Status:
+        """Announce `term`; learn the standby's term and committed checkpoint.
+
+        If the standby's committed checkpoint is not the base this link remembers, the base is
+        forgotten and the next ship is full. Raises `NackedError` if `term` is stale.
+        """
+        return self._call(self._hello(unit, term, timeout)).result()
+
+    async def async_hello(self, unit: str, term: int, *, timeout: float = 5.0) -> Status:
+        return await asyncio.wrap_future(self._call(self._hello(unit, term, timeout)))
+
+    def heartbeat(self, unit: str, term: int, *, timeout: float = 5.0) -> Heartbeat:
+        return self._call(self._heartbeat(unit, term, timeout)).result()
+
+    async def async_heartbeat(self, unit: str, term: int, *, timeout: float = 5.0) -> Heartbeat:
+        return await asyncio.wrap_future(self._call(self._heartbeat(unit, term, timeout)))
+
+    def base(self, unit: str) -> Base | None:
+        """The committed checkpoint this link encodes `unit` against, if any."""
+        return self._call(self._get_base(unit)).result()
+
+    def forget(self, unit: str) -> None:
+        """Drop the base of `unit`: its next ship is a full image."""
+        self._call(self._set_base(unit, None)).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            self._submit(self._shutdown()).result(timeout=10)
+        self._stop_loop()
+
+    def __enter__(self) -> ReplicationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- loop side -----------------------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        if self._closed:
+            coro.close()
+            raise ClosedError("replication client is closed")
+        return self._submit(coro)
+
+    def _submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        return asyncio.run_coroutine_threadsafe(self._tracked(coro), self._loop)
+
+    async def _tracked(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self._closed:
+                raise ClosedError("replication client closed") from None
+            raise
+        finally:
+            self._tasks.discard(task)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+            self._loop.close()
+        if self._own_context:
+            self._context.term()
+
+    async def _open(self) -> None:
+        actx = zmq.asyncio.Context(self._context)
+        sock = actx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue only to a connected, handshaken standby: a transfer must not wait in a buffer
+        # and reach a standby later than its timeout said it failed.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, max(4, (64 << 20) // self._batch_bytes))
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        if self._server_key is not None:
+            public, secret = self._keypair or zmq.curve_keypair()
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._server_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        sock.connect(self._endpoint)
+        self._sock = sock
+        receiver = asyncio.create_task(self._receive())
+        self._tasks.add(receiver)
+        receiver.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        # Cancelled transfers and requests surface as ClosedError (see `_tracked`).
+        await asyncio.sleep(0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _link(self, unit: str) -> _Link:
+        _check_unit(None, None, unit)
+        return self._links.setdefault(unit, _Link())
+
+    async def _get_base(self, unit: str) -> Base | None:
+        return self._link(unit).base
+
+    async def _set_base(self, unit: str, base: Base | None) -> None:
+        self._link(unit).base = base
+
+    async def _send(self, msg: Message) -> None:
+        if self._sock is None:
+            raise ClosedError("replication client is closed")
+        # Copying: zero-copy sends start pyzmq's process-wide garbage thread, which outlives us,
+        # and a 4 MiB copy costs well under a millisecond.
+        await self._sock.send_multipart(encode(msg))
+
+    async def _receive(self) -> None:
+        try:
+            await self._receive_forever()
+        except Exception:
+            # Without the receiver every transfer would only time out; say why, loudly.
+            log.exception("replication: client receiver failed")
+            raise
+
+    async def _receive_forever(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                msg = decode(frames)
+            except WireError as e:
+                log.warning("replication: undecodable reply: %s", e)
+                continue
+            request = self._requests.pop((msg.unit, msg.seq), None)
+            if request is not None and isinstance(msg, Status | Heartbeat | Nack):
+                if not request.done():
+                    request.set_result(msg)
+                continue
+            waiting = self._waiting.get(msg.unit)
+            if isinstance(msg, Ack | Nack) and waiting is not None:
+                epoch, first_seq, reply = waiting
+                if msg.epoch == epoch and msg.seq >= first_seq and not reply.done():
+                    reply.set_result(msg)
+                    continue
+            log.debug("replication: late or unexpected %s", msg)
+
+    async def _request(self, msg: Message, timeout: float) -> Message:
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        key = (msg.unit, msg.seq)
+        self._requests[key] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(msg)
+                reply = await fut
+        finally:
+            self._requests.pop(key, None)
+        if isinstance(reply, Nack):
+            raise NackedError(reply)
+        return reply
+
+    async def _hello(self, unit: str, term: int, timeout: float) -> Status:
+        link = self._link(unit)
+        reply = await self._request(
+            Hello(unit=unit, epoch=0, term=term, seq=link.next_seq()), timeout
+        )
+        assert isinstance(reply, Status)
+        if link.base is not None and reply.manifest_id != link.base.id:
+            link.base = None
+        return reply
+
+    async def _heartbeat(self, unit: str, term: int, timeout: float) -> Heartbeat:
+        link = self._link(unit)
+        reply = await self._request(
+            Heartbeat(unit=unit, epoch=0, term=term, seq=link.next_seq()), timeout
+        )
+        assert isinstance(reply, Heartbeat)
+        return reply
+
+    async def _ship(self, request: _ShipRequest) -> Shipped:
+        unit, epoch, term, source = request.unit, request.epoch, request.term, request.source
+        manifest, meta, timeout = request.manifest, request.meta, request.timeout
+        link = self._link(unit)
+        async with link.lock:
+            started = time.perf_counter()
+            async with asyncio.timeout(timeout):
+                if manifest is None:
+                    manifest = await self._loop.run_in_executor(None, scan, source, epoch)
+                if manifest.epoch != epoch:
+                    raise ValueError(f"manifest is for epoch {manifest.epoch}, not {epoch}")
+                delta = make_delta(source, manifest, None if request.full else link.base)
+                reply = await self._transfer(link, unit, term, delta, meta)
+                if (
+                    isinstance(reply, Nack)
+                    and reply.code is Code.BASE_MISMATCH
+                    and delta.base is not None
+                ):
+                    link.base = None
+                    delta = make_delta(source, manifest, None)
+                    reply = await self._transfer(link, unit, term, delta, meta)
+            if isinstance(reply, Nack):
+                raise NackedError(reply)
+            link.base = Base.of(manifest)
+            return Shipped(
+                unit=unit,
+                epoch=epoch,
+                term=term,
+                full=delta.base is None,
+                blocks=len(delta.blocks),
+                block_bytes=delta.block_bytes,
+                manifest_bytes=len(delta.wire_manifest),
+                seconds=time.perf_counter() - started,
+            )
+
+    async def _transfer(
+        self, link: _Link, unit: str, term: int, delta: Delta, meta: Meta
+    ) -> Message:
+        epoch = delta.epoch
+        reply: asyncio.Future[Message] = self._loop.create_future()
+        first = link.next_seq()
+        self._waiting[unit] = (epoch, first, reply)
+        try:
+            base_epoch = delta.base.manifest.epoch if delta.base is not None else None
+            await self._send(
+                Begin(
+                    unit=unit,
+                    epoch=epoch,
+                    term=term,
+                    seq=first,
+                    manifest=delta.wire_manifest,
+                    base_epoch=base_epoch,
+                    meta=meta,
+                )
+            )
+            messages = blocks = 0
+            for batch in iter_batches(delta, self._batch_bytes):
+                if reply.done():
+                    break
+                seq = link.next_seq()
+                await self._send(Blocks(unit=unit, epoch=epoch, term=term, seq=seq, batch=batch))
+                messages += 1
+                blocks += len(batch)
+                # Let other units' transfers and the receiver run between batches.
+                await asyncio.sleep(0)
+            if not reply.done():
+                await self._send(
+                    End(
+                        unit=unit,
+                        epoch=epoch,
+                        term=term,
+                        seq=link.next_seq(),
+                        first_seq=first,
+                        messages=messages,
+                        blocks=blocks,
+                    )
+                )
+            return await reply
+        finally:
+            self._waiting.pop(unit, None)
