@@ -1,0 +1,954 @@
+"""The container checkpoint backend: runc containers, the cgroup freezer, and CRIU.
+
+The epoch engine drives one unit through freeze -> checkpoint -> thaw with these calls::
+
+    backend = RuncBackend()
+    nf = backend.start(spec)                 # a Container handle
+    nf.freeze(); image = nf.checkpoint(e, dest); nf.thaw()
+    ...
+    nf2 = backend.restore(image.path, netns="standby-netns")
+
+`UnitBackend` and `UnitHandle` are the backend-neutral shape; a VM backend offers the same calls.
+
+Why it is built this way (measurements and the alternatives are in docs/containers.md):
+
+- Freeze and thaw write the cgroup freezer file directly instead of running ``runc pause``,
+  which forks a Go binary. On a host where the freezer controller sits on a cgroup-v1 hierarchy
+  (hybrid mode) that is ``freezer.state``; runc and CRIU use that freezer there, and mixing it with
+  the cgroup-v2 ``cgroup.freeze`` would let the two fight. On a pure v2 host it is
+  ``cgroup.freeze`` plus ``cgroup.events``.
+- A checkpoint is a CRIU dump with the tree left running; CRIU finds the cgroup frozen, seizes the
+  tasks, and freezes it again before returning, so the NF does not run between freeze() and thaw().
+- By default CRIU is run directly with the options runc's checkpoint would pass (one process
+  instead of runc plus two CRIU starts; the dump time is the NF's pause). The image is one
+  ``runc restore`` accepts, and restores always go through runc, which owns the container's
+  mounts, cgroups and state. ``engine="runc"`` uses ``runc checkpoint`` instead.
+- The restore netns must route to the NF's TCP peers (CRIU reconnects sockets in repair mode)
+  but receive nothing until restore returns, or a retransmission meets no socket and gets a RST.
+- Images are written into a hidden sibling directory and renamed to their final name only after
+  CRIU succeeded and the metadata file was written and synced, so a failed dump never leaves a
+  directory that looks like a good image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from shim import netns as netns_mod
+from shim.criu import CriuError, CriuRuntime
+from shim.oci import Bundle, ContainerSpec, OciError, prepare_bundle, remove_bundle, runc_spec_base
+
+DEFAULT_STATE_DIR = Path("/run/hamgr/containers")
+DEFAULT_CRIU_CANDIDATES = ("/opt/hamgr/criu/bin/criu",)
+IMAGE_META = "hamgr-checkpoint.json"
+IMAGE_FORMAT = 1
+
+START_TIMEOUT_S = 30.0
+CHECKPOINT_TIMEOUT_S = 30.0
+RESTORE_TIMEOUT_S = 30.0
+CONTROL_TIMEOUT_S = 10.0
+MIN_CRIU = (4, 2, 0)
+
+NetworkLock = Literal["nftables", "iptables", "skip"]
+CheckpointEngine = Literal["runc", "criu"]
+# runc restores stdio from this file in the image; a dump made without runc must write it too.
+RUNC_DESCRIPTORS = "descriptors.json"
+# The key runc uses for the external netns on dump and looks up on restore.
+RUNC_NETNS_KEY = "extRootNetNS"
+
+
+class ContainerError(Exception):
+    """A container operation failed; the message names the problem and how to fix it."""
+
+
+class FreezeError(ContainerError):
+    pass
+
+
+class CheckpointError(ContainerError):
+    pass
+
+
+class RestoreError(ContainerError):
+    pass
+
+
+# --------------------------------------------------------------------------- backend-neutral shape
+
+
+class UnitHandle(Protocol):
+    """One running NF instance (a container here, a VM in the libvirt backend)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def pidfd(self) -> int: ...
+
+    def freeze(self, timeout: float = ...) -> None: ...
+
+    def thaw(self, timeout: float = ...) -> None: ...
+
+    def checkpoint(self, epoch: int, dest_dir: Path) -> CheckpointImage: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class UnitBackend(Protocol):
+    def start(self, spec: ContainerSpec) -> UnitHandle: ...
+
+    def restore(self, image_dir: Path, netns: str, *, name: str | None = None) -> UnitHandle: ...
+
+
+# --------------------------------------------------------------------------- checkpoint images
+
+
+@attrs.frozen
+class CheckpointImage:
+    """A complete checkpoint on disk. Only `load` and `Container.checkpoint` make these."""
+
+    path: Path
+    epoch: int
+    spec: ContainerSpec
+    engine: str
+    dump_seconds: float
+    files: tuple[tuple[str, int], ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": IMAGE_FORMAT,
+            "epoch": self.epoch,
+            "spec": self.spec.to_json(),
+            "engine": self.engine,
+            "dump_seconds": self.dump_seconds,
+            "files": dict(self.files),
+        }
+
+    @staticmethod
+    def load(path: Path) -> CheckpointImage:
+        """Read an image's metadata and check every file is there at its recorded size."""
+        meta_path = path / IMAGE_META
+        try:
+            data = json.loads(meta_path.read_text())
+        except FileNotFoundError as exc:
+            raise RestoreError(
+                f"{path} is not a complete hamgr checkpoint ({IMAGE_META} missing); a dump "
+                "that failed or is still running leaves no metadata, so use an older epoch"
+            ) from exc
+        except ValueError as exc:
+            raise RestoreError(f"{meta_path}: unreadable ({exc}); use an older epoch") from exc
+        if data.get("format") != IMAGE_FORMAT:
+            raise RestoreError(
+                f"{meta_path}: format {data.get('format')!r}, this hamgr reads {IMAGE_FORMAT}"
+            )
+        files = tuple(sorted((str(k), int(v)) for k, v in data["files"].items()))
+        for fname, size in files:
+            try:
+                actual = (path / fname).stat().st_size
+            except FileNotFoundError as exc:
+                raise RestoreError(f"{path}: image file {fname} is missing") from exc
+            if actual != size:
+                raise RestoreError(f"{path}: {fname} is {actual} bytes, metadata says {size}")
+        return CheckpointImage(
+            path=path,
+            epoch=int(data["epoch"]),
+            spec=ContainerSpec.from_json(data["spec"]),
+            engine=str(data["engine"]),
+            dump_seconds=float(data["dump_seconds"]),
+            files=files,
+        )
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- cgroup freezer
+
+
+def _cgroup_mounts() -> dict[str, Path]:
+    """Map 'freezer' (v1) and '' (v2) to their mount points, from /proc/self/mountinfo."""
+    mounts: dict[str, Path] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _src, opts = [*right.split(), "", "", ""][:3]
+            mount_point = Path(left.split()[4])
+            if fstype == "cgroup2":
+                mounts.setdefault("", mount_point)
+            elif fstype == "cgroup" and "freezer" in opts.split(","):
+                mounts.setdefault("freezer", mount_point)
+    return mounts
+
+
+@attrs.frozen
+class Freezer:
+    """The freezer of one cgroup. ``version`` 1 = freezer.state, 2 = cgroup.freeze."""
+
+    path: Path
+    version: int
+
+    @staticmethod
+    def for_pid(pid: int) -> Freezer:
+        """The freezer runc and CRIU use for `pid`: v1 if a v1 hierarchy has the controller."""
+        v1_path: str | None = None
+        v2_path: str | None = None
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                for line in f:
+                    _hid, controllers, cg_path = line.rstrip("\n").split(":", 2)
+                    if "freezer" in controllers.split(","):
+                        v1_path = cg_path
+                    elif controllers == "":
+                        v2_path = cg_path
+        except FileNotFoundError as exc:
+            raise FreezeError(f"process {pid} is gone; the NF died (check its pidfd)") from exc
+        mounts = _cgroup_mounts()
+        if v1_path is not None and "freezer" in mounts:
+            return Freezer(mounts["freezer"] / v1_path.lstrip("/"), 1)
+        if v2_path is not None and "" in mounts:
+            return Freezer(mounts[""] / v2_path.lstrip("/"), 2)
+        raise FreezeError(
+            f"no cgroup freezer found for pid {pid}: mount cgroup2 on /sys/fs/cgroup or the v1 "
+            "freezer controller"
+        )
+
+    def _write(self, frozen: bool) -> None:
+        if self.version == 1:
+            target, value = self.path / "freezer.state", "FROZEN" if frozen else "THAWED"
+        else:
+            target, value = self.path / "cgroup.freeze", "1" if frozen else "0"
+        try:
+            with open(target, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise FreezeError(
+                f"cannot write {value} to {target}: {exc}; is the container still running?"
+            ) from exc
+
+    def is_frozen(self) -> bool:
+        if self.version == 1:
+            return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+        for line in (self.path / "cgroup.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "frozen":
+                return value.strip() == "1"
+        return False
+
+    def _wait(self, frozen: bool, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.0
+        while True:
+            if self.is_frozen() == frozen:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            # Freezing a small tree takes tens of microseconds; spin briefly before sleeping.
+            time.sleep(delay)
+            delay = min(0.001, delay * 2 + 0.00005)
+
+    def freeze(self, timeout: float = 2.0) -> None:
+        self._write(True)
+        if self._wait(True, timeout):
+            return
+        if self.version == 1:
+            # A v1 freezer can stall in FREEZING; asking again is the documented remedy.
+            self._write(True)
+            if self._wait(True, timeout / 2):
+                return
+        self._write(False)
+        raise FreezeError(
+            f"{self.path} did not reach frozen within {timeout}s (a task may be stuck in an "
+            "uninterruptible wait); the cgroup was thawed again"
+        )
+
+    def thaw(self, timeout: float = 2.0) -> None:
+        self._write(False)
+        if not self._wait(False, timeout):
+            raise FreezeError(f"{self.path} did not thaw within {timeout}s")
+
+
+# --------------------------------------------------------------------------- runc
+
+
+def find_criu(explicit: str | None = None) -> str:
+    """The CRIU binary: `explicit`, $HAMGR_CRIU, hamgr's private build, then $PATH."""
+    candidates = [explicit, os.environ.get("HAMGR_CRIU"), *DEFAULT_CRIU_CANDIDATES]
+    for cand in candidates:
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("criu")
+    if found:
+        return found
+    raise ContainerError(
+        "criu not found: run `make setup` (installs CRIU 4.2 into /opt/hamgr/criu) or set "
+        "HAMGR_CRIU to a criu >= 4.2 binary"
+    )
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text[-limit:].strip()
+
+
+def _criu_log_errors(path: Path, limit: int = 8) -> str:
+    """The 'Error' lines of a CRIU log, which name the real cause far better than its tail."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no CRIU log)"
+    errors = [ln for ln in lines if "Error" in ln or "rror (" in ln]
+    return "\n".join(errors[-limit:]) if errors else "\n".join(lines[-limit:])
+
+
+@attrs.frozen
+class _Runc:
+    runc: str
+    root: Path
+    criu: str
+
+    def run(
+        self,
+        args: Sequence[str],
+        *,
+        timeout: float,
+        log: Path,
+        what: str,
+        fix: str | Callable[[], str],
+        detached_stdio: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [self.runc, "--root", str(self.root), "--log", str(log), "--criu", self.criu, *args]
+        try:
+            if detached_stdio:
+                # The container inherits runc's stdio. /dev/null everywhere: a pipe would keep
+                # us waiting for EOF, and a log file the NF writes breaks --leave-running restores.
+                with open(os.devnull, "r+b") as null:
+                    proc = subprocess.run(
+                        cmd,
+                        stdin=null,
+                        stdout=null,
+                        stderr=null,
+                        timeout=timeout,
+                        text=True,
+                        check=False,
+                    )
+            else:
+                proc = subprocess.run(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=timeout,
+                    text=True,
+                    check=False,
+                )
+        except FileNotFoundError as exc:
+            raise ContainerError(f"{what}: `{self.runc}` not found; install runc") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise ContainerError(
+                f"{what}: `{' '.join(cmd)}` took over {timeout:.0f}s; runc log: {_tail(log)}"
+            ) from exc
+        if proc.returncode != 0:
+            detail = (proc.stderr or "").strip() or _tail(log)
+            # Called only now: a fix that quotes a log must read it after the failure.
+            hint = fix() if callable(fix) else fix
+            raise ContainerError(f"{what} failed: {detail}; {hint}")
+        return proc
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        try:
+            proc = subprocess.run(
+                [self.runc, "--root", str(self.root), "state", name],
+                capture_output=True,
+                text=True,
+                timeout=CONTROL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ContainerError(f"`runc state {name}` hung for {CONTROL_TIMEOUT_S}s") from exc
+        if proc.returncode != 0:
+            return None
+        state: dict[str, Any] = json.loads(proc.stdout)
+        return state
+
+
+@attrs.define(eq=False)
+class Container:
+    """A running (or dead) runc container: the handle the epoch engine holds."""
+
+    name: str
+    pid: int
+    spec: ContainerSpec
+    bundle: Bundle
+    work_dir: Path
+    _runc: _Runc
+    _backend: RuncBackend
+    _freezer: Freezer | None = None
+    _pidfd: int | None = None
+    _gone: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # Opened at once: a pidfd taken later could name an unrelated process reusing the PID.
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._gone = True
+
+    @property
+    def pidfd(self) -> int:
+        """A pidfd for the NF's init; it polls readable once the NF has died."""
+        if self._pidfd is None:
+            raise ContainerError(
+                f"container {self.name} (pid {self.pid}) is gone and its handle destroyed"
+            )
+        return self._pidfd
+
+    @property
+    def freezer(self) -> Freezer:
+        if self._freezer is None:
+            self._freezer = Freezer.for_pid(self.pid)
+        return self._freezer
+
+    def exited(self, timeout: float = 0.0) -> bool:
+        """True once the NF's init has died; waits up to `timeout` seconds for that."""
+        if self._gone or self._pidfd is None:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
+    def freeze(self, timeout: float = 2.0) -> None:
+        self.freezer.freeze(timeout)
+
+    def thaw(self, timeout: float = 2.0) -> None:
+        self.freezer.thaw(timeout)
+
+    def checkpoint(self, epoch: int, dest_dir: Path) -> CheckpointImage:
+        """Dump the container with CRIU, leaving it running (and frozen, if it was).
+
+        `dest_dir` must not exist; it appears, complete, only when the dump succeeded.
+        """
+        return self._backend._checkpoint(self, epoch, dest_dir)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; then remove runc's state and the bundle."""
+        if not self.exited():
+            # Thawed first: a frozen task cannot act on SIGTERM.
+            with contextlib.suppress(ContainerError, OSError):
+                if self.freezer.is_frozen():
+                    self.freezer.thaw()
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
+            if not self.exited(timeout):
+                self.kill()
+        self.destroy()
+
+    def kill(self) -> None:
+        """SIGKILL the NF's init (the kernel then kills the whole PID namespace)."""
+        if self.exited():
+            return
+        # pidfd_send_signal cannot hit a recycled PID, unlike kill(2).
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        # A task frozen by the v1 freezer does not die until it is thawed.
+        with contextlib.suppress(ContainerError, OSError):
+            if not self.exited(0.05) and self.freezer.is_frozen():
+                self.freezer.thaw()
+        if not self.exited(CONTROL_TIMEOUT_S):
+            raise ContainerError(
+                f"container {self.name} (pid {self.pid}) survived SIGKILL for "
+                f"{CONTROL_TIMEOUT_S}s; it is probably stuck in the kernel (check "
+                f"/proc/{self.pid}/stack)"
+            )
+
+    def destroy(self) -> None:
+        """Kill if needed, then remove runc state, cgroups, bundle and work dir. Idempotent."""
+        try:
+            self.kill()
+        finally:
+            self._backend._delete(self)
+            self._gone = True
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+
+
+@attrs.define(eq=False)
+class RuncBackend:
+    """Starts, checkpoints and restores runc containers.
+
+    ``network_lock`` is CRIU's method to block the netns while it dumps TCP state. ``skip`` is
+    only safe when the data plane has paused ingress for the unit (epoch step 1), as hamgr does.
+    """
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    runc: str = "runc"
+    criu: str | None = None
+    network_lock: NetworkLock = "nftables"
+    tcp_established: bool = True
+    file_locks: bool = True
+    engine: CheckpointEngine = "criu"
+    _base: dict[str, Any] | None = None
+    _criu_path: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("runc", "bundles", "work"):
+            (self.state_dir / sub).mkdir(exist_ok=True, mode=0o700)
+
+    @property
+    def criu_config(self) -> Path:
+        """CRIU options runc cannot pass on its command line; runc reads it per container."""
+        path = self.state_dir / f"criu-{self.network_lock}.conf"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"network-lock {self.network_lock}\n")
+            os.replace(tmp, path)
+        return path
+
+    def _runner(self) -> _Runc:
+        if self._criu_path is None:
+            path = find_criu(self.criu)
+            try:
+                version = CriuRuntime(path).version()
+            except (CriuError, ValueError) as exc:
+                raise ContainerError(f"cannot use {path}: {exc}") from exc
+            if version < MIN_CRIU:
+                raise ContainerError(
+                    f"{path} is CRIU {'.'.join(map(str, version))}; hamgr needs "
+                    f"{'.'.join(map(str, MIN_CRIU))} or newer on kernels >= 6.13 (run `make setup`)"
+                )
+            self._criu_path = path
+        return _Runc(self.runc, self.state_dir / "runc", self._criu_path)
+
+    def _base_config(self) -> dict[str, Any]:
+        if self._base is None:
+            try:
+                self._base = runc_spec_base(self.runc)
+            except OciError as exc:
+                raise ContainerError(str(exc)) from exc
+        return self._base
+
+    def _new_dirs(self, name: str) -> tuple[Path, Path]:
+        tag = f"{name}-{secrets.token_hex(4)}"
+        work = self.state_dir / "work" / tag
+        work.mkdir(mode=0o700)
+        return self.state_dir / "bundles" / tag, work
+
+    def _make_bundle(self, spec: ContainerSpec, bundle_dir: Path) -> Bundle:
+        if not netns_mod.netns_exists(spec.netns):
+            raise ContainerError(
+                f"netns {spec.netns} does not exist; create it first (shim.netns.create_netns)"
+            )
+        try:
+            return prepare_bundle(
+                spec, bundle_dir, base=self._base_config(), criu_config=self.criu_config
+            )
+        except OciError as exc:
+            raise ContainerError(str(exc)) from exc
+
+    def _claim_name(self, runner: _Runc, name: str) -> None:
+        state = runner.state(name)
+        if state is None:
+            return
+        if state.get("status") != "stopped":
+            raise ContainerError(
+                f"a container named {name} is {state.get('status')}; stop it or restore under "
+                "another name"
+            )
+        # A dead instance of the same NF (local failover): its runc state only blocks the name.
+        self._runc_delete(runner, name, self.state_dir / "work")
+
+    def start(self, spec: ContainerSpec) -> Container:
+        runner = self._runner()
+        self._claim_name(runner, spec.name)
+        bundle_dir, work = self._new_dirs(spec.name)
+        bundle: Bundle | None = None
+        try:
+            bundle = self._make_bundle(spec, bundle_dir)
+            pid_file = work / "pid"
+            runner.run(
+                [
+                    "run",
+                    "--detach",
+                    "--pid-file",
+                    str(pid_file),
+                    "--bundle",
+                    str(bundle.path),
+                    spec.name,
+                ],
+                timeout=START_TIMEOUT_S,
+                log=work / "runc.log",
+                what=f"starting container {spec.name}",
+                fix=f"see the runc log above; `runc --root {runner.root} list` shows what exists",
+                detached_stdio=True,
+            )
+            pid = int(pid_file.read_text())
+        except BaseException:
+            self._undo(runner, spec, bundle_dir, work)
+            raise
+        return Container(spec.name, pid, spec, bundle, work, runner, self)
+
+    def _checkpoint(self, c: Container, epoch: int, dest_dir: Path) -> CheckpointImage:
+        if dest_dir.exists():
+            raise CheckpointError(
+                f"{dest_dir} already exists; checkpoints are never overwritten, pick a new "
+                "directory per epoch"
+            )
+        if c.exited():
+            raise CheckpointError(f"container {c.name} (pid {c.pid}) has died; restore it")
+        dest_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest_dir.parent / f".{dest_dir.name}.partial-{secrets.token_hex(4)}"
+        dump_work = c.work_dir / f"dump-{epoch}"
+        tmp.mkdir(mode=0o700)
+        ok = False
+        try:
+            t0 = time.monotonic()
+            if self.engine == "runc":
+                self._dump_with_runc(c, tmp, dump_work, epoch)
+            else:
+                self._dump_with_criu(c, tmp, dump_work, epoch)
+            elapsed = time.monotonic() - t0
+            image = self._seal(
+                tmp, dest_dir, epoch=epoch, spec=c.spec, engine=self.engine, elapsed=elapsed
+            )
+            ok = True
+            return image
+        finally:
+            if not ok:
+                shutil.rmtree(tmp, ignore_errors=True)
+                drop_stale_criu_locks(c.spec.netns_path)
+            else:
+                shutil.rmtree(dump_work, ignore_errors=True)
+
+    def _dump_with_runc(self, c: Container, tmp: Path, dump_work: Path, epoch: int) -> None:
+        args = [
+            "checkpoint",
+            "--leave-running",
+            "--image-path",
+            str(tmp),
+            "--work-path",
+            str(dump_work),
+        ]
+        if self.tcp_established:
+            args.append("--tcp-established")
+        if self.file_locks:
+            args.append("--file-locks")
+        try:
+            c._runc.run(
+                [*args, c.name],
+                timeout=CHECKPOINT_TIMEOUT_S,
+                log=c.work_dir / "runc.log",
+                what=f"checkpoint of {c.name} epoch {epoch}",
+                fix=lambda: f"CRIU's errors: {_criu_log_errors(dump_work / 'dump.log')}",
+            )
+        except ContainerError as exc:
+            raise CheckpointError(str(exc)) from exc
+
+    def _dump_with_criu(self, c: Container, tmp: Path, dump_work: Path, epoch: int) -> None:
+        """The dump runc would ask CRIU for, without runc's process start and CRIU version call.
+
+        The image is what runc writes (including its descriptors.json), so `runc restore` can
+        restore it like one of its own.
+        """
+        dump_work.mkdir(mode=0o700)
+        cmd = criu_dump_command(
+            criu=c._runc.criu,
+            pid=c.pid,
+            images=tmp,
+            work=dump_work,
+            rootfs=c.bundle.rootfs,
+            freezer=c.freezer.path,
+            netns_inode=os.stat(c.spec.netns_path).st_ino,
+            masked_files=_masked_files(c.pid, c.bundle),
+            network_lock=self.network_lock,
+            tcp_established=self.tcp_established,
+            file_locks=self.file_locks,
+        )
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=CHECKPOINT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CheckpointError(
+                f"checkpoint of {c.name} epoch {epoch}: criu dump took over "
+                f"{CHECKPOINT_TIMEOUT_S:.0f}s; CRIU's errors: "
+                f"{_criu_log_errors(dump_work / 'dump.log')}"
+            ) from exc
+        if proc.returncode != 0:
+            raise CheckpointError(
+                f"checkpoint of {c.name} epoch {epoch}: criu dump exited {proc.returncode}; "
+                f"CRIU's errors: {_criu_log_errors(dump_work / 'dump.log')}"
+            )
+        descriptors = [os.readlink(f"/proc/{c.pid}/fd/{fd}") for fd in range(3)]
+        (tmp / RUNC_DESCRIPTORS).write_text(json.dumps(descriptors))
+
+    @staticmethod
+    def _seal(
+        tmp: Path, dest_dir: Path, *, epoch: int, spec: ContainerSpec, engine: str, elapsed: float
+    ) -> CheckpointImage:
+        files = []
+        for entry in sorted(tmp.iterdir()):
+            if entry.is_file():
+                _fsync_path(entry)
+                files.append((entry.name, entry.stat().st_size))
+        image = CheckpointImage(
+            path=dest_dir,
+            epoch=epoch,
+            spec=spec,
+            engine=engine,
+            dump_seconds=elapsed,
+            files=tuple(files),
+        )
+        meta = tmp / IMAGE_META
+        meta.write_text(json.dumps(image.to_json(), indent=1))
+        _fsync_path(meta)
+        _fsync_path(tmp, directory=True)
+        os.rename(tmp, dest_dir)
+        _fsync_path(dest_dir.parent, directory=True)
+        return image
+
+    def restore(self, image_dir: Path, netns: str, *, name: str | None = None) -> Container:
+        """Start a new container from a checkpoint, joined to `netns` (prepared by the caller).
+
+        `netns` must already have the NF's addresses and a route to its TCP peers, and must not
+        receive the NF's traffic until this returns (attach its ports afterwards). The container
+        gets a fresh PID namespace from runc, so the PIDs CRIU must recreate are free even while
+        the dead original is not yet reaped.
+        """
+        image = CheckpointImage.load(image_dir)
+        spec = attrs.evolve(image.spec, netns=netns, name=name or image.spec.name)
+        runner = self._runner()
+        self._claim_name(runner, spec.name)
+        bundle_dir, work = self._new_dirs(spec.name)
+        bundle: Bundle | None = None
+        try:
+            bundle = self._make_bundle(spec, bundle_dir)
+            pid_file = work / "pid"
+            args = [
+                "restore",
+                "--detach",
+                "--image-path",
+                str(image_dir),
+                "--work-path",
+                str(work),
+                "--bundle",
+                str(bundle.path),
+                "--pid-file",
+                str(pid_file),
+            ]
+            if self.tcp_established:
+                args.append("--tcp-established")
+            if self.file_locks:
+                args.append("--file-locks")
+            try:
+                runner.run(
+                    [*args, spec.name],
+                    timeout=RESTORE_TIMEOUT_S,
+                    log=work / "runc.log",
+                    what=f"restore of {spec.name} from {image_dir}",
+                    fix=lambda: f"CRIU's errors: {_criu_log_errors(work / 'restore.log')}",
+                    detached_stdio=True,
+                )
+            except ContainerError as exc:
+                drop_stale_criu_locks(spec.netns_path)
+                raise RestoreError(str(exc)) from exc
+            pid = int(pid_file.read_text())
+        except BaseException:
+            self._undo(runner, spec, bundle_dir, work)
+            raise
+        return Container(spec.name, pid, spec, bundle, work, runner, self)
+
+    def _undo(self, runner: _Runc, spec: ContainerSpec, bundle_dir: Path, work: Path) -> None:
+        """Remove what a failed start or restore left; the original error is what matters."""
+        with contextlib.suppress(ContainerError):
+            self._runc_delete(runner, spec.name, work, bundle=bundle_dir)
+        # A failed CRIU restore can leave the container's cgroups behind with tasks still
+        # exiting in them, and runc gives up on those after one retry.
+        remove_cgroup(spec.cgroups_path)
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    def _runc_delete(
+        self, runner: _Runc, name: str, work: Path, *, bundle: Path | None = None
+    ) -> None:
+        state = runner.state(name)
+        if state is None:
+            return
+        if bundle is not None and state.get("bundle") != str(bundle):
+            # The name now belongs to a newer instance (restored after this one died).
+            return
+        log = work / "delete.log" if work.exists() else self.state_dir / "delete.log"
+        runner.run(
+            ["delete", "--force", name],
+            timeout=CONTROL_TIMEOUT_S,
+            log=log,
+            what=f"deleting container {name}",
+            fix=f"kill its processes and run `runc --root {runner.root} delete --force {name}`",
+        )
+
+    def _delete(self, c: Container) -> None:
+        try:
+            self._runc_delete(c._runc, c.name, c.work_dir, bundle=c.bundle.path)
+        finally:
+            remove_bundle(c.bundle)
+            shutil.rmtree(c.work_dir, ignore_errors=True)
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    roots = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] in (["cgroup"], ["cgroup2"]):
+                roots.append(Path(left.split()[4]))
+    return roots
+
+
+def drop_stale_criu_locks(netns_path: str) -> list[str]:
+    """Delete CRIU's network-lock tables left in a netns by a CRIU that died mid-way.
+
+    CRIU's nftables lock drops every packet in the netns; it normally removes it itself, but not
+    when it is killed (e.g. by our timeout). Only one CRIU runs per unit netns at a time, so any
+    ``CRIU-*`` table found after a failure is stale. Returns the tables removed.
+    """
+    nsenter = ["nsenter", f"--net={netns_path}", "nft"]
+    try:
+        listing = subprocess.run(
+            [*nsenter, "list", "tables"],
+            capture_output=True,
+            text=True,
+            timeout=CONTROL_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    removed = []
+    for line in listing.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU-"):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    [*nsenter, "delete", "table", parts[1], parts[2]],
+                    capture_output=True,
+                    timeout=CONTROL_TIMEOUT_S,
+                    check=False,
+                )
+                removed.append(f"{parts[1]} {parts[2]}")
+    return removed
+
+
+def _masked_files(pid: int, bundle: Bundle) -> list[str]:
+    """Masked paths that are files: runc bind-mounts /dev/null over them, CRIU must map them."""
+    config = json.loads(bundle.config_path.read_text())
+    masked = config.get("linux", {}).get("maskedPaths", [])
+    out = []
+    for path in masked:
+        with contextlib.suppress(OSError):
+            if not os.path.isdir(f"/proc/{pid}/root{path}") and os.path.exists(
+                f"/proc/{pid}/root{path}"
+            ):
+                out.append(path)
+    return out
+
+
+def criu_dump_command(
+    *,
+    criu: str,
+    pid: int,
+    images: Path,
+    work: Path,
+    rootfs: Path,
+    freezer: Path,
+    netns_inode: int,
+    masked_files: Sequence[str],
+    network_lock: NetworkLock,
+    tcp_established: bool,
+    file_locks: bool,
+) -> list[str]:
+    """The criu command line equivalent to runc's checkpoint RPC, with the tree left running."""
+    cmd = [
+        criu, "dump",
+        "--tree", str(pid),
+        "--images-dir", str(images),
+        "--work-dir", str(work),
+        "--log-file", "dump.log",
+        "-v4",
+        "--leave-running",
+        "--root", str(rootfs),
+        "--freeze-cgroup", str(freezer),
+        "--manage-cgroups=soft",
+        "--external", f"net[{netns_inode}]:{RUNC_NETNS_KEY}",
+        "--network-lock", network_lock,
+    ]  # fmt: skip
+    if tcp_established:
+        cmd.append("--tcp-established")
+    if file_locks:
+        cmd.append("--file-locks")
+    for path in masked_files:
+        cmd += ["--ext-mount-map", f"{path}:/dev/null"]
+    return cmd
+
+
+def remove_cgroup(cgroup: str, timeout: float = 2.0) -> bool:
+    """Remove a cgroup and its empty descendants from every hierarchy; True if all are gone.
+
+    rmdir only succeeds on a cgroup without tasks, so this never disturbs a live container;
+    tasks that are still exiting get `timeout` seconds to go.
+    """
+    rel = cgroup.strip("/")
+    if not rel:
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for hierarchy in _cgroup_hierarchies():
+            top = hierarchy / rel
+            if not top.is_dir():
+                continue
+            for dirpath, _dirs, _files in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+            if top.is_dir():
+                left.append(top)
+        if not left or time.monotonic() >= deadline:
+            return not left
+        time.sleep(0.02)
+
+
+def remove_cgroup_parent(parent: str) -> None:
+    """Remove a hamgr cgroup parent once its containers are gone; a missing one is fine."""
+    remove_cgroup(parent, timeout=0.5)

@@ -1,0 +1,281 @@
+"""The primary's epoch engine: the I/O driver of `shim.epoch.PrimaryMachine` for one unit.
+
+The machine decides; this driver only carries its commands out against three ports and reports
+what happened back as events:
+
+- a data plane (`dpdk_vhost.client.DataPlaneClient` satisfies `DataPlaneOps`),
+- a checkpoint backend handle (`shim.container.Container` satisfies `Checkpointable`; a VM backend
+  will satisfy the same protocol),
+- a shipper to the standby (`shim.replication.ReplicationClient` satisfies `Shipper`).
+
+Steps 1-5 of the protocol run synchronously inside `step()`, so the unit is frozen for exactly the
+span of one Freeze..Thaw command run. Shipping is asynchronous: `Ship` returns at once and the ack
+arrives as a completed future on a later `step()`, which lets epoch e+1 fill while e ships (I6).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+
+from shim import epoch as ep
+from shim.replication import NackedError, Shipped
+
+log = logging.getLogger(__name__)
+
+
+class DataPlaneOps(Protocol):
+    def pause_ingress(self, unit: str, term: int | None = None) -> Any: ...
+    def resume_ingress(self, unit: str, term: int | None = None) -> None: ...
+    def close_epoch(self, unit: str, epoch: int, term: int | None = None) -> Any: ...
+    def release(self, unit: str, epoch: int, term: int) -> int: ...
+    def discard(self, unit: str, from_epoch: int, term: int | None = None) -> int: ...
+    def set_mode(self, unit: str, mode: str) -> None: ...
+    def stats(self, unit: str | None = None) -> Any: ...
+
+
+class Image(Protocol):
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class Checkpointable(Protocol):
+    def freeze(self, timeout: float = ...) -> None: ...
+    def thaw(self, timeout: float = ...) -> None: ...
+    def checkpoint(self, epoch: int, dest_dir: Path) -> Image: ...
+
+
+class Shipper(Protocol):
+    def ship_nowait(
+        self,
+        unit: str,
+        epoch: int,
+        term: int,
+        source: Path,
+        *,
+        full: bool = ...,
+        meta: dict[str, Any] | None = ...,
+        timeout: float = ...,
+    ) -> Future[Shipped]: ...
+
+
+@attrs.frozen
+class EpochRecord:
+    """What one checkpointed epoch cost, for status, metrics and benchmarks."""
+
+    epoch: int
+    pause_us: int
+    checkpoint_us: int
+    image_bytes: int
+    shipped_bytes: int = 0
+    commit_us: int = 0
+
+
+@attrs.define
+class EngineStats:
+    epochs: list[EpochRecord] = attrs.field(factory=list)
+    alarms: list[str] = attrs.field(factory=list)
+    ignored: int = 0
+    released_epochs: int = 0
+    discarded_pkts: int = 0
+
+
+class EngineError(Exception):
+    """The engine cannot continue; the message names the step and the cause."""
+
+
+def _now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class PrimaryEngine:
+    """Drives one protected unit on the primary. Single-threaded: call `step()` in a loop."""
+
+    def __init__(
+        self,
+        unit: str,
+        machine: ep.PrimaryMachine,
+        dataplane: DataPlaneOps,
+        nf: Checkpointable,
+        shipper: Shipper,
+        *,
+        image_root: Path,
+        ship_timeout: float = 5.0,
+        clock: Callable[[], int] = _now_us,
+    ) -> None:
+        self.unit = unit
+        self.machine = machine
+        self.dp = dataplane
+        self.nf = nf
+        self.shipper = shipper
+        self.image_root = image_root / unit
+        self.image_root.mkdir(parents=True, exist_ok=True)
+        self.ship_timeout = ship_timeout
+        self.clock = clock
+        self.stats = EngineStats()
+        self._inflight: dict[int, tuple[Future[Shipped], int]] = {}
+        self._closed_total = 0
+        self._cut_started = 0
+        self._frozen_at = 0
+        self._ckpt: dict[int, tuple[int, int, int]] = {}  # epoch -> (pause_us, ckpt_us, bytes)
+        self._committed: int | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    @property
+    def last_committed(self) -> int | None:
+        return self._committed
+
+    def image_dir(self, epoch: int) -> Path:
+        return self.image_root / f"epoch-{epoch:08d}"
+
+    def step(self) -> None:
+        """Tick, report output and finished ships, and run every command that follows."""
+        events: deque[ep.Event] = deque([ep.Tick(self.clock())])
+        events.append(self._output_waiting())
+        events.extend(self._finished_ships())
+        while events:
+            event = events.popleft()
+            for command in self.machine.handle(event):
+                events.extend(self._execute(command))
+
+    def run(self, seconds: float, idle_sleep: float = 0.0002) -> None:
+        """Step for a bounded time; sleeps briefly between steps so an idle unit costs little."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.step()
+            time.sleep(idle_sleep)
+
+    def drain(self, timeout: float) -> bool:
+        """Step until nothing is in flight (every shipped epoch answered) or the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.step()
+            if not self._inflight and self.machine.state is ep.State.RUNNING:
+                return True
+            time.sleep(0.001)
+        return False
+
+    # -- event sources -------------------------------------------------------------------
+
+    def _output_waiting(self) -> ep.Event:
+        unit = self.dp.stats(self.unit).units[self.unit]
+        # Packets the NF emitted since the last close: everything it sent minus what closed
+        # epochs took. The data plane counts NF output in nf_rx (it receives from the NF port).
+        open_pkts = max(0, int(unit.nf_rx) - self._closed_total)
+        return ep.OutputWaiting(int(unit.epoch), open_pkts, int(unit.buffered_bytes))
+
+    def _finished_ships(self) -> list[ep.Event]:
+        events: list[ep.Event] = []
+        for epoch, (future, started) in sorted(self._inflight.items()):
+            if not future.done():
+                continue
+            del self._inflight[epoch]
+            exc = future.exception()
+            if exc is None:
+                shipped = future.result()
+                self._note_commit(epoch, started, shipped.block_bytes + shipped.manifest_bytes)
+                events.append(ep.Acked(self.unit, epoch, shipped.term))
+            elif isinstance(exc, NackedError):
+                events.append(ep.Nacked(self.unit, epoch, exc.nack.term, exc.nack.reason))
+            else:
+                events.append(ep.StandbyLost(f"epoch {epoch} not acked: {exc}"))
+        return events
+
+    def _note_commit(self, epoch: int, started: int, shipped_bytes: int) -> None:
+        pause, ckpt, size = self._ckpt.pop(epoch, (0, 0, 0))
+        self.stats.epochs.append(
+            EpochRecord(epoch, pause, ckpt, size, shipped_bytes, self.clock() - started)
+        )
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _execute(self, command: ep.Command) -> list[ep.Event]:
+        term = self.machine.term
+        match command:
+            case ep.PauseIngress():
+                self._cut_started = self.clock()
+                return [ep.IngressPaused(int(self.dp.pause_ingress(self.unit, term).cut))]
+            case ep.Freeze():
+                self.nf.freeze()
+                self._frozen_at = self.clock()
+                return [ep.Frozen()]
+            case ep.CloseEpoch(epoch=epoch):
+                closed = self.dp.close_epoch(self.unit, epoch, term)
+                self._closed_total += int(closed.pkts)
+                return [ep.EpochClosed(epoch, int(closed.pkts))]
+            case ep.Checkpoint(epoch=epoch):
+                return [self._checkpoint(epoch)]
+            case ep.Thaw():
+                self.nf.thaw()
+                return [ep.Thawed()]
+            case ep.ResumeIngress():
+                self.dp.resume_ingress(self.unit, term)
+                return [ep.IngressResumed()]
+            case ep.Ship(epoch=epoch, term=t, parent=parent, cut_seq=cut_seq):
+                future = self.shipper.ship_nowait(
+                    self.unit,
+                    epoch,
+                    t,
+                    self.image_dir(epoch),
+                    full=parent is None,
+                    meta={"cut_seq": cut_seq},
+                    timeout=self.ship_timeout,
+                )
+                self._inflight[epoch] = (future, self.clock())
+                return []
+            case ep.Release(epoch=epoch):
+                self.dp.release(self.unit, epoch, term)
+                self.stats.released_epochs += 1
+                self._committed = epoch
+                self._forget_images_before(epoch)
+                return []
+            case ep.Discard(from_epoch=from_epoch):
+                self.stats.discarded_pkts += self.dp.discard(self.unit, from_epoch, term)
+                return []
+            case ep.SetOutputCommit(enabled=enabled):
+                self.dp.set_mode(self.unit, "ha" if enabled else "plain")
+                return []
+            case ep.SetBackPressure():
+                # The data plane applies back-pressure itself at K epochs or the byte budget;
+                # the machine's view only gates new cuts.
+                return []
+            case ep.Alarm(reason=reason):
+                log.warning("unit %s: %s", self.unit, reason)
+                self.stats.alarms.append(reason)
+                return []
+            case ep.Ignored(event=event, reason=reason):
+                log.debug("unit %s: ignored %r: %s", self.unit, event, reason)
+                self.stats.ignored += 1
+                return []
+        raise EngineError(f"unit {self.unit}: no driver for command {command!r}")
+
+    def _checkpoint(self, epoch: int) -> ep.Event:
+        dest = self.image_dir(epoch)
+        started = self.clock()
+        try:
+            image = self.nf.checkpoint(epoch, dest)
+        except Exception as exc:
+            log.warning("unit %s: checkpoint of epoch %d failed: %s", self.unit, epoch, exc)
+            shutil.rmtree(dest, ignore_errors=True)
+            return ep.CheckpointFailed(epoch, str(exc))
+        done = self.clock()
+        size = image.size_bytes
+        # The pause runs from the freeze to the thaw that follows at once; the checkpoint is
+        # the bulk of it.
+        self._ckpt[epoch] = (done - self._frozen_at, done - started, size)
+        return ep.CheckpointTaken(epoch, "", size)
+
+    def _forget_images_before(self, epoch: int) -> None:
+        # Keep the newest committed image: local failover restores from it.
+        for path in self.image_root.glob("epoch-*"):
+            if int(path.name.removeprefix("epoch-")) < epoch:
+                shutil.rmtree(path, ignore_errors=True)

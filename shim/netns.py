@@ -1,0 +1,180 @@
+"""Named network namespaces and veth pairs that hamgr owns.
+
+A unit's netns outlives the NF inside it: the container joins ``/run/netns/NAME`` instead of
+creating its own, so CRIU can treat the netns as external and a restore can join a netns that
+the standby prepared in advance. Everything goes through ``ip`` because it is always installed
+and it creates the ``/run/netns`` bind mounts the same way every other tool expects.
+
+Deletes are idempotent: cleanup paths call them after partial failures.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import attrs
+
+NETNS_DIR = Path("/run/netns")
+IP_TIMEOUT_S = 10.0
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+
+
+class NetnsError(Exception):
+    """An ``ip`` command failed; the message names the command, its error and a fix."""
+
+
+def _check_netns_name(name: str) -> str:
+    if not _NETNS_NAME.match(name):
+        raise NetnsError(
+            f"bad netns name {name!r}: use 1-64 characters from [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _check_ifname(name: str) -> str:
+    if not _IFNAME.match(name):
+        raise NetnsError(
+            f"bad interface name {name!r}: the kernel allows at most 15 characters "
+            "from [A-Za-z0-9_.-]"
+        )
+    return name
+
+
+def _ip(*args: str, netns: str | None = None, ok_codes: tuple[int, ...] = (0,)) -> str:
+    cmd = ["ip"]
+    if netns is not None:
+        # `ip -n` enters only the netns; it does not need the mount-namespace games of
+        # `ip netns exec`, so nothing else about the caller changes.
+        cmd += ["-n", netns]
+    cmd += list(args)
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
+        )
+    except FileNotFoundError as exc:
+        raise NetnsError("`ip` not found: install iproute2 (apt-get install iproute2)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NetnsError(
+            f"`{' '.join(cmd)}` did not finish in {IP_TIMEOUT_S:.0f}s; the rtnl lock may be "
+            "held by a stuck process (check `ps` for hung ip/runc/criu)"
+        ) from exc
+    if proc.returncode not in ok_codes:
+        raise NetnsError(
+            f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()}; "
+            "hamgr needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        )
+    return proc.stdout
+
+
+def netns_path(name: str) -> Path:
+    """The bind-mounted netns file that OCI configs and CRIU refer to."""
+    return NETNS_DIR / _check_netns_name(name)
+
+
+def netns_exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def netns_inode(name: str) -> int:
+    """The inode CRIU calls the netns by (``--external net[INODE]:KEY``)."""
+    return os.stat(netns_path(name)).st_ino
+
+
+def create_netns(name: str, *, loopback_up: bool = True) -> Path:
+    """Create a netns; fails if it exists, because two owners of one netns is a bug."""
+    path = netns_path(name)
+    if path.exists():
+        raise NetnsError(
+            f"netns {name} already exists; delete it first (delete_netns) or pick another name"
+        )
+    _ip("netns", "add", name)
+    if loopback_up:
+        _ip("link", "set", "lo", "up", netns=name)
+    return path
+
+
+def delete_netns(name: str) -> None:
+    """Delete a netns and with it every interface inside it; a missing netns is fine."""
+    if not netns_path(name).exists():
+        return
+    _ip("netns", "del", name)
+
+
+def link_exists(ifname: str, netns: str | None = None) -> bool:
+    out = _ip("-o", "link", "show", "dev", _check_ifname(ifname), netns=netns, ok_codes=(0, 1))
+    return bool(out.strip())
+
+
+def delete_link(ifname: str, netns: str | None = None) -> None:
+    """Delete a link (for a veth, both ends go); a missing link or netns is fine."""
+    if netns is not None and not netns_exists(netns):
+        return
+    if link_exists(ifname, netns):
+        _ip("link", "del", "dev", ifname, netns=netns)
+
+
+@attrs.frozen
+class VethEnd:
+    """One end of a veth pair, and the netns it lives in (None = the caller's own)."""
+
+    ifname: str = attrs.field(validator=lambda _i, _a, v: _check_ifname(v))
+    netns: str | None = None
+
+
+@attrs.frozen
+class VethPair:
+    a: VethEnd
+    b: VethEnd
+
+
+def create_veth(a: VethEnd, b: VethEnd) -> VethPair:
+    """Create a veth pair with each end already in its netns, both ends down."""
+    args = ["link", "add", a.ifname, "type", "veth", "peer", "name", b.ifname]
+    if b.netns is not None:
+        args += ["netns", b.netns]
+    _ip(*args, netns=a.netns)
+    return VethPair(a, b)
+
+
+def move_link(ifname: str, to_netns: str, from_netns: str | None = None) -> None:
+    _ip("link", "set", "dev", _check_ifname(ifname), "netns", to_netns, netns=from_netns)
+
+
+def add_address(ifname: str, cidr: str, netns: str | None = None) -> None:
+    """Add an address; adding one that is already there is fine."""
+    iface = ipaddress.ip_interface(cidr)
+    current = _ip("-o", "addr", "show", "dev", _check_ifname(ifname), netns=netns)
+    if f" {iface.with_prefixlen} " in current:
+        return
+    _ip("addr", "add", iface.with_prefixlen, "dev", ifname, netns=netns)
+
+
+def set_up(ifname: str, netns: str | None = None) -> None:
+    _ip("link", "set", "dev", _check_ifname(ifname), "up", netns=netns)
+
+
+def set_down(ifname: str, netns: str | None = None) -> None:
+    _ip("link", "set", "dev", _check_ifname(ifname), "down", netns=netns)
+
+
+def add_route(dest: str, via: str, netns: str | None = None) -> None:
+    _ip("route", "replace", str(ipaddress.ip_network(dest)), "via", via, netns=netns)
+
+
+def mac_address(ifname: str, netns: str | None = None) -> str:
+    out = _ip("-o", "link", "show", "dev", _check_ifname(ifname), netns=netns)
+    match = re.search(r"link/ether ([0-9a-f:]{17})", out)
+    if match is None:
+        raise NetnsError(f"{ifname} has no Ethernet address (is it a veth?): {out.strip()}")
+    return match.group(1)
+
+
+def set_mac_address(ifname: str, mac: str, netns: str | None = None) -> None:
+    """Give a link a fixed MAC, so a restored NF's peers need no new ARP entry."""
+    _ip("link", "set", "dev", _check_ifname(ifname), "address", mac, netns=netns)
