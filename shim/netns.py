@@ -178,3 +178,20 @@ def mac_address(ifname: str, netns: str | None = None) -> str:
 def set_mac_address(ifname: str, mac: str, netns: str | None = None) -> None:
     """Give a link a fixed MAC, so a restored NF's peers need no new ARP entry."""
     _ip("link", "set", "dev", _check_ifname(ifname), "address", mac, netns=netns)
+
+
+def disable_checksum_offload(ifname: str, netns: str | None = None) -> None:
+    """Make a veth end compute full checksums itself.
+
+    A veth hands checksum work to its peer (CHECKSUM_PARTIAL). When the peer is read by the data
+    plane through AF_PACKET, the frame leaves the host with the checksum never filled in, and the
+    NF's kernel drops it. Every veth whose traffic crosses the data plane needs this.
+    """
+    argv = ["ethtool", "-K", _check_ifname(ifname), "tx", "off"]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", _check_netns_name(netns), *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if proc.returncode != 0:
+        raise NetnsError(
+            f"{' '.join(argv)} failed: {proc.stderr.strip()}; install ethtool (make setup)"
+        )
