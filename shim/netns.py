@@ -10,11 +10,15 @@ Deletes are idempotent: cleanup paths call them after partial failures.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import re
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
@@ -195,3 +199,38 @@ def disable_checksum_offload(ifname: str, netns: str | None = None) -> None:
         raise NetnsError(
             f"{' '.join(argv)} failed: {proc.stderr.strip()}; install ethtool (make setup)"
         )
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_T = TypeVar("_T")
+
+
+def run_in_netns(name: str, fn: Callable[[], _T]) -> _T:
+    """Run `fn` on a short-lived thread that joined netns `name`; return its result.
+
+    Sockets made by `fn` stay in that netns for their whole life, whichever thread uses them
+    later, so traffic tools can open their sockets here and run anywhere.
+    """
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(netns_path(name), os.O_RDONLY)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=body, name=f"netns-{name}")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -3,9 +3,10 @@
 Three layers, each usable without the ones above it:
 
 1. **Wire codec** (`encode`, `decode`): pure functions between `Message` values and zmq frames.
-2. **`Receiver`**: the standby's protocol logic. It takes decoded messages, drives one
-   `store.Store` per unit and returns the replies; it never touches a socket, and it never raises
-   on bad input (every refusal is a `Nack` with a code and a reason).
+2. **`Receiver`**: the standby's I/O driver, without sockets. `standby.StandbyMachine` decides
+   (one per unit); the Receiver turns decoded messages into its events, carries out its commands
+   against one `store.Store` per unit and returns the replies. It never raises on bad input
+   (every refusal is a `Nack` with a code and a reason).
 3. **Sockets**: `ReplicationServer` (ROUTER, a poller thread around a `Receiver`) and
    `ReplicationClient` (DEALER, an asyncio loop in its own thread, with sync twins).
 
@@ -45,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import enum
 import itertools
 import json
 import logging
@@ -64,32 +64,24 @@ import zmq
 import zmq.asyncio
 import zmq.utils.z85
 
+from shim import standby as sm
 from shim.delta import (
     BATCH_BYTES,
     BLOCK_SIZE,
     DIGEST_SIZE,
     Base,
-    BaseMismatchError,
     Batch,
     BlockError,
     Delta,
     DeltaError,
     Manifest,
-    ManifestError,
     VerifyError,
-    decode_manifest,
     iter_batches,
     make_delta,
     scan,
 )
-from shim.store import (
-    Checkpoint,
-    Meta,
-    StaleEpochError,
-    StaleTermError,
-    Store,
-    StoreError,
-)
+from shim.standby import Code
+from shim.store import Checkpoint, Meta, Store, StoreError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -124,23 +116,6 @@ MAX_FRAME: Final = (256 << 20) + (64 << 10)
 _UNIT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INDEX = struct.Struct("<16sI")
 _ZAP_DOMAIN: Final = "inproc://zeromq.zap.01"
-
-
-class Code(enum.StrEnum):
-    """Why a standby refused something. Only these strings appear in a nack."""
-
-    BAD_MESSAGE = "bad_message"
-    BAD_CHECKSUM = "bad_checksum"
-    UNKNOWN_UNIT = "unknown_unit"
-    STALE_TERM = "stale_term"
-    STALE_EPOCH = "stale_epoch"
-    BASE_MISMATCH = "base_mismatch"
-    BAD_MANIFEST = "bad_manifest"
-    SEQUENCE = "sequence"
-    NO_TRANSFER = "no_transfer"
-    VERIFY_FAILED = "verify_failed"
-    STORE_ERROR = "store_error"
-    INTERNAL = "internal"
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -418,46 +393,62 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise WireError(Code.BAD_MESSAGE, f"{kind}: {e}", header) from None
 
 
-# --- standby protocol logic --------------------------------------------------------------------
+# --- the standby's driver ----------------------------------------------------------------------
 
 
-@attrs.define
-class _Transfer:
-    """One checkpoint arriving: counts to check `end` against, and the failure if one came."""
-
-    epoch: int
-    term: int
-    first_seq: int
-    last_seq: int
-    messages: int = 0
-    blocks: int = 0
-    duplicate: bool = False
-    failed: Nack | None = None
+def _machine_for(unit: str, store: Store) -> sm.StandbyMachine:
+    """A machine that starts from what `store` holds durably, exactly as after a restart."""
+    c = store.committed()
+    return sm.StandbyMachine(
+        unit,
+        store.term,
+        None if c is None else sm.CommittedImage(c.epoch, c.term, c.manifest),
+        promoted=store.promoted,
+    )
 
 
-class _RefusedError(Exception):
-    def __init__(self, code: Code, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+def _event(msg: Message) -> sm.Event | None:
+    """The machine's event for a message a standby receives; None for any other message."""
+    match msg:
+        case Hello() | Heartbeat():
+            return sm.Greeting(msg.unit, msg.epoch, msg.term, msg.seq)
+        case Begin():
+            return sm.Manifest(msg.unit, msg.epoch, msg.term, msg.seq, msg.manifest, msg.meta)
+        case Blocks():
+            return sm.Chunk(msg.unit, msg.epoch, msg.term, msg.seq, msg.batch)
+        case End():
+            return sm.ImageEnd(
+                msg.unit, msg.epoch, msg.term, msg.seq, msg.first_seq, msg.messages, msg.blocks
+            )
+    return None
 
 
-def _abort(store: Store, msg: Message) -> None:
-    """Abandon the assembly `msg` belongs to, and never one that a newer transfer started."""
-    if store.assembling == (msg.epoch, msg.term):
-        store.abort()
+def _readable(ids: Mapping[str, Any], key: str) -> int | None:
+    v = ids.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _nack(msg: Message, term: int, code: Code, reason: str) -> Nack:
+    return Nack(unit=msg.unit, epoch=msg.epoch, term=term, seq=msg.seq, code=code, reason=reason)
 
 
 class Receiver:
-    """The standby end of the link, without sockets: messages in, replies out.
+    """The standby end of the link without sockets: the I/O driver of `standby.StandbyMachine`.
 
-    Holds one `Store` per unit it protects; a message for any other unit is refused. Not
-    thread-safe; `ReplicationServer` serializes calls.
+    Holds one `Store` and one machine per unit it protects; a message for any other unit is
+    refused. Each message becomes the machine's event, and the machine's commands are carried out
+    in order against the store and turned into replies; the store's verdicts on data go back to
+    the machine as `Verified`. The Receiver decides nothing about the protocol itself.
+
+    A store command that fails other than by bad data (an I/O error, a bug) is handled as a crash
+    of this unit's standby: the store recovers, a new machine is built from what it holds durably,
+    and the message is nacked (store_error or internal). Not thread-safe; `ReplicationServer`
+    serializes calls.
     """
 
     def __init__(self, stores: Mapping[str, Store]) -> None:
         self._stores = dict(stores)
-        self._transfers: dict[str, _Transfer] = {}
+        self._machines = {unit: _machine_for(unit, s) for unit, s in self._stores.items()}
         self._committed: set[str] = set()
 
     @property
@@ -467,12 +458,21 @@ class Receiver:
     def store(self, unit: str) -> Store:
         return self._stores[unit]
 
+    def machine(self, unit: str) -> sm.StandbyMachine:
+        return self._machines[unit]
+
     def promote(self, unit: str, term: int) -> Checkpoint | None:
-        """Fence `unit` at `term` and return the checkpoint to restore."""
-        self._transfers.pop(unit, None)
-        store = self._stores[unit]
-        store.promote(term)
-        return store.committed()
+        """Fence `unit` at `term` and return the checkpoint to restore.
+
+        Raises `ProtocolError` unless `term` is above every term seen (or repeats the promotion).
+        """
+        commands = self._machines[unit].handle(sm.Promote(term))
+        try:
+            self._execute(unit, commands, [], None)
+        except Exception:
+            self._restart(unit)
+            raise
+        return self._stores[unit].committed()
 
     def collect(self) -> None:
         """Delete superseded checkpoints; call it once the acks are sent, off the ack's path."""
@@ -486,174 +486,122 @@ class Receiver:
         except WireError as e:
             log.warning("replication: refusing message: %s", e)
             unit = e.ids.get("unit")
-            store = self._stores.get(unit) if isinstance(unit, str) else None
-            self._fail_transfer(e.ids, e.code, e.reason)
-            return [encode(e.nack(store.term if store is not None else None))]
+            machine = self._machines.get(unit) if isinstance(unit, str) else None
+            if machine is None:
+                return [encode(e.nack())]
+            nack = e.nack(machine.term)
+            event = sm.Damaged(
+                nack.unit,
+                _readable(e.ids, "epoch"),
+                _readable(e.ids, "term"),
+                nack.seq,
+                e.code,
+                nack.reason,
+            )
+            return [encode(r) for r in self._run(nack.unit, event, nack)]
         return [encode(r) for r in self.handle(msg)]
 
     def handle(self, msg: Message) -> list[Message]:
         """Apply one decoded message; never raises."""
-        store = self._stores.get(msg.unit)
-        if store is None:
-            return [self._nack(msg, msg.term, Code.UNKNOWN_UNIT, f"not a standby for {msg.unit}")]
+        machine = self._machines.get(msg.unit)
+        if machine is None:
+            return [_nack(msg, msg.term, Code.UNKNOWN_UNIT, f"not a standby for {msg.unit}")]
+        event = _event(msg)
+        if event is None:
+            why = f"{_NAMES[type(msg)]} is not for a standby"
+            return [_nack(msg, machine.term, Code.BAD_MESSAGE, why)]
+        return self._run(msg.unit, event, msg)
+
+    def _run(self, unit: str, event: sm.Event, msg: Message) -> list[Message]:
+        replies: list[Message] = []
         try:
-            match msg:
-                case Hello() | Heartbeat():
-                    return [self._greet(store, msg)]
-                case Begin():
-                    return self._begin(store, msg)
-                case Blocks():
-                    return self._blocks(store, msg)
-                case End():
-                    return self._end(store, msg)
-                case _:
-                    raise _RefusedError(
-                        Code.BAD_MESSAGE, f"{_NAMES[type(msg)]} is not for a standby"
-                    )
-        except _RefusedError as e:
-            return [self._nack(msg, store.term, e.code, e.reason)]
+            follow_up: sm.Event | None = event
+            while follow_up is not None:
+                commands = self._machines[unit].handle(follow_up)
+                follow_up = self._execute(unit, commands, replies, msg)
         except Exception as e:
-            # A bug or an I/O failure must cost this transfer, not the server.
-            log.exception("replication: %s of %s failed", _NAMES[type(msg)], msg.unit)
-            _abort(store, msg)
-            t = self._transfers.get(msg.unit)
-            if t is not None and (t.epoch, t.term) == (msg.epoch, msg.term):
-                del self._transfers[msg.unit]
-            return [self._nack(msg, store.term, Code.INTERNAL, f"{type(e).__name__}: {e}")]
+            log.exception("replication: %s of %s failed", _NAMES[type(msg)], unit)
+            self._restart(unit)
+            if isinstance(e, StoreError):
+                code, reason = Code.STORE_ERROR, str(e)
+            else:
+                code, reason = Code.INTERNAL, f"{type(e).__name__}: {e}"
+            return [_nack(msg, self._machines[unit].term, code, reason)]
+        return replies
 
-    @staticmethod
-    def _nack(msg: Message, term: int, code: Code, reason: str) -> Nack:
-        return Nack(
-            unit=msg.unit, epoch=msg.epoch, term=term, seq=msg.seq, code=code, reason=reason
-        )
+    def _execute(
+        self,
+        unit: str,
+        commands: list[sm.Command],
+        replies: list[Message],
+        msg: Message | None,
+    ) -> sm.Event | None:
+        """Carry out `commands` in order; returns the store's verdict if one of them gave one.
 
-    def _fail_transfer(self, ids: Mapping[str, Any], code: Code, reason: str) -> None:
-        """A damaged message in the middle of a transfer dooms the transfer."""
-        unit = ids.get("unit")
-        if not isinstance(unit, str) or (t := self._transfers.get(unit)) is None:
-            return
-        if (ids.get("epoch"), ids.get("term")) != (t.epoch, t.term) or t.failed is not None:
-            return
+        Only `StoreChunk` and `Commit` give one, and each ends its list.
+        """
         store = self._stores[unit]
-        if store.assembling == (t.epoch, t.term):
+        for command in commands:
+            match command:
+                case sm.RecordTerm(term=term, promoted=promoted):
+                    if promoted:
+                        store.promote(term)
+                    else:
+                        store.observe_term(term)
+                case sm.StartAssembly(epoch=epoch, term=term, manifest=manifest, meta=meta):
+                    store.begin(epoch, term, manifest, meta)
+                case sm.StoreChunk(epoch=epoch, term=term, batch=batch):
+                    put = store.put_block
+                    try:
+                        for digest, data in batch.items():
+                            put(digest, data)
+                    except BlockError as e:
+                        return sm.Verified(epoch, term, ok=False, reason=str(e))
+                case sm.DropAssembly():
+                    store.abort()
+                case sm.Commit(epoch=epoch, term=term):
+                    try:
+                        store.commit()
+                    except VerifyError as e:
+                        return sm.Verified(epoch, term, ok=False, reason=str(e))
+                    self._committed.add(unit)
+                    return sm.Verified(epoch, term, ok=True)
+                case sm.SendAck(unit=u, epoch=epoch, term=term, seq=seq):
+                    replies.append(Ack(unit=u, epoch=epoch, term=term, seq=seq))
+                case sm.Reject(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why):
+                    replies.append(
+                        Nack(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why)
+                    )
+                case sm.SendStatus():
+                    replies.append(_status(command, msg))
+                case sm.Ignored(event=event, reason=why):
+                    log.debug("replication: %s ignored: %s", type(event).__name__, why)
+        return None
+
+    def _restart(self, unit: str) -> None:
+        """Start `unit` over from its store's durable state, as a restarted standby would."""
+        store = self._stores[unit]
+        try:
+            store.recover()
+        except Exception:
+            log.exception("replication: store of %s did not recover", unit)
             store.abort()
-        t.failed = Nack(
-            unit=unit, epoch=t.epoch, term=store.term, seq=t.last_seq, code=code, reason=reason
-        )
+        self._machines[unit] = _machine_for(unit, store)
 
-    @staticmethod
-    def _observe(store: Store, term: int) -> None:
-        try:
-            store.observe_term(term)
-        except StaleTermError as e:
-            raise _RefusedError(Code.STALE_TERM, str(e)) from None
 
-    def _greet(self, store: Store, msg: Hello | Heartbeat) -> Message:
-        self._observe(store, msg.term)
-        c = store.committed()
-        epoch = c.epoch if c is not None else 0
-        if isinstance(msg, Heartbeat):
-            return Heartbeat(unit=msg.unit, epoch=epoch, term=store.term, seq=msg.seq)
-        base = store.committed_base()
-        return Status(
-            unit=msg.unit,
-            epoch=epoch,
-            term=store.term,
-            seq=msg.seq,
-            committed_epoch=c.epoch if c is not None else None,
-            committed_term=c.term if c is not None else None,
-            manifest_id=base.id if base is not None else None,
-        )
-
-    def _begin(self, store: Store, msg: Begin) -> list[Message]:
-        t = _Transfer(msg.epoch, msg.term, msg.seq, msg.seq)
-        self._transfers[msg.unit] = t
-        try:
-            self._observe(store, msg.term)
-            c = store.committed()
-            if c is not None and (c.epoch, c.term) == (msg.epoch, msg.term):
-                # A resend after a lost ack. One primary per term, one dump per epoch: it is the
-                # checkpoint already committed, so the end is acked without assembling again.
-                t.duplicate = True
-                return []
-            try:
-                manifest = decode_manifest(msg.manifest, store.committed_base())
-            except BaseMismatchError as e:
-                raise _RefusedError(Code.BASE_MISMATCH, str(e)) from None
-            except ManifestError as e:
-                raise _RefusedError(Code.BAD_MANIFEST, str(e)) from None
-            try:
-                store.begin(msg.epoch, msg.term, manifest, msg.meta)
-            except StaleEpochError as e:
-                raise _RefusedError(Code.STALE_EPOCH, str(e)) from None
-            except StoreError as e:
-                raise _RefusedError(Code.STORE_ERROR, str(e)) from None
-        except _RefusedError as e:
-            t.failed = self._nack(msg, store.term, e.code, e.reason)
-            return [t.failed]
-        return []
-
-    def _blocks(self, store: Store, msg: Blocks) -> list[Message]:
-        t = self._transfers.get(msg.unit)
-        if t is None or (t.epoch, t.term) != (msg.epoch, msg.term) or t.failed is not None:
-            # The rest of a transfer that already failed or was superseded; its end will say so.
-            return []
-        try:
-            if msg.seq <= t.last_seq:
-                raise _RefusedError(Code.SEQUENCE, f"seq {msg.seq} after {t.last_seq}")
-            t.last_seq = msg.seq
-            t.messages += 1
-            t.blocks += len(msg.batch)
-            if t.duplicate:
-                return []
-            self._observe(store, msg.term)
-            if store.assembling != (msg.epoch, msg.term):
-                raise _RefusedError(Code.NO_TRANSFER, "the assembly was abandoned")
-            try:
-                for digest, data in msg.batch.items():
-                    store.put_block(digest, data)
-            except BlockError as e:
-                raise _RefusedError(Code.BAD_CHECKSUM, str(e)) from None
-        except _RefusedError as e:
-            _abort(store, msg)
-            t.failed = self._nack(msg, store.term, e.code, e.reason)
-            return [t.failed]
-        return []
-
-    def _end(self, store: Store, msg: End) -> list[Message]:
-        t = self._transfers.get(msg.unit)
-        if t is None or (t.epoch, t.term) != (msg.epoch, msg.term):
-            # The term first: a deposed primary must learn that it is, whatever else went wrong.
-            self._observe(store, msg.term)
-            raise _RefusedError(
-                Code.NO_TRANSFER, f"no transfer of epoch {msg.epoch} term {msg.term}"
-            )
-        del self._transfers[msg.unit]
-        if t.failed is not None:
-            return [attrs.evolve(t.failed, seq=msg.seq)]
-        try:
-            self._observe(store, msg.term)
-            sent = (msg.first_seq, msg.messages, msg.blocks)
-            if msg.seq <= t.last_seq or sent != (t.first_seq, t.messages, t.blocks):
-                raise _RefusedError(
-                    Code.SEQUENCE,
-                    f"sender sent (begin seq, messages, blocks) {sent}, "
-                    f"received {(t.first_seq, t.messages, t.blocks)}",
-                )
-            if not t.duplicate:
-                if store.assembling != (msg.epoch, msg.term):
-                    raise _RefusedError(Code.NO_TRANSFER, "the assembly was abandoned")
-                try:
-                    store.commit()
-                    self._committed.add(msg.unit)
-                except VerifyError as e:
-                    raise _RefusedError(Code.VERIFY_FAILED, str(e)) from None
-                except StoreError as e:
-                    raise _RefusedError(Code.STORE_ERROR, str(e)) from None
-        except _RefusedError:
-            _abort(store, msg)
-            raise
-        return [Ack(unit=msg.unit, epoch=msg.epoch, term=msg.term, seq=msg.seq)]
+def _status(command: sm.SendStatus, msg: Message | None) -> Message:
+    epoch = 0 if command.committed_epoch is None else command.committed_epoch
+    if isinstance(msg, Heartbeat):
+        return Heartbeat(unit=command.unit, epoch=epoch, term=command.term, seq=command.seq)
+    return Status(
+        unit=command.unit,
+        epoch=epoch,
+        term=command.term,
+        seq=command.seq,
+        committed_epoch=command.committed_epoch,
+        committed_term=command.committed_term,
+        manifest_id=command.manifest_id,
+    )
 
 
 # --- standby socket ---------------------------------------------------------------------------

@@ -1,87 +1,129 @@
 """The standby side of the epoch protocol for one unit: a state machine with no I/O.
 
-Everything that affects this machine lives in this file. The driver feeds it what arrives on the
-replication link (`Manifest`, `Chunk`, `ImageEnd`) and the failover executor's `Promote`, through
-`StandbyMachine.handle`, and carries out the returned commands in order: the store's
-(`StartAssembly`, `StoreChunk`, `Commit`, `DropAssembly`, `RecordTerm`) and the link's (`SendAck`,
-`Reject`, which the primary sees as Acked and Nacked).
+Everything that decides what the standby accepts, stores, commits, acks and refuses lives in this
+file. Its I/O driver is `shim.replication.Receiver`: it turns what arrives on the replication link
+into events (`Greeting`, `Manifest`, `Chunk`, `ImageEnd`, `Damaged`), takes the failover
+executor's `Promote`, feeds them to `StandbyMachine.handle`, and carries out the returned commands
+in order: the store's (`RecordTerm`, `StartAssembly`, `StoreChunk`, `DropAssembly`, `Commit`,
+which `shim.store.Store` executes) and the link's (`SendAck`, `Reject`, `SendStatus`, which become
+the wire's ack, nack and status/heartbeat, each answering the message being handled). Checking
+data needs the data, so the store does it and the driver reports the verdict as `Verified`: a bad
+block after `StoreChunk` (only failures are reported), and always the outcome of `Commit`.
+`StoreChunk` and `Commit` therefore end their command list.
+
+Transfers are content-addressed (`shim.delta`): `Manifest` carries the wire manifest, which names
+every block by digest and, for a delta, names its base by the digest of the base's manifest; each
+`Chunk` is one wire batch of blocks, in any order. The machine decodes the manifest against its
+committed image (pure code), so it alone decides whether a delta's base is here.
 
 The store's contract, which makes a crash harmless: it keeps the last committed image and at most
-one image being assembled. `Commit` is the only command that changes the last committed image, and
-does so atomically (a rename). A crash while assembling therefore leaves the last committed image
-intact; the restarted driver builds a new machine from the store's last committed image and its
-recorded term. `RecordTerm` must be durable before the driver sends anything after it, so that a
-restart never forgets a term it has seen.
+one image being assembled; `Commit` verifies every file (size and sha256) and only then swaps the
+commit pointer atomically, so nothing unverified is ever committed and a failed verification
+changes nothing. A crash while assembling leaves the last committed image intact; the restarted
+driver builds a new machine from the store's committed image, recorded term and promotion.
+`RecordTerm` must be durable before the driver sends anything after it, so that a restart never
+forgets a term it has seen.
 
 States, and the transition table in words (TRANSITIONS lists the same pairs):
 
-- IDLE: holds the last committed image, or none; nothing is being assembled.
-- IDLE + Manifest -> ASSEMBLING if the manifest is acceptable (StartAssembly); else IDLE (Reject).
-  Acceptable means: the term is not below the standby's; the epoch is above the last committed
-  one (same term), or any epoch in a new, higher term; a delta's parent is the last committed
-  epoch of the same term (a new term needs a full image); the file list is non-empty, without
-  duplicates, with sizes >= 0 and sha256 digests. A repeat of the last committed epoch and term is
-  acked again without transfer, because the ack may have been lost.
-- ASSEMBLING + Chunk -> ASSEMBLING (StoreChunk) if it is the next bytes of a listed file and a
-  file it completes matches its sha256; else IDLE (DropAssembly, Reject). Chunks must arrive in
-  order per file: the checksum is computed as they pass.
-- ASSEMBLING + ImageEnd -> IDLE: Commit then SendAck if every file is complete and verified; else
-  DropAssembly and Reject (partial). Nothing is ever acked before ImageEnd.
-- ASSEMBLING + Manifest: the current image can no longer complete (DropAssembly, Reject), then the
-  manifest is treated as in IDLE.
-- Chunk or ImageEnd that are not for the image being assembled (in IDLE, all of them): Ignored,
-  and the state stays. A rejected image's remaining chunks land here, and the primary already has
-  its Reject; so do those of a stale-term image, which leaves the current assembly alone.
-- any state + Promote(term) -> PROMOTED, if term is above every term seen (DropAssembly of any
-  image in progress). Promote again with the same term is a no-op, so a repeated failover step
-  is harmless; any other Promote in PROMOTED raises ProtocolError.
-- PROMOTED is final: Manifests and ImageEnds get Reject with the promoted term, so the old primary
-  learns it is fenced; Chunks are Ignored. Nothing is acked again (I3).
+- IDLE: no transfer open. The last committed image, or none.
+- Term check, on Greeting, Manifest and ImageEnd: a term below the highest seen gets Reject
+  (stale_term) and changes nothing, not even a transfer in progress. A higher term ends any
+  transfer of the lower one (DropAssembly of its image, no reply: its sender is deposed) and is
+  recorded (RecordTerm). Chunks only count inside their own transfer, whose term is current.
+- Greeting (hello, heartbeat) -> same state, SendStatus; or IDLE if a higher term ended a transfer.
+- Manifest that passes the term check: the transfer in progress is superseded (DropAssembly; its
+  end will find no transfer, one assembly at a time), then
+  - the committed (epoch, term) again -> RESENDING: the ack was lost; nothing is stored;
+  - an acceptable image -> ASSEMBLING (StartAssembly). Acceptable: the epoch is above the
+    committed one within the same term (any epoch in a new term); the manifest decodes, is for
+    this epoch and lists files; a delta's base is the committed image of the same term (a new
+    term starts from a full image);
+  - anything else -> REJECTED (Reject: stale_epoch, base_mismatch or bad_manifest).
+- ASSEMBLING + Chunk of its transfer, seq above the last -> StoreChunk; a seq at or below the
+  last -> REJECTED (DropAssembly, Reject sequence). Verified(ok=False) -> REJECTED (DropAssembly,
+  Reject bad_checksum).
+- RESENDING + Chunk of its transfer: seq checked and counted as above, but nothing is stored.
+- ASSEMBLING + ImageEnd of its transfer: if its seq and counts (begin seq, messages, blocks)
+  match what arrived -> COMMITTING (Commit); else IDLE (DropAssembly, Reject sequence).
+- COMMITTING + Verified: ok -> IDLE, the image is the last committed one, SendAck; not ok ->
+  IDLE (DropAssembly, Reject verify_failed). Nothing else may happen in COMMITTING: the driver
+  reports the outcome of Commit before it handles anything else.
+- RESENDING + ImageEnd of its transfer -> IDLE, SendAck if seq and counts match (else Reject).
+- REJECTED: the transfer failed and its sender has the Reject. Its remaining chunks are Ignored
+  and its ImageEnd gets the same Reject again -> IDLE.
+- ImageEnd of no open transfer: term check, then Reject (no_transfer). Chunk of no open
+  transfer: Ignored (the rest of a superseded, stale or failed transfer).
+- Damaged (a message that failed its crc or did not parse) -> Reject with its code; if it belongs
+  to the open transfer, that transfer can no longer complete -> REJECTED (DropAssembly).
+- any state but COMMITTING + Promote(term) -> PROMOTED, if term is above every term seen
+  (DropAssembly of any image in progress, RecordTerm(promoted)). Promote again with the same term
+  is a no-op, so a repeated failover step is harmless; any other Promote raises ProtocolError.
+- PROMOTED is final: every Greeting, Manifest, ImageEnd and Damaged gets Reject with the promoted
+  term (stale_term for a term at or below it; unknown_unit above it: this node is no standby any
+  more); Chunks are Ignored. Nothing is ever acked again (I3).
 
 Messages from the network never raise: a bad one is rejected or ignored. ProtocolError is kept
-for the local executor's mistakes.
+for the driver's mistakes (an outcome event nothing asked for, anything during COMMITTING).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import attrs
 
+from shim import delta
 from shim.epoch import ProtocolError
-
-if TYPE_CHECKING:
-    from _hashlib import HASH
 
 __all__ = [
     "TRANSITIONS",
     "Chunk",
+    "Code",
     "Command",
     "Commit",
     "CommittedImage",
+    "Damaged",
     "DropAssembly",
     "Event",
-    "FileSpec",
+    "Greeting",
     "Ignored",
     "ImageEnd",
     "Manifest",
+    "Meta",
     "Promote",
     "ProtocolError",
     "RecordTerm",
     "Reject",
     "SendAck",
+    "SendStatus",
     "StandbyMachine",
     "StartAssembly",
     "State",
     "StoreChunk",
+    "Verified",
 ]
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+Meta = Mapping[str, int | str]
+
+
+class Code(enum.StrEnum):
+    """Why a standby refused something. Only these strings appear in a nack."""
+
+    BAD_MESSAGE = "bad_message"
+    BAD_CHECKSUM = "bad_checksum"
+    UNKNOWN_UNIT = "unknown_unit"
+    STALE_TERM = "stale_term"
+    STALE_EPOCH = "stale_epoch"
+    BASE_MISMATCH = "base_mismatch"
+    BAD_MANIFEST = "bad_manifest"
+    SEQUENCE = "sequence"
+    NO_TRANSFER = "no_transfer"
+    VERIFY_FAILED = "verify_failed"
+    STORE_ERROR = "store_error"
+    INTERNAL = "internal"
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -93,38 +135,84 @@ class Event:
 
 
 @attrs.frozen
-class FileSpec:
-    name: str
-    size: int
-    sha256: str
+class Greeting(Event):
+    """A hello or a heartbeat: the primary announces its term and asks for the standby's state."""
+
+    unit: str
+    epoch: int
+    term: int
+    seq: int
 
 
 @attrs.frozen
 class Manifest(Event):
+    """A transfer begins: checkpoint ``epoch`` of ``term``, described by its wire manifest.
+
+    ``manifest`` is `delta.encode_manifest`'s form: per file its size, sha256 and block digests;
+    a delta also names its base by epoch and by the digest of the base's manifest.
+    """
+
     unit: str
     epoch: int
     term: int
-    # The epoch this image is a delta against, or None for a full image.
-    parent: int | None
-    cut_seq: int
-    files: tuple[FileSpec, ...]
+    seq: int
+    manifest: bytes = attrs.field(repr=lambda v: f"<{len(v)} B>")
+    meta: Meta = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class Chunk(Event):
+    """One wire batch of content-addressed blocks of the transfer, in any order."""
+
     unit: str
     epoch: int
     term: int
-    file: str
-    offset: int
-    data: bytes
+    seq: int
+    batch: delta.Batch
 
 
 @attrs.frozen
 class ImageEnd(Event):
+    """The sender has sent everything: the seq of its begin, how many batches and blocks."""
+
     unit: str
     epoch: int
     term: int
+    seq: int
+    first_seq: int
+    messages: int
+    blocks: int
+
+
+@attrs.frozen
+class Damaged(Event):
+    """A message that failed its checksum or did not parse, addressed as well as it could be read.
+
+    ``epoch`` and ``term`` are None when they were unreadable; ``code`` is bad_message or
+    bad_checksum.
+    """
+
+    unit: str
+    epoch: int | None
+    term: int | None
+    seq: int
+    code: Code
+    reason: str
+
+
+@attrs.frozen
+class Verified(Event):
+    """The store's verdict on the data of the assembly of (epoch, term).
+
+    After `StoreChunk` only a failure is reported (a block that is not part of the image or does
+    not match its digest). `Commit` is always answered: ok means every file verified and the image
+    is now the committed one; not ok means it did not verify and nothing changed.
+    """
+
+    epoch: int
+    term: int
+    ok: bool
+    reason: str = ""
 
 
 @attrs.frozen
@@ -144,58 +232,79 @@ class Command:
 
 @attrs.frozen
 class RecordTerm(Command):
-    """Durably record the highest term seen, before anything later is sent."""
+    """Durably record the highest term seen (and, if ``promoted``, that this node is the primary
+    of it), before anything later is sent."""
 
     term: int
+    promoted: bool = False
 
 
 @attrs.frozen
 class StartAssembly(Command):
-    """Prepare an empty image with these files; an empty file may get no chunk at all."""
+    """Prepare the image of ``manifest`` from the committed image; its missing blocks follow."""
 
     epoch: int
     term: int
-    parent: int | None
-    files: tuple[FileSpec, ...]
+    manifest: delta.Manifest
+    meta: Meta = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class StoreChunk(Command):
+    """Check each block against its digest and store it; report a bad one as `Verified`."""
+
     epoch: int
-    file: str
-    offset: int
-    data: bytes
+    term: int
+    batch: delta.Batch
 
 
 @attrs.frozen
 class DropAssembly(Command):
     epoch: int
+    term: int
 
 
 @attrs.frozen
 class Commit(Command):
-    """Atomically make the assembled image of ``epoch`` the last committed one."""
+    """Verify every file of the assembled image and, only then, atomically make it the last
+    committed one; report the outcome as `Verified`."""
 
     epoch: int
     term: int
-    cut_seq: int
 
 
 @attrs.frozen
 class SendAck(Command):
+    """Checkpoint ``epoch`` of ``term`` is committed; answers the message ``seq``."""
+
     unit: str
     epoch: int
     term: int
+    seq: int
 
 
 @attrs.frozen
 class Reject(Command):
-    """Tell the primary that ``epoch`` was not committed. ``term`` is the standby's own."""
+    """Answer message ``seq`` with a refusal. ``term`` is the standby's own."""
 
     unit: str
     epoch: int
     term: int
+    seq: int
+    code: Code
     reason: str
+
+
+@attrs.frozen
+class SendStatus(Command):
+    """Answer a greeting with the standby's term and its committed image, if any."""
+
+    unit: str
+    seq: int
+    term: int
+    committed_epoch: int | None
+    committed_term: int | None
+    manifest_id: bytes | None = attrs.field(repr=lambda v: v and v.hex())
 
 
 @attrs.frozen
@@ -210,32 +319,60 @@ class Ignored(Command):
 class State(enum.Enum):
     IDLE = "idle"
     ASSEMBLING = "assembling"
+    RESENDING = "resending"
+    REJECTED = "rejected"
+    COMMITTING = "committing"
     PROMOTED = "promoted"
 
 
-_I, _A, _P = State.IDLE, State.ASSEMBLING, State.PROMOTED
+_I, _A, _R, _X, _C, _P = (
+    State.IDLE,
+    State.ASSEMBLING,
+    State.RESENDING,
+    State.REJECTED,
+    State.COMMITTING,
+    State.PROMOTED,
+)
+
+
+def _row(
+    greeting: frozenset[State],
+    manifest: frozenset[State],
+    chunk: frozenset[State],
+    end: frozenset[State],
+    damaged: frozenset[State],
+    **more: frozenset[State],
+) -> Mapping[type[Event], frozenset[State]]:
+    row: dict[type[Event], frozenset[State]] = {
+        Greeting: greeting,
+        Manifest: manifest,
+        Chunk: chunk,
+        ImageEnd: end,
+        Damaged: damaged,
+        Promote: frozenset({_P}),
+    }
+    if "verified" in more:
+        row[Verified] = more["verified"]
+    return MappingProxyType(row)
+
+
+def _s(*states: State) -> frozenset[State]:
+    return frozenset(states)
+
+
+# A stale Manifest leaves the state as it is; any other starts a new transfer.
+_NEW = _s(_A, _R, _X)
 
 # For each state and event, the states the machine may be in afterwards; checked on every event.
+# A pair that is missing is a driver bug (ProtocolError).
 TRANSITIONS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingProxyType(
     {
-        _I: {
-            Manifest: frozenset({_A, _I}),
-            Chunk: frozenset({_I}),
-            ImageEnd: frozenset({_I}),
-            Promote: frozenset({_P}),
-        },
-        _A: {
-            Manifest: frozenset({_A, _I}),
-            Chunk: frozenset({_A, _I}),
-            ImageEnd: frozenset({_I, _A}),
-            Promote: frozenset({_P}),
-        },
-        _P: {
-            Manifest: frozenset({_P}),
-            Chunk: frozenset({_P}),
-            ImageEnd: frozenset({_P}),
-            Promote: frozenset({_P}),
-        },
+        _I: _row(_s(_I), _NEW | {_I}, _s(_I), _s(_I), _s(_I)),
+        _A: _row(_s(_A, _I), _NEW, _s(_A, _X), _s(_A, _C, _I), _s(_A, _X), verified=_s(_A, _X)),
+        _R: _row(_s(_R, _I), _NEW, _s(_R, _X), _s(_R, _I), _s(_R, _X)),
+        _X: _row(_s(_X, _I), _NEW, _s(_X), _s(_X, _I), _s(_X)),
+        _C: MappingProxyType({Verified: _s(_I)}),
+        _P: _row(_s(_P), _s(_P), _s(_P), _s(_P), _s(_P)),
     }
 )
 
@@ -244,41 +381,50 @@ TRANSITIONS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingPro
 class CommittedImage:
     epoch: int
     term: int
-    cut_seq: int
+    manifest: delta.Manifest = attrs.field(repr=False)
 
 
 @attrs.define
-class _File:
-    spec: FileSpec
-    hasher: HASH = attrs.field(factory=hashlib.sha256)
-    received: int = 0
+class _Transfer:
+    """The transfer in progress: what its end is checked against, and its failure if it failed."""
 
-    @property
-    def verified(self) -> bool:
-        return self.received == self.spec.size and self.hasher.hexdigest() == self.spec.sha256
+    epoch: int
+    term: int
+    first_seq: int
+    last_seq: int
+    manifest: delta.Manifest | None = None
+    messages: int = 0
+    blocks: int = 0
+    failed: Reject | None = None
 
 
-@attrs.define
-class _Assembly:
-    manifest: Manifest
-    files: dict[str, _File]
+_LinkEvent = Greeting | Manifest | Chunk | ImageEnd | Damaged
 
 
 class StandbyMachine:
     """The standby's epoch protocol for one unit. See the module docstring."""
 
     def __init__(
-        self, unit: str, term: int = 0, last_committed: CommittedImage | None = None
+        self,
+        unit: str,
+        term: int = 0,
+        last_committed: CommittedImage | None = None,
+        *,
+        promoted: int | None = None,
     ) -> None:
         if last_committed is not None and last_committed.term > term:
             raise ValueError(
                 f"recorded term {term} is below the committed image's term {last_committed.term}"
             )
+        if promoted is not None and promoted > term:
+            raise ValueError(f"recorded term {term} is below the promotion's term {promoted}")
         self.unit = unit
         self._term = term
-        self._state = State.IDLE
+        self._promoted = promoted
+        self._state = State.IDLE if promoted is None else State.PROMOTED
         self._committed = last_committed
-        self._assembly: _Assembly | None = None
+        self._base: delta.Base | None = None
+        self._transfer: _Transfer | None = None
 
     @property
     def state(self) -> State:
@@ -286,54 +432,116 @@ class StandbyMachine:
 
     @property
     def term(self) -> int:
+        """The highest term seen."""
         return self._term
+
+    @property
+    def promoted(self) -> int | None:
+        return self._promoted
 
     @property
     def last_committed(self) -> CommittedImage | None:
         return self._committed
 
     @property
-    def assembling(self) -> int | None:
-        return None if self._assembly is None else self._assembly.manifest.epoch
+    def assembling(self) -> tuple[int, int] | None:
+        """(epoch, term) of the image the store is assembling, if any."""
+        t = self._transfer
+        if t is None or self._state not in (State.ASSEMBLING, State.COMMITTING):
+            return None
+        return t.epoch, t.term
 
     def handle(self, event: Event) -> list[Command]:
         allowed = TRANSITIONS[self._state].get(type(event))
         if allowed is None:
-            raise ProtocolError(f"unit {self.unit}: unknown event {event!r}")
+            raise ProtocolError(
+                f"unit {self.unit}: {type(event).__name__} is not allowed in {self._state.value}"
+            )
         out: list[Command] = []
         match event:
             case Promote():
                 self._on_promote(event, out)
-            case Manifest() | Chunk() | ImageEnd() if event.unit != self.unit:
+            case Verified():
+                self._on_verified(event, out)
+            case Greeting() | Manifest() | Chunk() | ImageEnd() | Damaged() if (
+                event.unit != self.unit
+            ):
                 out.append(Ignored(event, f"for unit {event.unit}, this is {self.unit}"))
+            case Greeting():
+                self._on_greeting(event, out)
             case Manifest():
                 self._on_manifest(event, out)
             case Chunk():
                 self._on_chunk(event, out)
             case ImageEnd():
                 self._on_end(event, out)
+            case Damaged():
+                self._on_damaged(event, out)
         if self._state not in allowed:
             raise AssertionError(f"{self._state} after {event!r} is not in the table")
         return out
 
-    def _reject(self, epoch: int, reason: str, out: list[Command]) -> None:
-        out.append(Reject(self.unit, epoch, self._term, reason))
+    # --- helpers ----------------------------------------------------------------------------
 
-    def _abandon(self, reason: str, out: list[Command]) -> None:
-        assembly = self._assembly
-        if assembly is None:
+    def _reject(self, event: _LinkEvent, code: Code, reason: str) -> Reject:
+        epoch = event.epoch if event.epoch is not None else 0
+        return Reject(self.unit, epoch, self._term, event.seq, code, reason)
+
+    def _fenced(self, term: int) -> tuple[Code, str] | None:
+        """Why a message of ``term`` is refused outright, if it is."""
+        if self._promoted is not None:
+            if term <= self._promoted:
+                return Code.STALE_TERM, f"term {term} is stale: promoted at term {self._promoted}"
+            return Code.UNKNOWN_UNIT, (
+                f"promoted to primary at term {self._promoted}: no longer a standby"
+            )
+        if term < self._term:
+            return Code.STALE_TERM, f"term {term} is stale: this standby has seen {self._term}"
+        return None
+
+    def _observe(self, term: int, out: list[Command]) -> None:
+        """Accept ``term``, which passed `_fenced`; a new highest term deposes the transfer's."""
+        if term > self._term:
+            self._end_transfer(out)
+            self._term = term
+            out.append(RecordTerm(term))
+
+    def _end_transfer(self, out: list[Command]) -> None:
+        """Forget the transfer in progress without a reply: its sender is deposed or moved on."""
+        t = self._transfer
+        if t is None:
             return
-        self._assembly = None
         if self._state is State.ASSEMBLING:
-            self._state = State.IDLE
-        out.append(DropAssembly(assembly.manifest.epoch))
-        self._reject(assembly.manifest.epoch, reason, out)
+            out.append(DropAssembly(t.epoch, t.term))
+        self._transfer = None
+        self._state = State.IDLE
+
+    def _fail(self, t: _Transfer, reject: Reject, out: list[Command]) -> None:
+        """The open transfer cannot complete: its end will get the same Reject."""
+        if self._state is State.ASSEMBLING:
+            out.append(DropAssembly(t.epoch, t.term))
+        t.failed = reject
+        self._state = State.REJECTED
+        out.append(reject)
+
+    def _committed_base(self) -> delta.Base | None:
+        if self._base is None and self._committed is not None:
+            self._base = delta.Base.of(self._committed.manifest)
+        return self._base
+
+    def _current(self, event: Chunk | ImageEnd | Damaged) -> _Transfer | None:
+        t = self._transfer
+        if t is None or (t.epoch, t.term) != (event.epoch, event.term):
+            return None
+        return t
+
+    # --- events -----------------------------------------------------------------------------
 
     def _on_promote(self, event: Promote, out: list[Command]) -> None:
-        if self._state is State.PROMOTED:
-            if event.term != self._term:
+        if self._promoted is not None:
+            if event.term != self._promoted:
                 raise ProtocolError(
-                    f"unit {self.unit}: already promoted at term {self._term}, "
+                    f"unit {self.unit}: already promoted at term {self._promoted}, "
                     f"asked again with term {event.term}"
                 )
             return
@@ -342,111 +550,157 @@ class StandbyMachine:
                 f"unit {self.unit}: promotion must raise the term above {self._term}, "
                 f"got {event.term}"
             )
-        if self._assembly is not None:
-            out.append(DropAssembly(self._assembly.manifest.epoch))
-            self._assembly = None
-        self._term = event.term
+        self._end_transfer(out)
+        self._term = self._promoted = event.term
         self._state = State.PROMOTED
-        out.append(RecordTerm(event.term))
+        out.append(RecordTerm(event.term, promoted=True))
+
+    def _on_greeting(self, g: Greeting, out: list[Command]) -> None:
+        fenced = self._fenced(g.term)
+        if fenced is not None:
+            out.append(self._reject(g, *fenced))
+            return
+        self._observe(g.term, out)
+        c = self._committed
+        base = self._committed_base()
+        out.append(
+            SendStatus(
+                self.unit,
+                g.seq,
+                self._term,
+                None if c is None else c.epoch,
+                None if c is None else c.term,
+                None if base is None else base.id,
+            )
+        )
 
     def _on_manifest(self, m: Manifest, out: list[Command]) -> None:
-        if self._state is State.PROMOTED:
-            self._reject(m.epoch, f"promoted to primary at term {self._term}", out)
+        fenced = self._fenced(m.term)
+        if fenced is not None:
+            out.append(self._reject(m, *fenced))
             return
-        if m.term < self._term:
-            self._reject(m.epoch, f"stale term {m.term}, seen {self._term}", out)
+        # One assembly at a time: a new transfer supersedes the one in progress.
+        self._end_transfer(out)
+        self._observe(m.term, out)
+        t = _Transfer(m.epoch, m.term, m.seq, m.seq)
+        self._transfer = t
+        c = self._committed
+        if c is not None and (c.epoch, c.term) == (m.epoch, m.term):
+            # Our ack was lost and the primary sent the image again. One primary per term and
+            # one dump per epoch: it is the image already committed, so its end is acked again.
+            self._state = State.RESENDING
             return
-        self._abandon(f"partial: superseded by a manifest for epoch {m.epoch}", out)
-        if m.term > self._term:
-            self._term = m.term
-            out.append(RecordTerm(m.term))
-        last = self._committed
-        if last is not None and (last.epoch, last.term) == (m.epoch, m.term):
-            # Our ack was lost and the primary shipped the same image again.
-            out.append(SendAck(self.unit, m.epoch, m.term))
+        decoded = self._decode(m)
+        if not isinstance(decoded, delta.Manifest):
+            self._fail(t, self._reject(m, *decoded), out)
             return
-        problem = self._manifest_problem(m)
-        if problem is not None:
-            self._reject(m.epoch, problem, out)
-            return
-        self._assembly = _Assembly(m, {f.name: _File(f) for f in m.files})
+        t.manifest = decoded
         self._state = State.ASSEMBLING
-        out.append(StartAssembly(m.epoch, m.term, m.parent, m.files))
+        out.append(StartAssembly(m.epoch, m.term, decoded, m.meta))
 
-    def _manifest_problem(self, m: Manifest) -> str | None:
-        last = self._committed
-        same_term = last is not None and last.term == m.term
-        if last is not None and same_term and m.epoch <= last.epoch:
-            return f"stale epoch {m.epoch}, committed {last.epoch}"
-        if m.parent is not None and not (last is not None and same_term and m.parent == last.epoch):
-            have = "nothing" if last is None else f"epoch {last.epoch} term {last.term}"
-            return f"parent epoch {m.parent} is not committed here (have {have})"
-        if not m.files:
-            return "manifest lists no files"
-        names = [f.name for f in m.files]
-        if len(set(names)) != len(names):
-            return "manifest lists a file twice"
-        for f in m.files:
-            if f.size < 0:
-                return f"file {f.name}: negative size {f.size}"
-            if not _SHA256.fullmatch(f.sha256):
-                return f"file {f.name}: not a sha256 digest: {f.sha256!r}"
-        return None
-
-    def _current(self, event: Chunk | ImageEnd, out: list[Command]) -> _Assembly | None:
-        assembly = self._assembly
-        if self._state is State.PROMOTED:
-            if isinstance(event, ImageEnd):
-                self._reject(event.epoch, f"promoted to primary at term {self._term}", out)
-            else:
-                out.append(Ignored(event, "promoted"))
-            return None
-        if assembly is None or (assembly.manifest.epoch, assembly.manifest.term) != (
-            event.epoch,
-            event.term,
-        ):
-            out.append(Ignored(event, f"no image of epoch {event.epoch} term {event.term} open"))
-            return None
-        return assembly
+    def _decode(self, m: Manifest) -> delta.Manifest | tuple[Code, str]:
+        c = self._committed
+        same_term = c is not None and c.term == m.term
+        if c is not None and same_term and m.epoch <= c.epoch:
+            why = f"epoch {m.epoch} of term {m.term}: epoch {c.epoch} is committed"
+            return Code.STALE_EPOCH, why
+        # A delta is taken only against the committed image of the same term.
+        base = self._committed_base() if same_term else None
+        try:
+            manifest = delta.decode_manifest(m.manifest, base)
+        except delta.BaseMismatchError as e:
+            if c is not None and not same_term:
+                return Code.BASE_MISMATCH, (
+                    f"{e}: a new term starts from a full image (committed: epoch {c.epoch} "
+                    f"of term {c.term})"
+                )
+            return Code.BASE_MISMATCH, str(e)
+        except ValueError as e:
+            return Code.BAD_MANIFEST, str(e)
+        if manifest.epoch != m.epoch:
+            return Code.BAD_MANIFEST, f"manifest is for epoch {manifest.epoch}, not {m.epoch}"
+        if not manifest.files:
+            return Code.BAD_MANIFEST, "manifest lists no files"
+        return manifest
 
     def _on_chunk(self, c: Chunk, out: list[Command]) -> None:
-        assembly = self._current(c, out)
-        if assembly is None:
+        t = self._current(c)
+        if t is None:
+            out.append(Ignored(c, f"no transfer of epoch {c.epoch} term {c.term} open"))
             return
-        f = assembly.files.get(c.file)
-        if f is None:
-            self._abandon(f"corrupt: chunk for unlisted file {c.file!r}", out)
+        if self._state is State.REJECTED:
+            out.append(Ignored(c, "the rest of a rejected transfer"))
             return
-        if c.offset != f.received:
-            self._abandon(f"corrupt: file {c.file} chunk at {c.offset}, expected {f.received}", out)
+        if c.seq <= t.last_seq:
+            self._fail(t, self._reject(c, Code.SEQUENCE, f"seq {c.seq} after {t.last_seq}"), out)
             return
-        if f.received + len(c.data) > f.spec.size:
-            self._abandon(f"corrupt: file {c.file} grows past its size {f.spec.size}", out)
-            return
-        f.hasher.update(c.data)
-        f.received += len(c.data)
-        if f.received == f.spec.size and not f.verified:
-            # Refuse to store the last bytes of a file already known to be corrupt.
-            self._abandon(f"corrupt: file {c.file} does not match its sha256", out)
-            return
-        out.append(StoreChunk(c.epoch, c.file, c.offset, c.data))
+        t.last_seq = c.seq
+        t.messages += 1
+        t.blocks += len(c.batch)
+        if self._state is State.ASSEMBLING:
+            out.append(StoreChunk(t.epoch, t.term, c.batch))
 
     def _on_end(self, end: ImageEnd, out: list[Command]) -> None:
-        assembly = self._current(end, out)
-        if assembly is None:
-            return
-        for f in assembly.files.values():
-            if not f.verified:
-                how = (
-                    f"{f.received} of {f.spec.size} bytes"
-                    if f.received != f.spec.size
-                    else "sha256 mismatch"
-                )
-                self._abandon(f"partial: file {f.spec.name} has {how}", out)
+        t = self._current(end)
+        if t is None:
+            # The term first: a deposed primary must learn that it is, whatever else went wrong.
+            fenced = self._fenced(end.term)
+            if fenced is not None:
+                out.append(self._reject(end, *fenced))
                 return
-        m = assembly.manifest
-        self._assembly = None
+            self._observe(end.term, out)
+            why = f"no transfer of epoch {end.epoch} term {end.term}"
+            out.append(self._reject(end, Code.NO_TRANSFER, why))
+            return
+        if t.failed is not None:
+            self._transfer = None
+            self._state = State.IDLE
+            out.append(attrs.evolve(t.failed, seq=end.seq))
+            return
+        sent = (end.first_seq, end.messages, end.blocks)
+        got = (t.first_seq, t.messages, t.blocks)
+        if end.seq <= t.last_seq or sent != got:
+            self._end_transfer(out)
+            why = f"sender sent (begin seq, messages, blocks) {sent}, received {got}"
+            out.append(self._reject(end, Code.SEQUENCE, why))
+            return
+        if self._state is State.RESENDING:
+            self._transfer = None
+            self._state = State.IDLE
+            out.append(SendAck(self.unit, end.epoch, end.term, end.seq))
+            return
+        t.last_seq = end.seq
+        self._state = State.COMMITTING
+        out.append(Commit(t.epoch, t.term))
+
+    def _on_damaged(self, d: Damaged, out: list[Command]) -> None:
+        t = self._current(d)
+        reject = self._reject(d, d.code, d.reason)
+        if t is not None and self._state in (State.ASSEMBLING, State.RESENDING):
+            self._fail(t, reject, out)
+            return
+        out.append(reject)
+
+    def _on_verified(self, v: Verified, out: list[Command]) -> None:
+        t = self._transfer
+        if t is None or (t.epoch, t.term) != (v.epoch, v.term):
+            raise ProtocolError(f"unit {self.unit}: {v!r} answers nothing that was asked")
+        if self._state is State.ASSEMBLING:
+            if not v.ok:
+                bad = Reject(
+                    self.unit, t.epoch, self._term, t.last_seq, Code.BAD_CHECKSUM, v.reason
+                )
+                self._fail(t, bad, out)
+            return
+        self._transfer = None
         self._state = State.IDLE
-        self._committed = CommittedImage(m.epoch, m.term, m.cut_seq)
-        out.append(Commit(m.epoch, m.term, m.cut_seq))
-        out.append(SendAck(self.unit, m.epoch, m.term))
+        if not v.ok:
+            out.append(DropAssembly(t.epoch, t.term))
+            out.append(
+                Reject(self.unit, t.epoch, self._term, t.last_seq, Code.VERIFY_FAILED, v.reason)
+            )
+            return
+        assert t.manifest is not None
+        self._committed = CommittedImage(t.epoch, t.term, t.manifest)
+        self._base = None
+        out.append(SendAck(self.unit, t.epoch, t.term, t.last_seq))

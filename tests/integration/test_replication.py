@@ -1,7 +1,8 @@
 """The replication link end to end: a real ReplicationServer and ReplicationClient over TCP on
 127.0.0.1, shipping a synthetic CRIU-like image set (a 64 MiB pages file plus small files), then
-1% changes, with damage injected by a man-in-the-middle. Also the pure wire codec and the
-standby's `Receiver` without sockets. No root needed; everything runs in a few seconds.
+1% changes, with damage injected by a man-in-the-middle. No root needed; everything runs in a few
+seconds. The wire codec and the standby's `Receiver`, which need no sockets, are tested in
+tests/unit/test_replication.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import random
 import shutil
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,22 +24,16 @@ import zmq
 from shim import delta as dl
 from shim.delta import BLOCK_SIZE
 from shim.replication import (
-    Ack,
     Begin,
     Blocks,
     ClosedError,
     Code,
     End,
-    Heartbeat,
-    Hello,
     Message,
     Nack,
     NackedError,
-    Receiver,
     ReplicationClient,
     ReplicationServer,
-    Status,
-    WireError,
     decode,
     encode,
 )
@@ -448,208 +442,6 @@ def test_curve_refuses_the_wrong_keys_with_no_ack(
     with cli, pytest.raises(TimeoutError):
         cli.ship("fw0", 1, 1, src, timeout=0.7)
     assert curve.server.committed("fw0") is None
-
-
-# --- the wire codec, without sockets ------------------------------------------------------------
-
-
-BATCH = dl.Batch(dl.block_digest(b"x" * 10) + dl.block_digest(b"y"), (10, 1), b"x" * 10 + b"y")
-EXAMPLES: list[Message] = [
-    Hello(unit="fw0", epoch=0, term=1, seq=1),
-    Status(unit="fw0", epoch=0, term=2, seq=1),
-    Status(
-        unit="fw0",
-        epoch=4,
-        term=2,
-        seq=1,
-        committed_epoch=4,
-        committed_term=2,
-        manifest_id=b"\x01" * 16,
-    ),
-    Heartbeat(unit="fw0", epoch=3, term=1, seq=9),
-    Begin(unit="fw0", epoch=3, term=1, seq=2, manifest=b"HMF1abc", base_epoch=2, meta={"a": 1}),
-    Blocks(unit="fw0", epoch=3, term=1, seq=3, batch=BATCH),
-    End(unit="fw0", epoch=3, term=1, seq=4, first_seq=2, messages=1, blocks=2),
-    Ack(unit="fw0", epoch=3, term=1, seq=4),
-    Nack(unit="fw0", epoch=3, term=2, seq=4, code=Code.STALE_TERM, reason="deposed"),
-]
-
-
-@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
-def test_every_message_round_trips(msg: Message) -> None:
-    assert decode(encode(msg)) == msg
-
-
-def _frames(msg: Message, **header: object) -> list[bytes]:
-    frames = encode(msg)
-    fields = json.loads(frames[0])
-    fields.update(header)
-    return [json.dumps({k: v for k, v in fields.items() if v is not None}).encode(), *frames[1:]]
-
-
-@pytest.mark.parametrize(
-    ("frames", "code", "match"),
-    [
-        ([], Code.BAD_MESSAGE, "empty"),
-        ([b"x" * 70000], Code.BAD_MESSAGE, "longer"),
-        ([b"[1]"], Code.BAD_MESSAGE, "not a JSON object"),
-        (_frames(EXAMPLES[0], v=2), Code.BAD_MESSAGE, "version"),
-        (_frames(EXAMPLES[0], seq=-1), Code.BAD_MESSAGE, "hello"),
-        (_frames(EXAMPLES[0], seq=1.5), Code.BAD_MESSAGE, "wrong type"),
-        (_frames(EXAMPLES[0], term=1 << 70), Code.BAD_MESSAGE, "hello"),
-        (_frames(EXAMPLES[0], unit=None), Code.BAD_MESSAGE, "missing field 'unit'"),
-        ([*encode(EXAMPLES[0]), b"extra"], Code.BAD_MESSAGE, "payload frames"),
-        (encode(EXAMPLES[4])[:1], Code.BAD_MESSAGE, "payload frames"),
-        (_frames(EXAMPLES[4], crc=None), Code.BAD_MESSAGE, "missing field 'crc'"),
-        (_frames(EXAMPLES[4], crc=[1]), Code.BAD_CHECKSUM, "frame 1"),
-        (_frames(EXAMPLES[4], meta={"a": [1]}), Code.BAD_MESSAGE, "meta"),
-        (_frames(EXAMPLES[5], n=3), Code.BAD_MESSAGE, "index holds"),
-        (_frames(EXAMPLES[8], code="bogus"), Code.BAD_MESSAGE, "bogus"),
-    ],
-)
-def test_decode_refuses_bad_messages(frames: list[bytes], code: Code, match: str) -> None:
-    with pytest.raises(WireError, match=match) as err:
-        decode(frames)
-    assert err.value.code is code
-
-
-def test_blocks_index_must_match_the_data() -> None:
-    frames = encode(EXAMPLES[5])
-    frames[2] = frames[2] + b"z"
-    header = json.loads(frames[0])
-    header["crc"][1] = zlib.crc32(frames[2])
-    frames[0] = json.dumps(header).encode()
-    with pytest.raises(WireError, match="add up"):
-        decode(frames)
-
-
-def test_a_bad_message_is_answered_at_its_own_address() -> None:
-    frames = _frames(EXAMPLES[4], crc=[7])
-    with pytest.raises(WireError) as err:
-        decode(frames)
-    nack = err.value.nack(term=9)
-    assert (nack.unit, nack.epoch, nack.term, nack.seq) == ("fw0", 3, 9, 2)
-
-
-# --- the standby's protocol logic, without sockets ----------------------------------------------
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Receiver:
-    return Receiver({"fw0": Store(tmp_path / "fw0")})
-
-
-def _transfer(src: Path, epoch: int, term: int, base: dl.Base | None = None) -> list[Message]:
-    delta = dl.make_delta(src, dl.scan(src, epoch), base)
-    msgs: list[Message] = [
-        Begin(unit="fw0", epoch=epoch, term=term, seq=10, manifest=delta.wire_manifest)
-    ]
-    for i, batch in enumerate(dl.iter_batches(delta, 256 << 10)):
-        msgs.append(Blocks(unit="fw0", epoch=epoch, term=term, seq=11 + i, batch=batch))
-    msgs.append(
-        End(
-            unit="fw0",
-            epoch=epoch,
-            term=term,
-            seq=len(msgs) + 10,
-            first_seq=10,
-            messages=len(msgs) - 1,
-            blocks=len(delta.blocks),
-        )
-    )
-    return msgs
-
-
-def _drive(receiver: Receiver, msgs: list[Message]) -> list[Message]:
-    replies = []
-    for msg in msgs:
-        replies += receiver.handle(msg)
-    return replies
-
-
-@pytest.fixture
-def small_src(tmp_path: Path) -> Path:
-    return write_checkpoint(tmp_path / "src", os.urandom(1 << 20), {"core-1.img": b"core"})
-
-
-def test_receiver_acks_only_the_end_of_a_complete_transfer(
-    receiver: Receiver, small_src: Path
-) -> None:
-    replies = _drive(receiver, _transfer(small_src, 1, 1))
-    assert replies == [Ack(unit="fw0", epoch=1, term=1, seq=replies[0].seq)]
-    status = receiver.handle(Hello(unit="fw0", epoch=0, term=1, seq=50))
-    assert isinstance(status[0], Status)
-    assert status[0].committed_epoch == 1
-
-
-def test_receiver_detects_a_lost_blocks_message(receiver: Receiver, small_src: Path) -> None:
-    msgs = _transfer(small_src, 1, 1)
-    del msgs[2]
-    replies = _drive(receiver, msgs)
-    assert len(replies) == 1
-    assert isinstance(replies[0], Nack)
-    assert replies[0].code is Code.SEQUENCE
-    assert receiver.store("fw0").committed() is None
-
-
-def test_receiver_refuses_reordered_blocks(receiver: Receiver, small_src: Path) -> None:
-    msgs = _transfer(small_src, 1, 1)
-    msgs[1], msgs[2] = msgs[2], msgs[1]
-    replies = _drive(receiver, msgs)
-    # The first failure is reported at once, and the end repeats it.
-    assert [(type(r), getattr(r, "code", None)) for r in replies] == [
-        (Nack, Code.SEQUENCE),
-        (Nack, Code.SEQUENCE),
-    ]
-
-
-def test_receiver_refuses_what_a_standby_never_receives(receiver: Receiver) -> None:
-    (reply,) = receiver.handle(EXAMPLES[7])
-    assert isinstance(reply, Nack)
-    assert reply.code is Code.BAD_MESSAGE
-
-
-def test_receiver_survives_a_failing_store(
-    receiver: Receiver, small_src: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    msgs = _transfer(small_src, 1, 1)
-
-    def disk_full(*_args: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(receiver.store("fw0"), "put_block", disk_full)
-    replies = _drive(receiver, msgs)
-    assert isinstance(replies[0], Nack)
-    assert replies[0].code is Code.INTERNAL
-    assert "No space left" in replies[0].reason
-    monkeypatch.undo()
-    assert isinstance(_drive(receiver, _transfer(small_src, 1, 1))[-1], Ack)
-
-
-def test_a_deposed_primary_cannot_disturb_the_new_one(receiver: Receiver, small_src: Path) -> None:
-    old = _transfer(small_src, 1, 1)
-    new = _transfer(small_src, 1, 2)
-    replies = _drive(receiver, old[:2])  # the old primary is mid-transfer ...
-    replies += _drive(receiver, [new[0]])  # ... when the new one begins under a higher term
-    replies += _drive(receiver, old[2:])  # the old one's late blocks and end
-    (last,) = replies  # nothing but the old end's answer
-    assert isinstance(last, Nack)
-    assert (last.epoch, last.term, last.seq, last.code) == (1, 2, old[-1].seq, Code.STALE_TERM)
-    assert receiver.store("fw0").assembling == (1, 2)
-    assert _drive(receiver, new[1:]) == [Ack(unit="fw0", epoch=1, term=2, seq=new[-1].seq)]
-
-
-def test_after_promotion_every_old_message_learns_the_new_term(
-    receiver: Receiver, small_src: Path
-) -> None:
-    msgs = _transfer(small_src, 1, 1)
-    _drive(receiver, msgs[:2])
-    assert receiver.promote("fw0", 2) is None
-    for msg in (msgs[-1], Hello(unit="fw0", epoch=0, term=2, seq=99)):
-        (reply,) = receiver.handle(msg)
-        assert isinstance(reply, Nack)
-        assert (reply.code, reply.term) == (Code.STALE_TERM, 2)
-    assert receiver.store("fw0").committed() is None
 
 
 def test_closing_the_client_fails_a_pending_transfer(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from policies import (
     StandbyLossAction,
     StandbyLossPolicy,
 )
+from shim import delta as dl
 from shim.epoch import (
     ANY_STATE,
     TRANSITIONS,
@@ -53,7 +54,18 @@ from shim.epoch import (
     Thawed,
     Tick,
 )
-from shim.standby import Chunk, FileSpec, ImageEnd, Manifest, Reject, SendAck, StandbyMachine
+from shim.standby import (
+    Chunk,
+    Commit,
+    ImageEnd,
+    Manifest,
+    Reject,
+    SendAck,
+    StandbyMachine,
+    StartAssembly,
+    StoreChunk,
+    Verified,
+)
 from shim.standby import Event as StandbyEvent
 from tests.unit.playbook import Playbook
 
@@ -597,6 +609,9 @@ class PairSim:
         # the replication link, FIFO both ways; a lost standby's link is torn down
         self.link_up = True
         self.to_standby: deque[StandbyEvent] = deque()
+        self.seq = 0
+        # The standby's store, reduced to what decides its verdicts: the blocks it was sent.
+        self.assembly: tuple[dl.Manifest, set[bytes]] | None = None
         self.to_primary: deque[Event] = deque()
         self.acks_seen: list[Acked] = []
         self.late: list[Acked] = []
@@ -708,27 +723,64 @@ class PairSim:
 
     # -- the standby's side --
 
-    def send_image(self, e: int, term: int, parent: int | None) -> None:
+    @staticmethod
+    def image(e: int) -> dl.Manifest:
         content = bytes([e % 256]) * (e % 7 + 5)
-        spec = FileSpec("pages.img", len(content), hashlib.sha256(content).hexdigest())
-        self.to_standby.append(Manifest(UNIT, e, term, parent, 0, (spec,)))
-        chunks = [content[:3], content[3:]]
-        if self.rng.random() < self.p_corrupt:
-            chunks[1] = b"\xff" + chunks[1][1:]
-        if self.rng.random() < self.p_corrupt:
-            chunks.pop()
-        offset = 0
-        for data in chunks:
-            self.to_standby.append(Chunk(UNIT, e, term, "pages.img", offset, data))
-            offset += len(data)
-        self.to_standby.append(ImageEnd(UNIT, e, term))
+        sha = hashlib.sha256(content).digest()
+        return dl.Manifest(
+            e, (dl.FileEntry("pages.img", len(content), sha, dl.block_digest(content)),)
+        )
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def send_image(self, e: int, term: int, parent: int | None) -> None:
+        # A delta names its base by digest; the primary knows what it shipped as `parent`.
+        base = None if parent is None else dl.Base.of(self.image(parent))
+        content = bytes([e % 256]) * (e % 7 + 5)
+        blocks = [] if base is not None and dl.block_digest(content) in base.digests else [content]
+        if blocks and self.rng.random() < self.p_corrupt:
+            blocks[0] = b"\xff" + blocks[0][1:]
+        first = self.next_seq()
+        self.to_standby.append(
+            Manifest(UNIT, e, term, first, dl.encode_manifest(self.image(e), base))
+        )
+        if blocks and self.rng.random() < self.p_corrupt:
+            self.next_seq()  # the batch is lost on the way
+        else:
+            for data in blocks:
+                batch = dl.Batch(dl.block_digest(content), (len(data),), data)
+                self.to_standby.append(Chunk(UNIT, e, term, self.next_seq(), batch))
+        self.to_standby.append(
+            ImageEnd(UNIT, e, term, self.next_seq(), first, len(blocks), len(blocks))
+        )
 
     def deliver_to_standby(self) -> None:
-        for c in self.standby.handle(self.to_standby.popleft()):
-            if isinstance(c, SendAck):
-                self.to_primary.append(Acked(c.unit, c.epoch, c.term))
-            elif isinstance(c, Reject):
-                self.to_primary.append(Nacked(c.unit, c.epoch, c.term, c.reason))
+        event: StandbyEvent | None = self.to_standby.popleft()
+        while event is not None:
+            commands, event = self.standby.handle(event), None
+            for c in commands:
+                match c:
+                    case StartAssembly(manifest=manifest):
+                        self.assembly = (manifest, set())
+                    case StoreChunk(epoch=e, term=term, batch=batch):
+                        assert self.assembly is not None
+                        for digest, data in batch.items():
+                            if dl.block_digest(data) != digest:
+                                event = Verified(e, term, ok=False, reason="bad block")
+                                break
+                            self.assembly[1].add(digest)
+                    case Commit(epoch=e, term=term):
+                        assert self.assembly is not None
+                        manifest, got = self.assembly
+                        last = self.standby.last_committed
+                        have = got | (last.manifest.digest_set() if last is not None else set())
+                        event = Verified(e, term, ok=manifest.digest_set() <= have)
+                    case SendAck():
+                        self.to_primary.append(Acked(c.unit, c.epoch, c.term))
+                    case Reject():
+                        self.to_primary.append(Nacked(c.unit, c.epoch, c.term, c.reason))
 
     def deliver_to_primary(self) -> None:
         event = self.to_primary.popleft()
