@@ -145,7 +145,11 @@ class PrimaryEngine:
         while events:
             event = events.popleft()
             for command in self.machine.handle(event):
-                events.extend(self._execute(command))
+                for result in self._execute(command):
+                    # A command can take long (a checkpoint); the machine must see the time
+                    # at which its completion happened, not the time the step began.
+                    events.append(ep.Tick(self.clock()))
+                    events.append(result)
 
     def run(self, seconds: float, idle_sleep: float = 0.0002) -> None:
         """Step for a bounded time; sleeps briefly between steps so an idle unit costs little."""

@@ -573,6 +573,9 @@ class PrimaryMachine:
     def _on_resumed(self, out: list[Command]) -> None:
         cut = self._cut()
         self._cutting = None
+        # The next epoch's length counts from here, so the unit runs a whole epoch between two
+        # pauses: with a pause as long as the epoch, it would otherwise be frozen all the time.
+        self._open_started = self._now
         cut.pause_us = self._now - cut.cut_started_us
         cut.status = _Held.CHECKPOINTED if cut.checkpoint_ok else _Held.FAILED
         if self._protection is Protection.UNPROTECTED:

@@ -153,6 +153,34 @@ def test_one_epoch_goes_through_steps_1_to_7_in_order() -> None:
     assert m.held_epochs == ()
 
 
+def test_the_next_epoch_counts_from_the_resume_not_from_the_cut() -> None:
+    # A pause as long as the epoch must not leave the unit frozen back to back.
+    m = make()
+    pause = 3 * LEN
+    pb = Playbook(m) >> OutputWaiting(1, 3, 300) >> Tick(LEN) << PauseIngress()
+    pb = (
+        pb
+        >> IngressPaused(7)
+        << Freeze()
+        >> Frozen()
+        << CloseEpoch(1)
+        >> EpochClosed(1, 3)
+        << Checkpoint(1)
+        >> Tick(LEN + pause)
+        >> CheckpointTaken(1, "sha-1", 4096)
+        << Thaw()
+        >> Thawed()
+        << ResumeIngress()
+        >> IngressResumed()
+        << Ship(1, TERM, None, 7)
+        >> OutputWaiting(2, 5, 500)
+        >> Tick(2 * LEN + pause - 1)
+    )
+    assert pb
+    assert m.state is State.RUNNING
+    assert Playbook(m) >> Tick(2 * LEN + pause) << PauseIngress()
+
+
 def test_freeze_before_the_ingress_pause_is_refused() -> None:
     m = make()
     assert Playbook(m) >> OutputWaiting(1, 1, 100) >> Tick(LEN) << PauseIngress()

@@ -1,0 +1,199 @@
+"""A one-host testbed for a protected container NF, used by benchmarks, the demo and tests.
+
+Every namespace is made here and removed by `close()`; addresses come from 198.18.0.0/15 only.
+
+    client netns                    data-plane netns             NF netns
+    w  198.18.0.1 ── veth ── dw  (wire, af_packet)
+                                  dn  (nf, af_packet)  ── veth ── n 198.18.0.2  NF
+    s  (sink side) ── veth ── ds  (egress, af_packet)
+
+The NF sends to 198.18.0.1 through the data plane's egress, which arrives on `s` in the client
+netns, where the sink listens. Static neighbour entries replace ARP, whose replies would otherwise
+be NF output held in epoch buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+
+from dpdk_vhost.client import DataPlaneClient
+from dpdk_vhost.process import DataPlaneConfig, DataPlaneProcess
+from hamgr.nfs import images
+from shim import netns
+from shim.container import Container, RuncBackend
+from shim.oci import ContainerSpec
+from shim.replication import ReplicationServer
+from shim.store import Store
+
+CLIENT_IP = "198.18.0.1"
+NF_IP = "198.18.0.2"
+CLIENT_MAC = "02:00:c6:12:00:01"
+NF_MAC = "02:00:c6:12:00:02"
+SINK_MAC = "02:00:c6:12:00:03"
+NF_PORT = 7000
+SINK_PORT = 9000
+UNIT = "seq0"
+
+
+def _sysctl(ns: str, *settings: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings], check=True, timeout=10
+    )
+
+
+def _neigh(ns: str, ip: str, mac: str, dev: str) -> None:
+    subprocess.run(
+        ["ip", "-n", ns, "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"],
+        check=True,
+        timeout=10,
+    )
+
+
+def sequencer_args(*extra: str) -> tuple[str, ...]:
+    return (
+        "/usr/local/bin/sequencer",
+        "--listen",
+        str(NF_PORT),
+        "--dest",
+        f"{CLIENT_IP}:{SINK_PORT}",
+        *extra,
+    )
+
+
+@attrs.define
+class UnitBed:
+    """Namespaces, a data plane, one NF container and a local standby store."""
+
+    __test__ = False  # not a pytest class, despite living near tests
+
+    work: Path
+    prefix: str = attrs.field(factory=lambda: f"hb{os.getpid() % 100000}")
+    made: list[str] = attrs.Factory(list)
+    dp: DataPlaneProcess | None = None
+    client: DataPlaneClient | None = None
+    nf: Container | None = None
+    server: ReplicationServer | None = None
+    images: Path | None = None
+
+    @property
+    def cl(self) -> str:
+        return f"{self.prefix}-cl"
+
+    @property
+    def dpns(self) -> str:
+        return f"{self.prefix}-dp"
+
+    @property
+    def nfns(self) -> str:
+        return f"{self.prefix}-nf"
+
+    def __enter__(self) -> UnitBed:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def build(self) -> None:
+        for ns in (self.cl, self.dpns, self.nfns):
+            netns.create_netns(ns)
+            self.made.append(ns)
+            # No IPv6 chatter (router solicitations would be NF output too) and no reverse-path
+            # filter: the sink receives on `s` traffic whose source is routed via `w`.
+            _sysctl(
+                ns,
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            )
+        p = self.prefix
+        for outer, ns, inner, mac in (
+            (f"{p}w", self.cl, f"{p}dw", CLIENT_MAC),
+            (f"{p}s", self.cl, f"{p}ds", SINK_MAC),
+            (f"{p}n", self.nfns, f"{p}dn", NF_MAC),
+        ):
+            netns.create_veth(netns.VethEnd(outer, ns), netns.VethEnd(inner, self.dpns))
+            netns.set_mac_address(outer, mac, ns)
+            netns.set_up(outer, ns)
+            netns.set_up(inner, self.dpns)
+            netns.disable_checksum_offload(outer, ns)
+        netns.add_address(f"{p}w", f"{CLIENT_IP}/24", self.cl)
+        netns.add_address(f"{p}n", f"{NF_IP}/24", self.nfns)
+        _neigh(self.cl, NF_IP, NF_MAC, f"{p}w")
+        _neigh(self.nfns, CLIENT_IP, SINK_MAC, f"{p}n")
+        # Checkpoints go to tmpfs, as on a real primary.
+        self.images = Path("/dev/shm") / f"hamgr-bed-{p}"
+        self.images.mkdir()
+
+    def start_dataplane(self, mode: str = "ha", cpu: int = 1) -> DataPlaneClient:
+        self.dp = DataPlaneProcess(
+            DataPlaneConfig(
+                name="hostA",
+                ctl_path=str(self.work / "dp.sock"),
+                netns=self.dpns,
+                cpu=cpu,
+                log_path=str(self.work / "dp.log"),
+            )
+        )
+        client = self.dp.start()
+        self.client = client
+        for port in ("dw", "dn", "ds"):
+            client.add_af_packet_port(port, f"{self.prefix}{port}")
+        client.add_unit(UNIT, wire="dw", nf="dn", egress="ds", mode=mode, term=1, epoch=1)
+        return client
+
+    def start_nf(self, args: tuple[str, ...] | None = None) -> Container:
+        backend = RuncBackend(state_dir=self.work / "runc")
+        self.nf = backend.start(
+            ContainerSpec(
+                name=f"{self.prefix}-seq",
+                image=images.build_image("sequencer"),
+                args=args or sequencer_args(),
+                netns=self.nfns,
+                cgroup_parent=f"/hamgr-bed-{self.prefix}",
+            )
+        )
+        return self.nf
+
+    def start_standby(self, endpoint: str = "tcp://127.0.0.1:*") -> str:
+        store = Store(self.work / "standby" / UNIT)
+        self.server = ReplicationServer(endpoint, {UNIT: store})
+        return self.server.start()
+
+    def in_client(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net={netns.netns_path(self.cl)}", "--", *argv]
+
+    def close(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
+        if self.nf is not None:
+            with contextlib.suppress(Exception):
+                self.nf.destroy()
+        if self.client is not None:
+            self.client.close()
+        if self.dp is not None:
+            self.dp.stop()
+        for ns in reversed(self.made):
+            with contextlib.suppress(netns.NetnsError):
+                netns.delete_netns(ns)
+        self.made.clear()
+        if self.images is not None:
+            shutil.rmtree(self.images, ignore_errors=True)
