@@ -25,6 +25,7 @@ import click
 PAYLOAD = struct.Struct("!QQ")
 STAMPED = struct.Struct("!QQQ")  # NF counter, sender seq, sent ns
 RECORD = struct.Struct("<QQQQ")  # counter, seq, sent_ns, recv_ns
+SO_RCVBUFFORCE = 33  # from <asm-generic/socket.h>; the socket module does not export it
 
 
 @attrs.frozen
@@ -150,7 +151,12 @@ def sink(
 ) -> None:
     """Record (counter, seq, sent_ns, recv_ns) of every datagram; bounded in time."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    # SO_RCVBUF is capped by net.core.rmem_max (about 200 KiB); a released epoch arrives as one
+    # burst of thousands of datagrams, so ask past the cap (root only) and fall back if refused.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
     sock.bind((bind_ip, port))
     sock.settimeout(0.05)
     stop = False

@@ -213,3 +213,7 @@ def command(as_json: bool, epoch_ms: int, seconds: float, rounds: int) -> None:
     else:
         for key, value in result.items():
             click.echo(f"{key:24} {value}")
+    if duplicates or gaps:
+        # A visible rollback or lost output makes every other figure meaningless.
+        _info("FAILED: the sink saw duplicates or gaps in the NF's counter")
+        sys.exit(1)
