@@ -1,0 +1,302 @@
+"""Blocking client for the data plane's control socket."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+
+import attrs
+
+from dpdk_vhost.protocol import (
+    AnyEvent,
+    ErrorReply,
+    Reply,
+    Stats,
+    decode_message,
+    encode_request,
+    parse_stats,
+)
+
+_HINTS = {
+    "stale_term": "a newer term exists: this caller has been fenced off and must stop",
+    "term_ahead": "call set_term with the new term before using it",
+    "bad_epoch": "close the epoch that stats reports as open (unit.<U>.epoch)",
+    "epoch_limit": "release (or discard) an epoch first, or raise k with configure_unit",
+    "not_closed": "close_epoch the epoch before releasing it",
+    "port_busy": "remove the units and probes that use the port first",
+    "probe_failed": "check the socket path or interface name, and that it is in this netns",
+    "no_such_unit": "add_unit it first (names are case-sensitive)",
+    "no_such_port": "add_port it first (names are case-sensitive)",
+}
+
+
+class DataPlaneError(Exception):
+    """The data plane refused a request; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        hint = _HINTS.get(code)
+        super().__init__(f"{code}: {message}" + (f" ({hint})" if hint else ""))
+        self.code = code
+        self.message = message
+
+
+class DataPlaneUnavailableError(DataPlaneError):
+    """The control socket cannot be reached or stopped answering."""
+
+
+@attrs.frozen
+class Cut:
+    """The input cut returned by ``pause_ingress``."""
+
+    unit: str
+    cut: int
+    rx: int
+    nf_rx: int
+    epoch: int
+    term: int
+
+
+@attrs.frozen
+class EpochClosed:
+    unit: str
+    epoch: int
+    pkts: int
+    drained: int
+    in_flight: int
+    buffered_pkts: int
+
+
+class DataPlaneClient:
+    """One connection to a data plane. Not thread-safe; use one per thread."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._events: collections.deque[AnyEvent] = collections.deque()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise DataPlaneUnavailableError(
+                "unreachable",
+                f"cannot connect to {path}: {exc}; is the data plane running?",
+            ) from exc
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> DataPlaneClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _recv(self, timeout: float | None) -> bytes | None:
+        self._sock.settimeout(timeout)
+        try:
+            data = self._sock.recv(1 << 20)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise DataPlaneUnavailableError("unreachable", f"{self.path}: {exc}") from exc
+        if not data:
+            raise DataPlaneUnavailableError(
+                "closed", f"{self.path}: the data plane closed the socket"
+            )
+        return data
+
+    def request(self, command: str, **args: object) -> Mapping[str, str]:
+        """Sends one command and returns the reply's fields; raises DataPlaneError."""
+        req_id = str(next(self._ids))
+        try:
+            self._sock.settimeout(self.timeout)
+            self._sock.send(encode_request(req_id, command, args))
+        except OSError as exc:
+            raise DataPlaneUnavailableError("unreachable", f"{self.path}: {exc}") from exc
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            data = self._recv(max(left, 0.001)) if left > 0 else None
+            if data is None:
+                raise DataPlaneUnavailableError(
+                    "timeout", f"no reply to {command} within {self.timeout}s from {self.path}"
+                )
+            msg = decode_message(data)
+            if isinstance(msg, Reply | ErrorReply) and msg.id != req_id:
+                continue
+            if isinstance(msg, ErrorReply):
+                raise DataPlaneError(msg.code, msg.message)
+            if isinstance(msg, Reply):
+                return msg.fields
+            self._events.append(msg)
+
+    # events
+
+    def subscribe(self) -> None:
+        self.request("subscribe")
+
+    def next_event(self, timeout: float) -> AnyEvent | None:
+        """The next event, or None when none arrives within ``timeout`` seconds."""
+        if self._events:
+            return self._events.popleft()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            data = self._recv(left)
+            if data is None:
+                return None
+            msg = decode_message(data)
+            if not isinstance(msg, Reply | ErrorReply):
+                return msg
+        return None
+
+    def events(self, timeout: float) -> Iterator[AnyEvent]:
+        """Yields events until ``timeout`` seconds pass without one."""
+        while (ev := self.next_event(timeout)) is not None:
+            yield ev
+
+    # commands
+
+    def ping(self) -> Mapping[str, str]:
+        return self.request("ping")
+
+    def stats(self, unit: str | None = None) -> Stats:
+        return parse_stats(self.request("stats", unit=unit))
+
+    def quit(self) -> None:
+        self.request("quit")
+
+    def add_vhost_port(self, name: str, path: str, *, client: bool = False) -> int:
+        """A vhost-user port; ``client=True`` connects (and reconnects) to a server socket."""
+        return int(
+            self.request("add_port", name=name, type="vhost", path=path, client=client)["port_id"]
+        )
+
+    def add_af_packet_port(self, name: str, iface: str) -> int:
+        return int(self.request("add_port", name=name, type="af_packet", iface=iface)["port_id"])
+
+    def add_tap_port(self, name: str, iface: str) -> int:
+        return int(self.request("add_port", name=name, type="tap", iface=iface)["port_id"])
+
+    def add_loopback_port(self, name: str) -> int:
+        """An in-process port whose TX comes back as its RX: a loopback NF."""
+        return int(self.request("add_port", name=name, type="loopback")["port_id"])
+
+    def remove_port(self, name: str) -> None:
+        self.request("remove_port", name=name)
+
+    def add_unit(
+        self,
+        unit: str,
+        *,
+        wire: str | Sequence[str],
+        nf: str,
+        egress: str,
+        mode: str = "ha",
+        k: int | None = None,
+        budget_bytes: int | None = None,
+        ring_size: int | None = None,
+        term: int | None = None,
+        epoch: int | None = None,
+        mirror: str | None = None,
+        tag: int | None = None,
+    ) -> None:
+        self.request(
+            "add_unit",
+            unit=unit,
+            wire=[wire] if isinstance(wire, str) else list(wire),
+            nf=nf,
+            egress=egress,
+            mode=mode,
+            k=k,
+            budget_bytes=budget_bytes,
+            ring_size=ring_size,
+            term=term,
+            epoch=epoch,
+            mirror=mirror,
+            tag=tag,
+        )
+
+    def remove_unit(self, unit: str) -> int:
+        """Removes a unit; returns how many buffered packets were dropped."""
+        return int(self.request("remove_unit", unit=unit)["dropped"])
+
+    def set_mode(self, unit: str, mode: str) -> None:
+        self.request("set_mode", unit=unit, mode=mode)
+
+    def configure_unit(
+        self, unit: str, *, k: int | None = None, budget_bytes: int | None = None
+    ) -> None:
+        self.request("configure_unit", unit=unit, k=k, budget_bytes=budget_bytes)
+
+    def pause_ingress(self, unit: str, term: int | None = None) -> Cut:
+        f = self.request("pause_ingress", unit=unit, term=term)
+        return Cut(
+            unit=unit,
+            cut=int(f["cut"]),
+            rx=int(f["rx"]),
+            nf_rx=int(f["nf_rx"]),
+            epoch=int(f["epoch"]),
+            term=int(f["term"]),
+        )
+
+    def resume_ingress(self, unit: str, term: int | None = None) -> None:
+        self.request("resume_ingress", unit=unit, term=term)
+
+    def close_epoch(self, unit: str, epoch: int, term: int | None = None) -> EpochClosed:
+        f = self.request("close_epoch", unit=unit, epoch=epoch, term=term)
+        return EpochClosed(
+            unit=unit,
+            epoch=int(f["epoch"]),
+            pkts=int(f["pkts"]),
+            drained=int(f["drained"]),
+            in_flight=int(f["in_flight"]),
+            buffered_pkts=int(f["buffered_pkts"]),
+        )
+
+    def release(self, unit: str, epoch: int, term: int) -> int:
+        """Releases every closed epoch up to ``epoch``; returns how many were released."""
+        return int(self.request("release", unit=unit, epoch=epoch, term=term)["released_epochs"])
+
+    def discard(self, unit: str, from_epoch: int, term: int | None = None) -> int:
+        """Drops the output of epochs >= ``from_epoch``; returns packets dropped."""
+        return int(
+            self.request("discard", unit=unit, term=term, **{"from": from_epoch})["discarded"]
+        )
+
+    def set_term(self, unit: str, term: int, epoch: int | None = None) -> int:
+        """Raises the unit's term; returns how many buffered packets of the old term died."""
+        return int(self.request("set_term", unit=unit, term=term, epoch=epoch)["discarded"])
+
+    def unit_auto_epoch(self, unit: str, interval_us: int, ack_delay_us: int = 0) -> None:
+        """Bench/test mode: the data plane closes and acks epochs by itself."""
+        self.request(
+            "unit_auto_epoch", unit=unit, interval_us=interval_us, ack_delay_us=ack_delay_us
+        )
+
+    def set_mirror(self, unit: str, port: str | None) -> None:
+        self.request("set_mirror", unit=unit, port=port or "-")
+
+    def add_probe(
+        self, peer: str, port: str, *, interval_us: int = 1000, miss: int = 3, term: int = 0
+    ) -> None:
+        self.request(
+            "add_probe", peer=peer, port=port, interval_us=interval_us, miss=miss, term=term
+        )
+
+    def remove_probe(self, peer: str) -> None:
+        self.request("remove_probe", peer=peer)
+
+
+DataPlane = DataPlaneClient

@@ -1,0 +1,664 @@
+/* Control commands. Each one checks everything before changing anything, so
+ * a refused command leaves the data plane as it was. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <rte_cycles.h>
+#include <rte_lcore.h>
+#include <rte_ring.h>
+
+#include <rte_errno.h>
+
+#include "ctl.h"
+
+#define DEFAULT_K 4
+#define DEFAULT_BUDGET (64ull << 20)
+#define DEFAULT_RING 32768
+#define MIN_PROBE_US 200
+
+static int fail(struct sbuf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int fail(struct sbuf *out, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	out->len = 0;
+	va_start(ap, fmt);
+	n = vsnprintf(out->p, out->cap, fmt, ap);
+	va_end(ap);
+	out->len = n < 0 ? 0 : ((size_t)n < out->cap ? (size_t)n : out->cap - 1);
+	return -1;
+}
+
+static int name_ok(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n == 0 || n > 24)
+		return 0;
+	for (; *s; s++)
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+		      (*s >= '0' && *s <= '9') || *s == '_' || *s == '-'))
+			return 0;
+	return 1;
+}
+
+static const char *need(struct ctl_req *r, const char *key, struct sbuf *out)
+{
+	const char *v = req_str(r, key);
+
+	if (v == NULL)
+		fail(out, "missing_arg %s needs %s=", r->cmd, key);
+	return v;
+}
+
+static int need_u64(struct ctl_req *r, const char *key, uint64_t *v, struct sbuf *out)
+{
+	int ret = req_u64(r, key, v, out);
+
+	if (ret == 0)
+		fail(out, "missing_arg %s needs %s=", r->cmd, key);
+	return ret == 1 ? 0 : -1;
+}
+
+static int opt_u64(struct ctl_req *r, const char *key, uint64_t *v, uint64_t dflt,
+		   struct sbuf *out)
+{
+	int ret = req_u64(r, key, v, out);
+
+	if (ret == 0)
+		*v = dflt;
+	return ret < 0 ? -1 : 0;
+}
+
+static struct dp_unit *need_unit(struct ctl_req *r, struct sbuf *out)
+{
+	const char *n = need(r, "unit", out);
+	int i;
+
+	if (n == NULL)
+		return NULL;
+	i = unit_find(n);
+	if (i < 0) {
+		fail(out, "no_such_unit unit %s does not exist; add_unit it first", n);
+		return NULL;
+	}
+	return &g.units[i];
+}
+
+static int need_port(struct ctl_req *r, const char *key, int *idx, struct sbuf *out)
+{
+	const char *n = need(r, key, out);
+
+	if (n == NULL)
+		return -1;
+	*idx = port_find(n);
+	if (*idx < 0)
+		return fail(out, "no_such_port port %s does not exist; add_port it first", n);
+	return 0;
+}
+
+/* Fencing: a term below the unit's is refused (I3); one above it means the
+ * caller skipped set_term. */
+static int term_check(struct dp_unit *u, struct ctl_req *r, int required, struct sbuf *out)
+{
+	uint64_t t;
+	int ret = req_u64(r, "term", &t, out);
+
+	if (ret < 0)
+		return -1;
+	if (ret == 0)
+		return required ? fail(out, "missing_arg %s needs term=", r->cmd) : 0;
+	if (t < u->term) {
+		u->refused_stale++;
+		return fail(out, "stale_term term %lu is older than unit %s's term %lu; refused", t,
+			    u->name, u->term);
+	}
+	if (t > u->term)
+		return fail(out, "term_ahead term %lu is newer than unit %s's term %lu; set_term first",
+			    t, u->name, u->term);
+	return 0;
+}
+
+static int cmd_ping(struct ctl_req *r, struct sbuf *out)
+{
+	(void)r;
+	sb_printf(out, "name=%s version=1 lcore=%u mono_us=%lu", g.name, rte_lcore_id(),
+		  (unsigned long)dp_tsc_to_mono_us(rte_rdtsc()));
+	return 0;
+}
+
+static int cmd_stats(struct ctl_req *r, struct sbuf *out)
+{
+	const char *only = req_str(r, "unit");
+
+	if (only && unit_find(only) < 0)
+		return fail(out, "no_such_unit unit %s does not exist", only);
+	stats_format(out, only);
+	return 0;
+}
+
+static int cmd_quit(struct ctl_req *r, struct sbuf *out)
+{
+	(void)r;
+	(void)out;
+	g.quit = 1;
+	return 0;
+}
+
+static int cmd_subscribe(struct ctl_req *r, struct sbuf *out)
+{
+	(void)out;
+	ctl_subscribe(r->client);
+	return 0;
+}
+
+static int arg_clean(const char *v)
+{
+	return strpbrk(v, ",=") == NULL;
+}
+
+static int cmd_add_port(struct ctl_req *r, struct sbuf *out)
+{
+	const char *name = need(r, "name", out), *type, *path, *iface;
+	char args[400], err[400];
+	uint64_t client, queues;
+	int idx;
+
+	if (name == NULL || (type = need(r, "type", out)) == NULL)
+		return -1;
+	if (!name_ok(name))
+		return fail(out, "bad_arg port name must be 1-24 of [A-Za-z0-9_-]");
+	path = req_str(r, "path");
+	iface = req_str(r, "iface");
+	if (opt_u64(r, "client", &client, 0, out) < 0 || opt_u64(r, "queues", &queues, 1, out) < 0)
+		return -1;
+	if ((path && !arg_clean(path)) || (iface && !arg_clean(iface)))
+		return fail(out, "bad_arg path and iface must not contain ',' or '='");
+	args[0] = '\0';
+	if (strcmp(type, "vhost") == 0) {
+		if (path == NULL)
+			return fail(out, "missing_arg a vhost port needs path=/socket");
+		if (queues != 1)
+			return fail(out, "bad_arg only queues=1 is supported");
+		snprintf(args, sizeof(args), "iface=%s,queues=1,client=%d", path, client ? 1 : 0);
+	} else if (strcmp(type, "af_packet") == 0 || strcmp(type, "tap") == 0) {
+		if (iface == NULL)
+			return fail(out, "missing_arg a %s port needs iface=NAME", type);
+		if (strcmp(type, "af_packet") == 0)
+			/* 4096 frames per ring instead of the PMD's 512: a checkpoint pauses ingress
+			 * for tens of milliseconds, and the backlog must wait in the ring, not be
+			 * dropped by the kernel. */
+			snprintf(args, sizeof(args), "iface=%s,qpairs=1,framecnt=4096", iface);
+		else
+			snprintf(args, sizeof(args), "iface=%s", iface);
+	} else if (strcmp(type, "loopback") != 0) {
+		return fail(out, "bad_type unknown port type %s; use vhost, af_packet, tap or loopback",
+			    type);
+	}
+	idx = port_add(name, type, args, err, sizeof(err));
+	if (idx < 0)
+		return fail(out, "%s", err);
+	sb_printf(out, "name=%s port_id=%u", name, g.ports[idx].port_id);
+	return 0;
+}
+
+static int cmd_remove_port(struct ctl_req *r, struct sbuf *out)
+{
+	char err[300];
+	int idx;
+
+	if (need_port(r, "name", &idx, out) < 0)
+		return -1;
+	if (port_remove(idx, err, sizeof(err)) < 0)
+		return fail(out, "%s", err);
+	return 0;
+}
+
+static int parse_wire(const char *list, int *wire, int *n, struct sbuf *out)
+{
+	char buf[256], *save = NULL, *tok;
+
+	snprintf(buf, sizeof(buf), "%s", list);
+	*n = 0;
+	for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		int idx = port_find(tok), i;
+
+		if (idx < 0)
+			return fail(out, "no_such_port wire port %s does not exist", tok);
+		if (*n == DP_MAX_WIRE)
+			return fail(out, "bad_arg at most %d wire ports", DP_MAX_WIRE);
+		for (i = 0; i < *n; i++)
+			if (wire[i] == idx)
+				return fail(out, "bad_arg wire port %s listed twice", tok);
+		if (g.ports[idx].owner >= 0 || g.ports[idx].nf_of >= 0)
+			return fail(out, "port_busy port %s already feeds unit %s", tok,
+				    g.units[g.ports[idx].owner >= 0 ? g.ports[idx].owner
+								   : g.ports[idx].nf_of]
+					    .name);
+		wire[(*n)++] = idx;
+	}
+	if (*n == 0)
+		return fail(out, "missing_arg add_unit needs wire=PORT[,PORT]");
+	return 0;
+}
+
+static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
+{
+	const char *name = need(r, "unit", out), *wl, *mode, *mir;
+	int wire[DP_MAX_WIRE], n_wire, nf, eg, mirror = -1, slot = -1, i;
+	uint64_t k, budget, ring, term, epoch, tag;
+	char rname[RTE_RING_NAMESIZE];
+	struct dp_unit *u;
+
+	if (name == NULL)
+		return -1;
+	if (!name_ok(name))
+		return fail(out, "bad_arg unit name must be 1-24 of [A-Za-z0-9_-]");
+	if (unit_find(name) >= 0)
+		return fail(out, "exists unit %s already exists", name);
+	for (i = 0; i < DP_MAX_UNITS; i++)
+		if (!g.units[i].used) {
+			slot = i;
+			break;
+		}
+	if (slot < 0)
+		return fail(out, "no_space all %d unit slots are used", DP_MAX_UNITS);
+	if ((wl = need(r, "wire", out)) == NULL || parse_wire(wl, wire, &n_wire, out) < 0)
+		return -1;
+	if (need_port(r, "nf", &nf, out) < 0 || need_port(r, "egress", &eg, out) < 0)
+		return -1;
+	if (g.ports[nf].owner >= 0 || g.ports[nf].nf_of >= 0)
+		return fail(out, "port_busy NF port %s is already in use", g.ports[nf].name);
+	for (i = 0; i < n_wire; i++)
+		if (wire[i] == nf)
+			return fail(out, "bad_arg the NF port cannot also be a wire port");
+	if (eg == nf)
+		return fail(out, "bad_arg the egress port cannot be the NF port");
+	mir = req_str(r, "mirror");
+	if (mir && strcmp(mir, "-") != 0) {
+		mirror = port_find(mir);
+		if (mirror < 0)
+			return fail(out, "no_such_port mirror port %s does not exist", mir);
+	}
+	mode = req_str(r, "mode");
+	if (mode && strcmp(mode, "ha") != 0 && strcmp(mode, "plain") != 0)
+		return fail(out, "bad_arg mode must be ha or plain");
+	if (opt_u64(r, "k", &k, DEFAULT_K, out) < 0 ||
+	    opt_u64(r, "budget_bytes", &budget, DEFAULT_BUDGET, out) < 0 ||
+	    opt_u64(r, "ring_size", &ring, DEFAULT_RING, out) < 0 ||
+	    opt_u64(r, "term", &term, 0, out) < 0 || opt_u64(r, "epoch", &epoch, 1, out) < 0 ||
+	    opt_u64(r, "tag", &tag, (uint64_t)slot, out) < 0)
+		return -1;
+	if (k < 1 || k > DP_MAX_K)
+		return fail(out, "bad_arg k must be 1..%d", DP_MAX_K);
+	if (ring < 64 || ring > (1u << 20) || (ring & (ring - 1)) != 0)
+		return fail(out, "bad_arg ring_size must be a power of two in 64..1048576");
+	if (budget == 0)
+		return fail(out, "bad_arg budget_bytes must be positive");
+
+	u = &g.units[slot];
+	memset(u, 0, sizeof(*u));
+	snprintf(rname, sizeof(rname), "ub_%s", name);
+	u->buf = rte_ring_create(rname, (unsigned)ring, (int)rte_socket_id(),
+				 RING_F_SP_ENQ | RING_F_SC_DEQ);
+	if (u->buf == NULL)
+		return fail(out, "no_memory cannot create a %lu-entry ring: %s", ring,
+			    rte_strerror(rte_errno));
+	snprintf(u->name, sizeof(u->name), "%s", name);
+	u->tag = (uint32_t)tag;
+	u->n_wire = n_wire;
+	memcpy(u->wire, wire, sizeof(wire));
+	u->nf = nf;
+	u->egress = eg;
+	u->mirror = mirror;
+	u->mode = (mode && strcmp(mode, "plain") == 0) ? MODE_PLAIN : MODE_HA;
+	u->term = term;
+	u->cur_epoch = epoch;
+	u->k = (uint32_t)k;
+	u->budget_bytes = budget;
+	u->ring_size = (uint32_t)ring;
+	u->ring_high = (uint32_t)(rte_ring_get_capacity(u->buf) * 3 / 4);
+	for (i = 0; i < n_wire; i++) {
+		g.ports[wire[i]].owner = slot;
+		g.ports[wire[i]].n_users++;
+	}
+	g.ports[nf].nf_of = slot;
+	g.ports[nf].n_users++;
+	g.ports[eg].n_users++;
+	if (mirror >= 0)
+		g.ports[mirror].n_users++;
+	u->used = 1;
+	sb_printf(out, "unit=%s tag=%u epoch=%lu term=%lu", name, u->tag, (unsigned long)epoch,
+		  (unsigned long)term);
+	return 0;
+}
+
+static int cmd_remove_unit(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t before;
+	int i;
+
+	if (u == NULL)
+		return -1;
+	before = u->drops[DROP_REMOVED];
+	unit_free_all(u, DROP_REMOVED);
+	sb_printf(out, "unit=%s dropped=%lu", u->name,
+		  (unsigned long)(u->drops[DROP_REMOVED] - before));
+	for (i = 0; i < u->n_wire; i++) {
+		g.ports[u->wire[i]].owner = -1;
+		g.ports[u->wire[i]].n_users--;
+	}
+	g.ports[u->nf].nf_of = -1;
+	g.ports[u->nf].n_users--;
+	g.ports[u->egress].n_users--;
+	if (u->mirror >= 0)
+		g.ports[u->mirror].n_users--;
+	rte_ring_free(u->buf);
+	memset(u, 0, sizeof(*u));
+	return 0;
+}
+
+static int cmd_set_mode(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	const char *mode;
+
+	if (u == NULL || (mode = need(r, "mode", out)) == NULL)
+		return -1;
+	if (strcmp(mode, "plain") == 0) {
+		if (unit_buffered_pkts(u) || u->closed_n)
+			return fail(out, "busy unit %s still buffers output; release or discard first",
+				    u->name);
+		u->mode = MODE_PLAIN;
+		u->auto_interval_tsc = 0;
+	} else if (strcmp(mode, "ha") == 0) {
+		if (u->to_egress.n)
+			return fail(out, "busy unit %s has output in flight; retry", u->name);
+		u->mode = MODE_HA;
+		u->open_start = u->enq_cnt;
+	} else {
+		return fail(out, "bad_arg mode must be ha or plain");
+	}
+	unit_update_bp(u);
+	return 0;
+}
+
+static int cmd_configure_unit(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t k, budget;
+
+	if (u == NULL)
+		return -1;
+	if (opt_u64(r, "k", &k, u->k, out) < 0 ||
+	    opt_u64(r, "budget_bytes", &budget, u->budget_bytes, out) < 0)
+		return -1;
+	if (k < 1 || k > DP_MAX_K)
+		return fail(out, "bad_arg k must be 1..%d", DP_MAX_K);
+	if (budget == 0)
+		return fail(out, "bad_arg budget_bytes must be positive");
+	u->k = (uint32_t)k;
+	u->budget_bytes = budget;
+	unit_update_bp(u);
+	return 0;
+}
+
+static int cmd_pause(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+
+	if (u == NULL || term_check(u, r, 0, out) < 0)
+		return -1;
+	u->paused = 1;
+	sb_printf(out, "unit=%s cut=%lu rx=%lu nf_rx=%lu epoch=%lu term=%lu", u->name,
+		  (unsigned long)u->in_seq, (unsigned long)u->rx_wire, (unsigned long)u->nf_rx,
+		  (unsigned long)u->cur_epoch, (unsigned long)u->term);
+	return 0;
+}
+
+static int cmd_resume(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+
+	if (u == NULL || term_check(u, r, 0, out) < 0)
+		return -1;
+	u->paused = 0;
+	sb_printf(out, "unit=%s cut=%lu", u->name, (unsigned long)u->in_seq);
+	return 0;
+}
+
+static int cmd_close_epoch(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t e, drained, start;
+
+	if (u == NULL || need_u64(r, "epoch", &e, out) < 0 || term_check(u, r, 0, out) < 0)
+		return -1;
+	if (u->mode != MODE_HA)
+		return fail(out, "not_ha unit %s is unprotected (mode plain)", u->name);
+	if (e != u->cur_epoch)
+		return fail(out, "bad_epoch epoch %lu is not open; the open epoch is %lu",
+			    (unsigned long)e, (unsigned long)u->cur_epoch);
+	if (u->closed_n >= u->k)
+		return fail(out, "epoch_limit %u epochs are in flight (k=%u); release one first",
+			    u->closed_n, u->k);
+	start = u->open_start;
+	unit_close_epoch(u, &drained);
+	sb_printf(out, "unit=%s epoch=%lu pkts=%lu drained=%lu in_flight=%u buffered_pkts=%lu",
+		  u->name, (unsigned long)e, (unsigned long)(u->enq_cnt - start),
+		  (unsigned long)drained, u->closed_n, (unsigned long)unit_buffered_pkts(u));
+	return 0;
+}
+
+static int cmd_release(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t e, before;
+
+	if (u == NULL || need_u64(r, "epoch", &e, out) < 0 || term_check(u, r, 1, out) < 0)
+		return -1;
+	if (e >= u->cur_epoch)
+		return fail(out, "not_closed epoch %lu is not closed; close_epoch it first",
+			    (unsigned long)e);
+	before = u->epochs_released;
+	unit_release_upto(u, e);
+	sb_printf(out, "unit=%s epoch=%lu released_epochs=%lu releasable_pkts=%lu in_flight=%u",
+		  u->name, (unsigned long)e, (unsigned long)(u->epochs_released - before),
+		  (unsigned long)(u->release_limit - u->deq_cnt), u->closed_n);
+	return 0;
+}
+
+static int cmd_discard(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t from, n;
+
+	if (u == NULL || need_u64(r, "from", &from, out) < 0 || term_check(u, r, 0, out) < 0)
+		return -1;
+	if (u->mode != MODE_HA)
+		return fail(out, "not_ha unit %s is unprotected (mode plain)", u->name);
+	if (u->last_released && from <= u->last_released)
+		return fail(out, "bad_epoch epoch %lu was already released (up to %lu); it cannot be "
+			    "discarded", (unsigned long)from, (unsigned long)u->last_released);
+	n = unit_discard_from(u, from, DROP_DISCARD);
+	sb_printf(out, "unit=%s discarded=%lu epoch=%lu", u->name, (unsigned long)n,
+		  (unsigned long)u->cur_epoch);
+	return 0;
+}
+
+static int cmd_set_term(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t t, e, n = 0;
+
+	if (u == NULL || need_u64(r, "term", &t, out) < 0 ||
+	    opt_u64(r, "epoch", &e, u->cur_epoch, out) < 0)
+		return -1;
+	if (t < u->term) {
+		u->refused_stale++;
+		return fail(out, "stale_term term %lu is older than unit %s's term %lu; refused",
+			    (unsigned long)t, u->name, (unsigned long)u->term);
+	}
+	if (t > u->term) {
+		/* Nothing the old term buffered may leave once a newer term exists. */
+		if (u->mode == MODE_HA)
+			n = unit_discard_from(u, 0, DROP_STALE_TERM);
+		u->term = t;
+	}
+	u->cur_epoch = e;
+	sb_printf(out, "unit=%s term=%lu epoch=%lu discarded=%lu", u->name, (unsigned long)u->term,
+		  (unsigned long)u->cur_epoch, (unsigned long)n);
+	return 0;
+}
+
+static int cmd_auto_epoch(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t iv, ack;
+
+	if (u == NULL || need_u64(r, "interval_us", &iv, out) < 0 ||
+	    opt_u64(r, "ack_delay_us", &ack, 0, out) < 0)
+		return -1;
+	if (iv && u->mode != MODE_HA)
+		return fail(out, "not_ha unit %s is unprotected (mode plain)", u->name);
+	if (iv && iv < 50)
+		return fail(out, "bad_arg interval_us must be 0 (off) or >= 50");
+	u->auto_interval_tsc = dp_us_to_tsc(iv);
+	u->auto_ack_delay_tsc = dp_us_to_tsc(ack);
+	u->auto_next_close = rte_rdtsc() + u->auto_interval_tsc;
+	return 0;
+}
+
+static int cmd_set_mirror(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	const char *p;
+	int idx = -1;
+
+	if (u == NULL || (p = need(r, "port", out)) == NULL)
+		return -1;
+	if (strcmp(p, "-") != 0) {
+		idx = port_find(p);
+		if (idx < 0)
+			return fail(out, "no_such_port port %s does not exist", p);
+	}
+	if (u->mirror >= 0)
+		g.ports[u->mirror].n_users--;
+	u->mirror = idx;
+	if (idx >= 0)
+		g.ports[idx].n_users++;
+	return 0;
+}
+
+static int cmd_add_probe(struct ctl_req *r, struct sbuf *out)
+{
+	const char *peer = need(r, "peer", out);
+	uint64_t iv, miss, term, now;
+	struct dp_probe *pr = NULL;
+	int port, i;
+
+	if (peer == NULL || need_port(r, "port", &port, out) < 0)
+		return -1;
+	if (opt_u64(r, "interval_us", &iv, 1000, out) < 0 || opt_u64(r, "miss", &miss, 3, out) < 0 ||
+	    opt_u64(r, "term", &term, 0, out) < 0)
+		return -1;
+	if (!name_ok(peer))
+		return fail(out, "bad_arg peer must be 1-24 of [A-Za-z0-9_-]");
+	if (iv < MIN_PROBE_US || iv > 10000000)
+		return fail(out, "bad_arg interval_us must be %d..10000000", MIN_PROBE_US);
+	if (miss < 1 || miss > 1000)
+		return fail(out, "bad_arg miss must be 1..1000");
+	if (probe_find(peer) >= 0)
+		return fail(out, "exists a probe to %s exists; remove_probe it first", peer);
+	for (i = 0; i < DP_MAX_PROBES; i++)
+		if (!g.probes[i].used) {
+			pr = &g.probes[i];
+			break;
+		}
+	if (pr == NULL)
+		return fail(out, "no_space all %d probe slots are used", DP_MAX_PROBES);
+	now = rte_rdtsc();
+	memset(pr, 0, sizeof(*pr));
+	snprintf(pr->peer, sizeof(pr->peer), "%s", peer);
+	pr->port = port;
+	pr->interval_us = iv;
+	pr->interval_tsc = dp_us_to_tsc(iv);
+	pr->miss = (uint32_t)miss;
+	pr->term = term;
+	pr->next_tx = now;
+	pr->last_rx = now;
+	pr->used = 1;
+	g.ports[port].n_probes++;
+	sb_printf(out, "peer=%s port=%s interval_us=%lu miss=%lu", peer, g.ports[port].name,
+		  (unsigned long)iv, (unsigned long)miss);
+	return 0;
+}
+
+static int cmd_remove_probe(struct ctl_req *r, struct sbuf *out)
+{
+	const char *peer = need(r, "peer", out);
+	int i;
+
+	if (peer == NULL)
+		return -1;
+	i = probe_find(peer);
+	if (i < 0)
+		return fail(out, "no_such_probe no probe to %s", peer);
+	g.ports[g.probes[i].port].n_probes--;
+	memset(&g.probes[i], 0, sizeof(g.probes[i]));
+	return 0;
+}
+
+static int cmd_help(struct ctl_req *r, struct sbuf *out);
+
+static const struct {
+	const char *name;
+	ctl_handler fn;
+} commands[] = {
+	{"ping", cmd_ping},
+	{"help", cmd_help},
+	{"stats", cmd_stats},
+	{"quit", cmd_quit},
+	{"subscribe", cmd_subscribe},
+	{"add_port", cmd_add_port},
+	{"remove_port", cmd_remove_port},
+	{"add_unit", cmd_add_unit},
+	{"remove_unit", cmd_remove_unit},
+	{"set_mode", cmd_set_mode},
+	{"configure_unit", cmd_configure_unit},
+	{"pause_ingress", cmd_pause},
+	{"resume_ingress", cmd_resume},
+	{"close_epoch", cmd_close_epoch},
+	{"release", cmd_release},
+	{"discard", cmd_discard},
+	{"set_term", cmd_set_term},
+	{"unit_auto_epoch", cmd_auto_epoch},
+	{"set_mirror", cmd_set_mirror},
+	{"add_probe", cmd_add_probe},
+	{"remove_probe", cmd_remove_probe},
+};
+
+static int cmd_help(struct ctl_req *r, struct sbuf *out)
+{
+	size_t i;
+
+	(void)r;
+	sb_printf(out, "commands=");
+	for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		sb_printf(out, "%s%s", i ? "," : "", commands[i].name);
+	return 0;
+}
+
+ctl_handler command_lookup(const char *cmd)
+{
+	size_t i;
+
+	for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (strcmp(commands[i].name, cmd) == 0)
+			return commands[i].fn;
+	return NULL;
+}

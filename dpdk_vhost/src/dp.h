@@ -1,0 +1,210 @@
+/* Shared state of the hamgr data plane.
+ *
+ * One lcore runs everything: the burst loop, the epoch timers, the probes and,
+ * every CTL_POLL_EVERY iterations, the control socket. Nothing here is locked
+ * because nothing is shared between threads.
+ */
+#ifndef HAMGR_DP_H
+#define HAMGR_DP_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#include <rte_mbuf.h>
+#include <rte_ring.h>
+
+#define DP_MAX_PORTS 32
+#define DP_MAX_UNITS 16
+#define DP_MAX_PROBES 16
+#define DP_MAX_WIRE 4
+#define DP_MAX_K 64
+#define DP_NAME_LEN 32
+#define DP_BURST 32
+#define DP_RELEASE_BURSTS 2
+#define DP_STAGE (DP_BURST * DP_RELEASE_BURSTS * 2)
+#define DP_CATCH_UP 8192 /* releasable packets beyond which release stages faster */
+
+#define DP_ETHERTYPE_PROBE 0x88B5
+#define DP_ETHERTYPE_MIRROR 0x88B6
+
+enum dp_port_kind { PORT_VHOST, PORT_AF_PACKET, PORT_TAP, PORT_LOOPBACK };
+
+struct dp_port {
+	int used;
+	enum dp_port_kind kind;
+	char name[DP_NAME_LEN];
+	char devname[64];
+	uint16_t port_id;
+	int owner;                /* unit whose wire side this is (it polls RX), or -1 */
+	int nf_of;                /* unit whose NF port this is, or -1 */
+	int n_probes;             /* probes sent/received on this port */
+	int n_users;              /* units referencing it in any role */
+	uint64_t probe_rx, probe_tx, probe_bad, unowned_drops;
+};
+
+enum dp_drop {
+	DROP_RING_FULL,
+	DROP_NO_MBUF,
+	DROP_STALE_TERM,
+	DROP_DISCARD,
+	DROP_TX_FAIL,
+	DROP_MIRROR_FAIL,
+	DROP_REMOVED,
+	DROP__COUNT
+};
+
+enum dp_mode { MODE_HA, MODE_PLAIN };
+
+#define BP_K 1u
+#define BP_BYTES 2u
+#define BP_RING 4u
+
+struct dp_epoch {
+	uint64_t epoch;
+	uint64_t end_cnt;    /* cumulative enqueue count at its close */
+	uint64_t release_at; /* auto-epoch ack time in TSC, 0 = waits for release */
+};
+
+/* Small FIFO of mbufs already taken from a port but not yet accepted by the
+ * next one; while it is non-empty the source is not polled, so a slow
+ * consumer back-pressures its producer instead of losing packets. */
+struct dp_stash {
+	struct rte_mbuf *m[DP_BURST];
+	uint16_t off, n;
+};
+
+struct dp_unit {
+	int used;
+	char name[DP_NAME_LEN];
+	uint32_t tag;
+	int n_wire;
+	int wire[DP_MAX_WIRE];
+	int nf, egress, mirror;
+	enum dp_mode mode;
+	int paused;
+	unsigned bp;
+	uint64_t term;
+	uint64_t cur_epoch;
+	uint32_t k;
+	uint64_t budget_bytes;
+	uint32_t ring_size;
+	uint32_t ring_high; /* pkts at which ingress pauses, leaving NF headroom */
+	struct rte_ring *buf;
+
+	struct dp_epoch closed[DP_MAX_K];
+	uint32_t closed_head, closed_n;
+
+	uint64_t enq_cnt, enq_bytes; /* net of discards, so boundaries stay valid */
+	uint64_t open_start;         /* enq_cnt when the open epoch began */
+	uint64_t deq_cnt, deq_bytes;
+	uint64_t release_limit;
+	uint64_t last_released; /* highest epoch released, 0 = none */
+
+	struct dp_stash to_nf;
+	struct dp_stash to_egress;
+
+	/* Released packets taken off the ring one loop iteration before they are
+	 * sent, so their cold mbufs can be prefetched in the meantime. */
+	struct rte_mbuf *stage[DP_STAGE];
+	uint16_t stage_off, stage_n;
+
+	/* auto-epoch bench/test mode */
+	uint64_t auto_interval_tsc, auto_next_close, auto_ack_delay_tsc;
+
+	/* counters */
+	uint64_t rx_wire, in_seq, nf_rx, nf_rx_bytes;
+	uint64_t tx, tx_bytes, released_pkts, released_bytes;
+	uint64_t discarded_pkts, discarded_bytes;
+	uint64_t epochs_closed, epochs_released, epochs_discarded;
+	uint64_t bp_k, bp_bytes, bp_ring, nf_stalls, refused_stale;
+	uint64_t hwm_bytes, hwm_pkts;
+	uint64_t mirror_pkts;
+	uint64_t drops[DROP__COUNT];
+};
+
+struct dp_probe {
+	int used;
+	char peer[DP_NAME_LEN];
+	int port;
+	uint64_t interval_tsc, interval_us;
+	uint32_t miss;
+	uint64_t term;
+	uint64_t next_tx, last_rx, tx_seq, rx_seq;
+	uint64_t rx, tx, tx_fail;
+	int state; /* 0 = waiting for first probe, 1 = up, 2 = down */
+	uint64_t downs, ups;
+};
+
+struct dp_global {
+	char name[DP_NAME_LEN];
+	struct rte_mempool *pool;
+	uint64_t hz;
+	uint64_t tsc0, mono0_ns;
+	struct dp_port ports[DP_MAX_PORTS];
+	struct dp_unit units[DP_MAX_UNITS];
+	struct dp_probe probes[DP_MAX_PROBES];
+	uint64_t idle_sleep_max_us;
+	volatile int quit;
+	/* loop counters */
+	uint64_t loops, sleeps, ctl_polls, ctl_requests, ctl_errors;
+	uint64_t busy_loops, busy_cycles; /* iterations that moved packets, and their TSC */
+	uint64_t events_sent, events_dropped;
+	uint64_t next_timer; /* earliest timer deadline in TSC, for idle sleep */
+};
+
+extern struct dp_global g;
+
+/* main.c */
+uint64_t dp_tsc_to_mono_us(uint64_t tsc);
+uint64_t dp_us_to_tsc(uint64_t us);
+
+/* ports.c */
+int port_find(const char *name);
+int port_add(const char *name, const char *type, const char *args, char *err, size_t errlen);
+int port_remove(int idx, char *err, size_t errlen);
+void ports_remove_all(void);
+
+/* units.c */
+int unit_find(const char *name);
+void unit_poll(struct dp_unit *u, uint64_t now, int *work);
+void unit_free_all(struct dp_unit *u, enum dp_drop reason);
+uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained);
+void unit_release_upto(struct dp_unit *u, uint64_t epoch);
+uint64_t unit_discard_from(struct dp_unit *u, uint64_t from, enum dp_drop reason);
+void unit_update_bp(struct dp_unit *u);
+void unowned_ports_poll(uint64_t now, int *work);
+uint16_t probe_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now);
+
+/* probes.c */
+int probe_find(const char *peer);
+void probes_tick(uint64_t now);
+void probe_receive(struct dp_port *p, struct rte_mbuf *m, uint64_t now);
+uint64_t probes_min_interval_us(void);
+
+/* ctl.c */
+int ctl_open(const char *path);
+void ctl_poll(void);
+void ctl_close(void);
+void ctl_event(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* counters.c */
+struct sbuf {
+	char *p;
+	size_t len, cap;
+	int overflow;
+};
+void sb_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void stats_format(struct sbuf *b, const char *only_unit);
+const char *drop_name(enum dp_drop d);
+
+static inline uint64_t unit_buffered_pkts(const struct dp_unit *u)
+{
+	return u->enq_cnt - u->deq_cnt;
+}
+
+static inline uint64_t unit_buffered_bytes(const struct dp_unit *u)
+{
+	return u->enq_bytes - u->deq_bytes;
+}
+
+#endif

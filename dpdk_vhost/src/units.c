@@ -1,0 +1,540 @@
+/* Units: steering, the egress epoch buffer and back-pressure.
+ *
+ * The buffer is one FIFO ring of mbuf pointers per unit. Epoch boundaries are
+ * cumulative enqueue counts, so closing an epoch is O(1) and releasing one is
+ * moving a limit; the loop then transmits up to that limit in bursts. The ring
+ * hands released packets to a small staging array; what the egress port
+ * refuses stays there, in order, instead of being dropped.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <rte_byteorder.h>
+#include <rte_ether.h>
+#include <rte_ethdev.h>
+#include <rte_prefetch.h>
+
+#include "dp.h"
+
+int unit_find(const char *name)
+{
+	int i;
+
+	for (i = 0; i < DP_MAX_UNITS; i++)
+		if (g.units[i].used && strcmp(g.units[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+static inline uint16_t pid_of(int port)
+{
+	return g.ports[port].port_id;
+}
+
+/* Mirror frame: Ethernet header, then the unit tag (be32) and the ingress
+ * sequence number (be64), then the original frame. */
+#define MIRROR_HDR_LEN (sizeof(struct rte_ether_hdr) + 4 + 8)
+
+/* Copies are made before the NF port takes the originals, because a vhost TX
+ * frees them as soon as they are copied into the guest. */
+static void mirror_prepare(struct dp_unit *u, struct rte_mbuf **pkts, uint16_t n,
+			   struct rte_mbuf **copies)
+{
+	uint16_t i;
+
+	for (i = 0; i < n; i++) {
+		struct rte_mbuf *c = rte_pktmbuf_copy(pkts[i], g.pool, 0, UINT32_MAX);
+		struct rte_ether_hdr *h;
+		rte_be32_t tag = rte_cpu_to_be_32(u->tag);
+		rte_be64_t seq = rte_cpu_to_be_64(u->in_seq + 1 + i);
+
+		if (c == NULL) {
+			copies[i] = NULL;
+			continue;
+		}
+		h = (struct rte_ether_hdr *)rte_pktmbuf_prepend(c, MIRROR_HDR_LEN);
+		if (h == NULL) {
+			rte_pktmbuf_free(c);
+			copies[i] = NULL;
+			continue;
+		}
+		memset(&h->dst_addr, 0xff, sizeof(h->dst_addr));
+		rte_eth_macaddr_get(pid_of(u->mirror), &h->src_addr);
+		h->ether_type = rte_cpu_to_be_16(DP_ETHERTYPE_MIRROR);
+		memcpy((char *)(h + 1), &tag, sizeof(tag));
+		memcpy((char *)(h + 1) + sizeof(tag), &seq, sizeof(seq));
+		copies[i] = c;
+	}
+}
+
+static void mirror_send(struct dp_unit *u, struct rte_mbuf **copies, uint16_t n_sent,
+			uint16_t n)
+{
+	struct rte_mbuf *ok[DP_BURST];
+	uint16_t i, k = 0, tx;
+
+	for (i = 0; i < n; i++) {
+		if (copies[i] == NULL) {
+			if (i < n_sent)
+				u->drops[DROP_NO_MBUF]++;
+			continue;
+		}
+		if (i < n_sent)
+			ok[k++] = copies[i];
+		else
+			rte_pktmbuf_free(copies[i]);
+	}
+	tx = k ? rte_eth_tx_burst(pid_of(u->mirror), 0, ok, k) : 0;
+	u->mirror_pkts += tx;
+	if (tx < k) {
+		u->drops[DROP_MIRROR_FAIL] += (uint64_t)(k - tx);
+		rte_pktmbuf_free_bulk(ok + tx, k - tx);
+	}
+}
+
+/* Delivers to the NF; the ingress sequence counts what the NF port accepted,
+ * so a cut taken between two calls is exact. */
+static uint16_t nf_send(struct dp_unit *u, struct rte_mbuf **pkts, uint16_t n)
+{
+	struct rte_mbuf *copies[DP_BURST];
+	uint16_t sent;
+
+	if (u->mirror >= 0)
+		mirror_prepare(u, pkts, n, copies);
+	sent = rte_eth_tx_burst(pid_of(u->nf), 0, pkts, n);
+	if (u->mirror >= 0)
+		mirror_send(u, copies, sent, n);
+	u->in_seq += sent;
+	return sent;
+}
+
+static void stash_put(struct dp_stash *s, struct rte_mbuf **pkts, uint16_t n)
+{
+	memcpy(s->m, pkts, n * sizeof(pkts[0]));
+	s->off = 0;
+	s->n = n;
+}
+
+uint16_t probe_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now)
+{
+	uint16_t i, k = 0;
+
+	for (i = 0; i < n; i++) {
+		const struct rte_ether_hdr *eth = rte_pktmbuf_mtod(pkts[i], struct rte_ether_hdr *);
+
+		if (pkts[i]->data_len >= sizeof(*eth) &&
+		    eth->ether_type == rte_cpu_to_be_16(DP_ETHERTYPE_PROBE))
+			probe_receive(p, pkts[i], now);
+		else
+			pkts[k++] = pkts[i];
+	}
+	return k;
+}
+
+static void wire_to_nf(struct dp_unit *u, uint64_t now, int *work)
+{
+	struct rte_mbuf *pkts[DP_BURST];
+	int w;
+
+	if (u->to_nf.n) {
+		uint16_t sent = nf_send(u, u->to_nf.m + u->to_nf.off, u->to_nf.n);
+
+		u->to_nf.off += sent;
+		u->to_nf.n -= sent;
+		if (sent)
+			*work = 1;
+		if (u->to_nf.n)
+			return;
+	}
+	if (u->bp)
+		return;
+	for (w = 0; w < u->n_wire; w++) {
+		struct dp_port *p = &g.ports[u->wire[w]];
+		uint16_t n = rte_eth_rx_burst(p->port_id, 0, pkts, DP_BURST);
+		uint16_t sent;
+
+		if (n == 0)
+			continue;
+		if (p->n_probes)
+			n = probe_filter(p, pkts, n, now);
+		if (n == 0)
+			continue;
+		*work = 1;
+		u->rx_wire += n;
+		sent = nf_send(u, pkts, n);
+		if (sent < n) {
+			stash_put(&u->to_nf, pkts + sent, (uint16_t)(n - sent));
+			return;
+		}
+	}
+}
+
+static inline uint64_t sum_len(struct rte_mbuf **pkts, uint16_t n)
+{
+	uint64_t b = 0;
+	uint16_t i;
+
+	for (i = 0; i < n; i++)
+		b += pkts[i]->pkt_len;
+	return b;
+}
+
+void unit_update_bp(struct dp_unit *u)
+{
+	unsigned bp = 0, rising;
+
+	if (u->mode == MODE_HA) {
+		if (u->closed_n >= u->k)
+			bp |= BP_K;
+		if (unit_buffered_bytes(u) >= u->budget_bytes)
+			bp |= BP_BYTES;
+		if (unit_buffered_pkts(u) >= u->ring_high)
+			bp |= BP_RING;
+	}
+	rising = bp & ~u->bp;
+	if (rising & BP_K)
+		u->bp_k++;
+	if (rising & BP_BYTES)
+		u->bp_bytes++;
+	if (rising & BP_RING)
+		u->bp_ring++;
+	u->bp = bp;
+}
+
+/* Moves what the NF emitted into the open epoch; returns packets taken. */
+static uint16_t nf_to_buffer(struct dp_unit *u)
+{
+	struct rte_mbuf *pkts[DP_BURST];
+	unsigned free_slots = rte_ring_free_count(u->buf);
+	uint16_t n, enq;
+	uint64_t bytes;
+
+	if (free_slots == 0) {
+		u->nf_stalls++;
+		return 0;
+	}
+	n = rte_eth_rx_burst(pid_of(u->nf), 0, pkts,
+			     (uint16_t)(free_slots < DP_BURST ? free_slots : DP_BURST));
+	if (n == 0)
+		return 0;
+	bytes = sum_len(pkts, n);
+	u->nf_rx += n;
+	u->nf_rx_bytes += bytes;
+	enq = (uint16_t)rte_ring_enqueue_burst(u->buf, (void **)pkts, n, NULL);
+	if (enq < n) {
+		bytes -= sum_len(pkts + enq, (uint16_t)(n - enq));
+		u->drops[DROP_RING_FULL] += (uint64_t)(n - enq);
+		rte_pktmbuf_free_bulk(pkts + enq, n - enq);
+	}
+	u->enq_cnt += enq;
+	u->enq_bytes += bytes;
+	if (unit_buffered_bytes(u) > u->hwm_bytes)
+		u->hwm_bytes = unit_buffered_bytes(u);
+	if (unit_buffered_pkts(u) > u->hwm_pkts)
+		u->hwm_pkts = unit_buffered_pkts(u);
+	unit_update_bp(u);
+	return n;
+}
+
+/* Released packets have waited up to an epoch and their mbufs have left the
+ * cache; the three lines the egress path touches (two of metadata, one of
+ * data) are prefetched for a whole batch one iteration ahead of use. */
+static inline void prefetch_mbuf(struct rte_mbuf *m)
+{
+	rte_prefetch0(m);
+	rte_prefetch0(RTE_PTR_ADD(m, RTE_CACHE_LINE_SIZE));
+	/* Where a direct mbuf of our pool keeps its data; computed rather than
+	 * read from the cold header, which would stall on the very miss this
+	 * hides. A wrong guess only wastes the prefetch. */
+	rte_prefetch0(RTE_PTR_ADD(m, sizeof(struct rte_mbuf) + RTE_PKTMBUF_HEADROOM));
+}
+
+/* Sends what an earlier call staged (and prefetched), then stages the next
+ * packets. Staging one burst per call keeps the prefetches spread over the
+ * loop; a larger backlog stages two, so a release can outrun ingress and
+ * catch up after the process was descheduled. */
+static void release_tx(struct dp_unit *u, int *work)
+{
+	uint64_t todo;
+	uint16_t got, i, room;
+	int b;
+
+	for (b = 0; b < DP_RELEASE_BURSTS && u->stage_n; b++) {
+		struct rte_mbuf **s = u->stage + u->stage_off;
+		uint16_t n = u->stage_n < DP_BURST ? u->stage_n : DP_BURST, sent;
+		/* Lengths are read first: a vhost TX frees what it sent. */
+		uint64_t bytes = sum_len(s, n);
+
+		sent = rte_eth_tx_burst(pid_of(u->egress), 0, s, n);
+		if (sent < n)
+			bytes -= sum_len(s + sent, (uint16_t)(n - sent));
+		u->stage_off += sent;
+		u->stage_n -= sent;
+		u->deq_cnt += sent;
+		u->deq_bytes += bytes;
+		u->tx += sent;
+		u->tx_bytes += bytes;
+		u->released_pkts += sent;
+		u->released_bytes += bytes;
+		*work = 1;
+		if (sent < n)
+			break;
+	}
+	if (u->stage_n == 0)
+		u->stage_off = 0;
+	else if (u->stage_off + u->stage_n > DP_STAGE / 2) {
+		memmove(u->stage, u->stage + u->stage_off, u->stage_n * sizeof(u->stage[0]));
+		u->stage_off = 0;
+	}
+	todo = u->release_limit - u->deq_cnt - u->stage_n;
+	room = (uint16_t)(DP_STAGE - u->stage_off - u->stage_n);
+	if (room > DP_BURST && todo < DP_CATCH_UP)
+		room = DP_BURST;
+	if (todo && room) {
+		struct rte_mbuf **dst = u->stage + u->stage_off + u->stage_n;
+
+		got = (uint16_t)rte_ring_dequeue_burst(u->buf, (void **)dst,
+						       todo < room ? (unsigned)todo : room, NULL);
+		for (i = 0; i < got; i++)
+			prefetch_mbuf(dst[i]);
+		u->stage_n += got;
+		*work = 1;
+	}
+	if (u->bp)
+		unit_update_bp(u);
+}
+
+void unit_poll(struct dp_unit *u, uint64_t now, int *work)
+{
+	if (!u->paused)
+		wire_to_nf(u, now, work);
+
+	if (u->mode == MODE_PLAIN) {
+		struct rte_mbuf *pkts[DP_BURST];
+		uint16_t n, sent;
+		uint64_t bytes;
+
+		if (u->paused)
+			return;
+		if (u->to_egress.n) {
+			struct rte_mbuf **s = u->to_egress.m + u->to_egress.off;
+
+			bytes = sum_len(s, u->to_egress.n);
+			sent = rte_eth_tx_burst(pid_of(u->egress), 0, s, u->to_egress.n);
+			if (sent < u->to_egress.n)
+				bytes -= sum_len(s + sent, (uint16_t)(u->to_egress.n - sent));
+			u->to_egress.off += sent;
+			u->to_egress.n -= sent;
+			u->tx += sent;
+			u->tx_bytes += bytes;
+			if (sent)
+				*work = 1;
+			if (u->to_egress.n)
+				return;
+		}
+		n = rte_eth_rx_burst(pid_of(u->nf), 0, pkts, DP_BURST);
+		if (n == 0)
+			return;
+		*work = 1;
+		bytes = sum_len(pkts, n);
+		u->nf_rx += n;
+		u->nf_rx_bytes += bytes;
+		sent = rte_eth_tx_burst(pid_of(u->egress), 0, pkts, n);
+		if (sent < n) {
+			bytes -= sum_len(pkts + sent, (uint16_t)(n - sent));
+			stash_put(&u->to_egress, pkts + sent, (uint16_t)(n - sent));
+		}
+		u->tx += sent;
+		u->tx_bytes += bytes;
+		return;
+	}
+
+	if (!u->paused && nf_to_buffer(u))
+		*work = 1;
+	if (u->release_limit != u->deq_cnt)
+		release_tx(u, work);
+
+	if (u->auto_interval_tsc) {
+		if (now >= u->auto_next_close) {
+			if (u->enq_cnt != u->open_start && u->closed_n < u->k) {
+				uint64_t drained, e = unit_close_epoch(u, &drained);
+
+				if (u->auto_ack_delay_tsc == 0)
+					unit_release_upto(u, e);
+				else
+					u->closed[(u->closed_head + u->closed_n - 1) % DP_MAX_K]
+						.release_at = now + u->auto_ack_delay_tsc;
+			}
+			u->auto_next_close += u->auto_interval_tsc;
+			if (u->auto_next_close <= now)
+				u->auto_next_close = now + u->auto_interval_tsc;
+		}
+		if (u->closed_n) {
+			const struct dp_epoch *h = &u->closed[u->closed_head];
+
+			if (h->release_at && now >= h->release_at)
+				unit_release_upto(u, h->epoch);
+			else if (h->release_at && (!g.next_timer || h->release_at < g.next_timer))
+				g.next_timer = h->release_at;
+		}
+		if (!g.next_timer || u->auto_next_close < g.next_timer)
+			g.next_timer = u->auto_next_close;
+	}
+}
+
+uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained)
+{
+	uint64_t d = 0, e = u->cur_epoch;
+	int i;
+
+	/* A frozen NF cannot add to its egress, so a bounded drain empties it;
+	 * the bound only matters for an NF that was not frozen. */
+	for (i = 0; i < 1024; i++) {
+		uint16_t n = nf_to_buffer(u);
+
+		if (n == 0)
+			break;
+		d += n;
+	}
+	u->closed[(u->closed_head + u->closed_n) % DP_MAX_K] =
+		(struct dp_epoch){.epoch = e, .end_cnt = u->enq_cnt, .release_at = 0};
+	u->closed_n++;
+	u->open_start = u->enq_cnt;
+	u->cur_epoch = e + 1;
+	u->epochs_closed++;
+	unit_update_bp(u);
+	*drained = d;
+	return e;
+}
+
+void unit_release_upto(struct dp_unit *u, uint64_t epoch)
+{
+	while (u->closed_n && u->closed[u->closed_head].epoch <= epoch) {
+		u->release_limit = u->closed[u->closed_head].end_cnt;
+		u->last_released = u->closed[u->closed_head].epoch;
+		u->closed_head = (u->closed_head + 1) % DP_MAX_K;
+		u->closed_n--;
+		u->epochs_released++;
+	}
+	unit_update_bp(u);
+}
+
+/* Off the fast path: the ring is a FIFO, so cutting its tail means taking
+ * everything out and putting the kept head back, in order. */
+uint64_t unit_discard_from(struct dp_unit *u, uint64_t from, enum dp_drop reason)
+{
+	uint64_t keep_cnt = u->release_limit, total, keep, i, bytes = 0;
+	void **objs;
+
+	while (u->closed_n) {
+		struct dp_epoch *last = &u->closed[(u->closed_head + u->closed_n - 1) % DP_MAX_K];
+
+		if (last->epoch < from)
+			break;
+		u->closed_n--;
+		u->epochs_discarded++;
+	}
+	if (u->closed_n) {
+		uint64_t end = u->closed[(u->closed_head + u->closed_n - 1) % DP_MAX_K].end_cnt;
+
+		if (end > keep_cnt)
+			keep_cnt = end;
+	}
+	if (from > u->cur_epoch)
+		keep_cnt = u->enq_cnt;
+	/* Staged packets are released ones and never discarded. */
+	total = u->enq_cnt - u->deq_cnt - u->stage_n;
+	keep = keep_cnt - u->deq_cnt - u->stage_n;
+	if (total == keep)
+		goto out;
+	objs = malloc(total * sizeof(void *));
+	if (objs == NULL)
+		return 0;
+	if (rte_ring_dequeue_bulk(u->buf, objs, (unsigned)total, NULL) != total) {
+		free(objs);
+		return 0;
+	}
+	for (i = keep; i < total; i++) {
+		bytes += ((struct rte_mbuf *)objs[i])->pkt_len;
+		rte_pktmbuf_free(objs[i]);
+	}
+	if (keep)
+		rte_ring_enqueue_bulk(u->buf, objs, (unsigned)keep, NULL);
+	free(objs);
+	u->enq_cnt = keep_cnt;
+	u->enq_bytes -= bytes;
+	u->discarded_pkts += total - keep;
+	u->discarded_bytes += bytes;
+	u->drops[reason] += total - keep;
+out:
+	if (from <= u->cur_epoch)
+		u->cur_epoch = from;
+	u->open_start = u->enq_cnt;
+	unit_update_bp(u);
+	return total - keep;
+}
+
+void unit_free_all(struct dp_unit *u, enum dp_drop reason)
+{
+	struct rte_mbuf *m;
+
+	u->release_limit = u->deq_cnt;
+	u->closed_n = 0;
+	if (u->buf) {
+		uint64_t n = 0, bytes = 0;
+
+		while (rte_ring_dequeue(u->buf, (void **)&m) == 0) {
+			bytes += m->pkt_len;
+			rte_pktmbuf_free(m);
+			n++;
+		}
+		u->deq_cnt = u->enq_cnt;
+		u->deq_bytes = u->enq_bytes;
+		u->discarded_pkts += n;
+		u->discarded_bytes += bytes;
+		u->drops[reason] += n;
+	}
+	if (u->stage_n) {
+		rte_pktmbuf_free_bulk(u->stage + u->stage_off, u->stage_n);
+		u->drops[reason] += u->stage_n;
+		u->stage_n = 0;
+	}
+	if (u->to_nf.n) {
+		rte_pktmbuf_free_bulk(u->to_nf.m + u->to_nf.off, u->to_nf.n);
+		u->drops[reason] += u->to_nf.n;
+		u->to_nf.n = 0;
+	}
+	if (u->to_egress.n) {
+		rte_pktmbuf_free_bulk(u->to_egress.m + u->to_egress.off, u->to_egress.n);
+		u->drops[reason] += u->to_egress.n;
+		u->to_egress.n = 0;
+	}
+}
+
+/* Ports outside any unit are drained so their queues never fill; only probes
+ * are consumed, the rest is counted and freed. */
+void unowned_ports_poll(uint64_t now, int *work)
+{
+	struct rte_mbuf *pkts[DP_BURST];
+	int i;
+
+	for (i = 0; i < DP_MAX_PORTS; i++) {
+		struct dp_port *p = &g.ports[i];
+		uint16_t n;
+
+		if (!p->used || p->owner >= 0 || p->nf_of >= 0)
+			continue;
+		n = rte_eth_rx_burst(p->port_id, 0, pkts, DP_BURST);
+		if (n == 0)
+			continue;
+		/* Probes alone do not count as work: they must not keep an idle
+		 * data plane from sleeping. */
+		if (p->n_probes)
+			n = probe_filter(p, pkts, n, now);
+		if (n == 0)
+			continue;
+		*work = 1;
+		p->unowned_drops += n;
+		rte_pktmbuf_free_bulk(pkts, n);
+	}
+}
