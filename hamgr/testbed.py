@@ -27,7 +27,7 @@ from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.process import DataPlaneConfig, DataPlaneProcess
 from hamgr.nfs import images
 from shim import netns
-from shim.container import Container, RuncBackend
+from shim.container import Container, RuncBackend, remove_cgroup_parent
 from shim.oci import ContainerSpec
 from shim.replication import ReplicationServer
 from shim.store import Store
@@ -81,6 +81,11 @@ class UnitBed:
     nf: Container | None = None
     server: ReplicationServer | None = None
     images: Path | None = None
+    backend: RuncBackend | None = None
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/hamgr-bed-{self.prefix}"
 
     @property
     def cl(self) -> str:
@@ -160,14 +165,14 @@ class UnitBed:
         return client
 
     def start_nf(self, args: tuple[str, ...] | None = None) -> Container:
-        backend = RuncBackend(state_dir=self.work / "runc")
-        self.nf = backend.start(
+        self.backend = RuncBackend(state_dir=self.work / "runc")
+        self.nf = self.backend.start(
             ContainerSpec(
                 name=f"{self.prefix}-seq",
                 image=images.build_image("sequencer"),
                 args=args or sequencer_args(),
                 netns=self.nfns,
-                cgroup_parent=f"/hamgr-bed-{self.prefix}",
+                cgroup_parent=self.cgroup_parent,
             )
         )
         return self.nf
@@ -197,3 +202,6 @@ class UnitBed:
         self.made.clear()
         if self.images is not None:
             shutil.rmtree(self.images, ignore_errors=True)
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                remove_cgroup_parent(self.cgroup_parent)

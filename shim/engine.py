@@ -109,6 +109,7 @@ class PrimaryEngine:
         *,
         image_root: Path,
         ship_timeout: float = 5.0,
+        nf_rx_base: int = 0,
         clock: Callable[[], int] = _now_us,
     ) -> None:
         self.unit = unit
@@ -122,17 +123,26 @@ class PrimaryEngine:
         self.clock = clock
         self.stats = EngineStats()
         self._inflight: dict[int, tuple[Future[Shipped], int]] = {}
-        self._closed_total = 0
+        # NF output the data plane counted before this engine took over (a previous
+        # incarnation of the unit); it is not output waiting for this engine's epochs.
+        self._closed_total = nf_rx_base
         self._cut_started = 0
         self._frozen_at = 0
         self._ckpt: dict[int, tuple[int, int, int]] = {}  # epoch -> (pause_us, ckpt_us, bytes)
         self._committed: int | None = None
+        self._cut_seqs: dict[int, int] = {}
+        self._committed_cut_seq: int | None = None
 
     # -- public --------------------------------------------------------------------------
 
     @property
     def last_committed(self) -> int | None:
         return self._committed
+
+    @property
+    def last_committed_cut_seq(self) -> int | None:
+        """The input cut of the last committed epoch: lossless replay starts after it."""
+        return self._committed_cut_seq
 
     def image_dir(self, epoch: int) -> Path:
         return self.image_root / f"epoch-{epoch:08d}"
@@ -235,11 +245,15 @@ class PrimaryEngine:
                     timeout=self.ship_timeout,
                 )
                 self._inflight[epoch] = (future, self.clock())
+                self._cut_seqs[epoch] = cut_seq
                 return []
             case ep.Release(epoch=epoch):
                 self.dp.release(self.unit, epoch, term)
                 self.stats.released_epochs += 1
                 self._committed = epoch
+                if epoch in self._cut_seqs:
+                    self._committed_cut_seq = self._cut_seqs[epoch]
+                self._cut_seqs = {e: c for e, c in self._cut_seqs.items() if e > epoch}
                 self._forget_images_before(epoch)
                 return []
             case ep.Discard(from_epoch=from_epoch):
