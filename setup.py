@@ -14,6 +14,7 @@ setup(
         "click>=8.1",
         "pyzmq>=25",
         "protobuf>=4.21",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "dev": [

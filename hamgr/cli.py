@@ -1,7 +1,9 @@
 """The `hamgr` command line.
 
 Data goes to stdout and messages to stderr. With --json, the last line of stdout is one JSON
-object. Exit codes: 0 success, 1 a check or operation failed, 2 bad usage (click's own).
+object. Exit codes: 0 success, 1 a check or operation failed (the agent refused or could not do
+it), 2 bad usage (click's own, and a spec file that does not validate), 3 the agent could not be
+reached (not running, no answer in time, or this CLI's key refused).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -36,10 +40,29 @@ class _BenchGroup(click.Group):
         return command if isinstance(command, click.Command) else None
 
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
 @click.group()
 @click.version_option(package_name="hamgr")
 def cli() -> None:
-    """hamgr keeps unmodified network functions available through process and host failures."""
+    """hamgr keeps unmodified network functions available through process and host failures.
+
+    \b
+    Data goes to stdout, messages to stderr; with --json the last line of stdout is one JSON
+    object. NO_COLOR turns colour off. The agent's state dir comes from --state-dir, else
+    $HAMGR_STATE_DIR, else /var/lib/hamgr.
+
+    \b
+    Exit codes:
+      0  success
+      1  a check or operation failed (the agent refused or could not do it)
+      2  bad usage, or a spec file that does not validate
+      3  the agent could not be reached (not running, no answer, or this CLI's key refused)
+    """
 
 
 @cli.group(cls=_BenchGroup)
@@ -74,7 +97,7 @@ def doctor(as_json: bool) -> None:
 _DEMO_PARTS = (
     ("dpdk_vhost.client", "data plane with epoch output buffering"),
     ("shim.engine", "epoch engine driving container checkpoints and replication"),
-    ("hamgr.failover", "failure detection and failover"),
+    ("shim.failover", "failure detection and failover"),
     ("hamgr.demo", "3-host demo testbed and report"),
 )
 
@@ -100,6 +123,521 @@ def demo(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "demo": "not built", "missing": missing}))
     sys.exit(0 if report.ok else 1)
+
+
+# --- the agent and its units ----------------------------------------------------------------
+
+STATE_DIR_ENV = "HAMGR_STATE_DIR"
+DEFAULT_STATE_DIR = "/var/lib/hamgr"
+
+
+def _state_dir_option(f: Any) -> Any:
+    return click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=STATE_DIR_ENV,
+        default=DEFAULT_STATE_DIR,
+        show_default=True,
+        help=f"The agent's state directory (or ${STATE_DIR_ENV}).",
+    )(f)
+
+
+def _json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Machine output (last line).")(f)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True, color=_color())
+
+
+def _fail(
+    message: str, status: int = EXIT_FAILED, as_json: bool = False, **fields: Any
+) -> NoReturn:
+    _say(f"hamgr: {message}")
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message, **fields}))
+    sys.exit(status)
+
+
+def _config(state_dir: Path, as_json: bool = False) -> Any:
+    from hamgr.agent.config import AgentConfig, ConfigError
+
+    try:
+        return AgentConfig.load(state_dir)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE, as_json)
+
+
+def _client(state_dir: Path, *, timeout: float = 10.0, as_json: bool = False) -> Any:
+    from hamgr import keys
+    from hamgr.control import ControlClient
+
+    config = _config(state_dir, as_json)
+    directory = keys.keys_dir(state_dir)
+    try:
+        server_key = keys.load_public(directory, keys.AGENT)
+        cli_key = keys.load_keypair(directory, keys.CLI)
+    except keys.KeysError as exc:
+        _fail(str(exc), EXIT_USAGE, as_json)
+    return ControlClient(
+        config.control,
+        server_key=server_key,
+        keypair=(cli_key.public, cli_key.secret),
+        timeout=timeout,
+    )
+
+
+def _call(state_dir: Path, as_json: bool, fn: Any, *, timeout: float = 10.0) -> Any:
+    """Run `fn(client)`; agent errors exit 1, an unreachable agent exits 3."""
+    from hamgr.control import ControlAuthError, ControlError, ControlTimeoutError
+
+    client = _client(state_dir, timeout=timeout, as_json=as_json)
+    if client.endpoint.startswith("ipc://") and _agent_pid(state_dir) is None:
+        client.close()
+        _fail(
+            f"the agent on {state_dir} is not running; start it with `hamgr up`",
+            EXIT_UNREACHABLE,
+            as_json,
+            code="not_running",
+        )
+    try:
+        return fn(client)
+    except (ControlAuthError, ControlTimeoutError) as exc:
+        _fail(exc.message, EXIT_UNREACHABLE, as_json, code=exc.code)
+    except ControlError as exc:
+        _fail(exc.message, EXIT_FAILED, as_json, code=exc.code)
+    finally:
+        client.close()
+
+
+@cli.command()
+@_state_dir_option
+@click.option("--host", help="This host's name (default: the system's short host name).")
+@click.option(
+    "--control", "control_ep", help="Control endpoint (default ipc://STATE_DIR/control.sock)."
+)
+@click.option("--metrics", help='Prometheus listen HOST:PORT ("" turns it off).')
+@click.option("--netns", help="Run the agent inside this netns.")
+@click.option(
+    "--runtime-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="tmpfs for checkpoint images (default /dev/shm/hamgr-HOST).",
+)
+@click.option("--dp-cpu", type=click.IntRange(min=0), help="The data plane's CPU.")
+@click.option("--force", is_flag=True, help="Rewrite the config and make new keys.")
+@_json_option
+def init(  # noqa: PLR0917 - one parameter per click option
+    state_dir: Path,
+    host: str | None,
+    control_ep: str | None,
+    metrics: str | None,
+    netns: str | None,
+    runtime_dir: Path | None,
+    dp_cpu: int | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write this host's agent config and CURVE keys (idempotent without --force)."""
+    import socket
+
+    import attrs
+
+    from hamgr import keys
+    from hamgr.agent.config import AgentConfig, ConfigError
+
+    state_dir = state_dir.absolute()
+    path = state_dir / "agent.toml"
+    try:
+        if path.exists() and not force:
+            config = AgentConfig.load(state_dir)
+            wrote = False
+            given = {
+                "host": host,
+                "control": control_ep,
+                "metrics": metrics,
+                "netns": netns,
+                "runtime_dir": runtime_dir,
+                "dp_cpu": dp_cpu,
+            }
+            changed = [k for k, v in given.items() if v is not None and getattr(config, k) != v]
+            if changed:
+                _fail(
+                    f"{path} exists with other {', '.join(changed)}; use --force to rewrite it",
+                    EXIT_USAGE,
+                    as_json,
+                )
+        else:
+            config = AgentConfig.default(state_dir, host or socket.gethostname().split(".")[0])
+            updates: dict[str, Any] = {}
+            if control_ep is not None:
+                updates["control"] = control_ep
+            if metrics is not None:
+                updates["metrics"] = metrics
+            if netns is not None:
+                updates["netns"] = netns
+            if runtime_dir is not None:
+                updates["runtime_dir"] = runtime_dir
+            if dp_cpu is not None:
+                updates["dp_cpu"] = dp_cpu
+            config = attrs.evolve(config, **updates)
+            config.write()
+            wrote = True
+        made = keys.init_keys(state_dir, host=config.host, force=force)
+    except (ConfigError, keys.KeysError, OSError) as exc:
+        _fail(str(exc), EXIT_FAILED, as_json)
+    result = {
+        "ok": True,
+        "host": config.host,
+        "state_dir": str(state_dir),
+        "config": str(path),
+        "config_written": wrote,
+        "keys_created": list(made.created),
+        "agent_public_key": made.agent.public.decode(),
+        "cli_public_key": made.cli.public.decode(),
+        "authorized_keys": str(made.authorized),
+    }
+    created = ", ".join(made.created)
+    key_note = f"created: {created}" if created else "kept"
+    _say(f"{'wrote' if wrote else 'kept'} {path}; keys {key_note}")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"host             {config.host}")
+        click.echo(f"agent public key {result['agent_public_key']}")
+        click.echo(f"cli public key   {result['cli_public_key']}")
+
+
+@cli.group()
+def agent() -> None:
+    """The per-host daemon (normally started by `hamgr up` or systemd)."""
+
+
+@agent.command("run")
+@_state_dir_option
+@click.option("--netns", help="Enter this netns first (overrides the config).")
+def agent_run(state_dir: Path, netns: str | None) -> None:
+    """Run the agent in the foreground until SIGTERM (systemd's Type=notify service)."""
+    from hamgr.agent.daemon import Agent
+    from hamgr.agent.procs import enter_netns
+    from hamgr.logs import setup_logging
+
+    config = _config(state_dir.absolute())
+    namespace = netns if netns is not None else config.netns
+    if namespace:
+        try:
+            # Before any thread exists: threads and children inherit the netns.
+            enter_netns(namespace)
+        except OSError as exc:
+            _fail(f"cannot enter netns {namespace}: {exc}", EXIT_FAILED)
+    setup_logging()
+    sys.exit(Agent(config).run())
+
+
+def _agent_pid(state_dir: Path) -> int | None:
+    """The PID of a running agent on `state_dir`, from its locked pid file."""
+    import fcntl
+
+    path = state_dir / "agent.pid"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None  # nobody holds the lock: a stale file
+    finally:
+        os.close(fd)
+
+
+@cli.command()
+@_state_dir_option
+@click.option("--netns", help="Start the agent inside this netns (overrides the config).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait until it answers.",
+)
+@_json_option
+def up(state_dir: Path, netns: str | None, timeout: float, as_json: bool) -> None:
+    """Start the local agent in the background and wait until it answers."""
+    import subprocess
+    import time
+
+    from hamgr.control import ControlError
+
+    state_dir = state_dir.absolute()
+    config = _config(state_dir, as_json)
+    running = _agent_pid(state_dir)
+    if running is not None:
+        _say(f"the agent already runs (pid {running})")
+        if as_json:
+            click.echo(json.dumps({"ok": True, "pid": running, "started": False}))
+        return
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "hamgr.agent", "run", "--state-dir", str(state_dir)]
+    if netns is not None:
+        argv += ["--netns", netns]
+    log_path = config.log_dir / "agent.log"
+    env = {**os.environ, "HAMGR_LOG_FORMAT": "json"}
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            env=env,
+        )
+    deadline = time.monotonic() + timeout
+    client = _client(state_dir, timeout=1.0, as_json=as_json)
+    try:
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                _fail(
+                    f"the agent exited with {proc.returncode}; {log_path} ends with:\n"
+                    + "\n".join(tail),
+                    EXIT_FAILED,
+                    as_json,
+                )
+            try:
+                info = client.ping()
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    _fail(
+                        f"the agent (pid {proc.pid}) did not answer within {timeout:g} s; "
+                        f"see {log_path}",
+                        EXIT_UNREACHABLE,
+                        as_json,
+                    )
+    finally:
+        client.close()
+    proc.returncode = 0  # it runs on, detached; this CLI does not wait for it
+    _say(f"agent {info['host']} up (pid {info['pid']}); logs in {log_path}")
+    if as_json:
+        click.echo(json.dumps({"ok": True, "started": True, **info}))
+    else:
+        click.echo(info["pid"])
+
+
+@cli.command()
+@_state_dir_option
+@click.option(
+    "--teardown",
+    is_flag=True,
+    help="Also stop every unit's NF and the data plane (default: leave them running; "
+    "`hamgr up` re-adopts them).",
+)
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@_json_option
+def down(state_dir: Path, teardown: bool, timeout: float, as_json: bool) -> None:
+    """Stop the local agent."""
+    import signal
+    import time
+
+    from hamgr.control import ControlAuthError, ControlError
+
+    state_dir = state_dir.absolute()
+    pid = _agent_pid(state_dir)
+    if pid is None:
+        _say("the agent is not running")
+        if as_json:
+            click.echo(json.dumps({"ok": True, "stopped": False}))
+        return
+    client = _client(state_dir, timeout=10.0, as_json=as_json)
+    try:
+        client.shutdown(teardown=teardown, timeout=10.0)
+    except ControlAuthError as exc:
+        _fail(exc.message, EXIT_UNREACHABLE, as_json)
+    except ControlError as exc:
+        if teardown:
+            _fail(
+                f"the agent did not take the request ({exc.message}); nothing was torn down",
+                EXIT_UNREACHABLE,
+                as_json,
+            )
+        _say(f"the agent does not answer ({exc.message}); sending SIGTERM to pid {pid}")
+        os.kill(pid, signal.SIGTERM)
+    finally:
+        client.close()
+    deadline = time.monotonic() + timeout
+    while _agent_pid(state_dir) is not None:
+        if time.monotonic() > deadline:
+            _fail(
+                f"the agent (pid {pid}) is still running after {timeout:g} s", EXIT_FAILED, as_json
+            )
+        time.sleep(0.1)
+    _say(f"agent stopped (pid {pid}){'; units and data plane torn down' if teardown else ''}")
+    if as_json:
+        click.echo(json.dumps({"ok": True, "stopped": True, "pid": pid, "teardown": teardown}))
+
+
+@cli.command()
+@click.argument("spec_file", metavar="SPEC.toml", type=click.Path(dir_okay=False, path_type=Path))
+@_state_dir_option
+@click.option("--timeout", type=float, default=180.0, show_default=True)
+@_json_option
+def protect(spec_file: Path, state_dir: Path, timeout: float, as_json: bool) -> None:
+    """Protect the unit SPEC.toml describes (see docs/agent.md for the format)."""
+    from hamgr import unitspec
+
+    try:
+        spec = unitspec.load(spec_file)
+    except unitspec.SpecError as exc:
+        for problem in exc.problems:
+            _say(problem.render(exc.source))
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "error": "bad spec",
+                        "problems": [attrs_asdict(p) for p in exc.problems],
+                    }
+                )
+            )
+        sys.exit(EXIT_USAGE)
+    result = _call(
+        state_dir.absolute(),
+        as_json,
+        lambda c: c.protect(spec.to_json(), str(spec_file), timeout=timeout),
+        timeout=timeout,
+    )
+    _say(
+        f"unit {result['unit']} protected (term {result['term']}, NF pid {result['nf_pid']}, "
+        f"standby on {result['standby']})"
+    )
+    if as_json:
+        click.echo(json.dumps({"ok": True, **result}))
+    else:
+        click.echo(result["unit"])
+
+
+def attrs_asdict(value: Any) -> dict[str, Any]:
+    import attrs
+
+    return attrs.asdict(value)
+
+
+@cli.command()
+@click.argument("unit")
+@_state_dir_option
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@_json_option
+def unprotect(unit: str, state_dir: Path, timeout: float, as_json: bool) -> None:
+    """Stop protecting UNIT: let committed output out, stop its NF, remove what hamgr made."""
+    result = _call(
+        state_dir.absolute(), as_json, lambda c: c.unprotect(unit, timeout=timeout), timeout=timeout
+    )
+    _say(f"unit {unit} unprotected")
+    if as_json:
+        click.echo(json.dumps({"ok": True, **result}))
+
+
+_PROTECTION_COLOURS = {"protected": "green", "stalled": "yellow", "unprotected": "red"}
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@cli.command()
+@click.argument("unit", required=False)
+@_state_dir_option
+@_json_option
+def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
+    """Show every unit on this host (or UNIT): role, term, protection, commits, held output."""
+    data = _call(state_dir.absolute(), as_json, lambda c: c.status(unit))
+    if as_json:
+        click.echo(json.dumps({"ok": True, **data}))
+        return
+    _say(f"host {data['host']}, agent pid {data['pid']}, up {data['uptime_s']:.0f} s")
+    header = (
+        "UNIT",
+        "ROLE",
+        "TERM",
+        "STATE",
+        "PROTECTION",
+        "COMMITTED",
+        "EPOCHS",
+        "COMMITS",
+        "HELD_PKTS",
+        "HELD_BYTES",
+        "NF_PID",
+    )
+    rows = [
+        (
+            u["unit"],
+            u["role"],
+            _cell(u.get("term")),
+            _cell(u.get("state")),
+            _cell(u.get("protection")),
+            _cell(u.get("last_committed")),
+            _cell(u.get("epochs_total")),
+            _cell(u.get("commits_total")),
+            _cell(u.get("buffered_pkts")),
+            _cell(u.get("buffered_bytes")),
+            _cell(u.get("nf_pid")),
+        )
+        for u in data["units"]
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for row, u in zip(rows, data["units"], strict=True):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        colour = _PROTECTION_COLOURS.get(u.get("protection") or "")
+        if colour:
+            cells[4] = click.style(cells[4], fg=colour)
+        click.echo("  ".join(cells).rstrip(), color=_color())
+        if u.get("error"):
+            _say(f"{u['unit']}/{u['role']}: {u['error']}")
+    if not rows:
+        _say("no units")
+
+
+@cli.command()
+@_state_dir_option
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    default=3600.0,
+    show_default=True,
+    help="Stop after this long.",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    help="Only events of this kind (repeatable): commit, alarm, protect, ...",
+)
+@_json_option
+def events(state_dir: Path, seconds: float, kinds: tuple[str, ...], as_json: bool) -> None:
+    """Stream the agent's events live (JSON lines with --json, then a summary line)."""
+    import datetime
+
+    def stream(client: Any) -> int:
+        count = 0
+        for event in client.events(seconds, kinds or None):
+            count += 1
+            if as_json:
+                click.echo(json.dumps(event))
+            else:
+                when = datetime.datetime.fromtimestamp(event["ts"]).strftime("%H:%M:%S.%f")[:-3]
+                rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("ts", "kind"))
+                click.echo(f"{when} {event['kind']:<12} {rest}")
+        return count
+
+    count = _call(state_dir.absolute(), as_json, stream)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "events": count, "seconds": seconds}))
 
 
 def main() -> None:

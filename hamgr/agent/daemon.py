@@ -1,0 +1,822 @@
+"""The per-host agent: `hamgr agent run` (or `python -m hamgr.agent run`).
+
+Threads, and what each may block on:
+
+- **main** (supervisor): the watchdog, persisting unit counters, ending event streams, signals.
+  Sleeps 50 ms per round; never waits on a unit.
+- **hamgr-control**: the control socket (`hamgr.control.ControlServer`). Answers ping, status and
+  events at once from snapshots; hands protect and unprotect to the worker.
+- **hamgr-worker**: protect and unprotect, one at a time (container start, netns and data-plane
+  setup take hundreds of milliseconds; one at a time also means no two operations race on a unit).
+- **unit-U**: one per primary unit, stepping its epoch engine (`hamgr.agent.primary`).
+- the replication servers (one per standby unit) and clients (one per primary unit).
+
+systemd: READY=1 once every unit is re-adopted and the control socket listens; WATCHDOG=1 only
+while the control loop and every unit loop made progress recently, so a wedged agent is restarted
+instead of shown `active` (the Masakari lesson). With ``KillMode=process`` a restart leaves the
+data plane and the NFs running, and the new agent adopts them (`hamgr.agent.primary.take_over`).
+
+This milestone's limits: the standby of a unit is always this same agent (a local standby, in
+the same process: it covers an agent crash and NF-level rollback, not a host failure), and
+lossless mode is refused.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import importlib.metadata
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import attrs
+
+from dpdk_vhost.client import DataPlaneClient
+from hamgr import control, keys
+from hamgr.agent import unitnet
+from hamgr.agent.config import AgentConfig
+from hamgr.agent.dataplane import OwnedDataPlane
+from hamgr.agent.events import EventBus
+from hamgr.agent.primary import (
+    Observed,
+    TakeOver,
+    UnitRunner,
+    counters,
+    primary_config,
+    take_over,
+)
+from hamgr.agent.sdnotify import Notifier
+from hamgr.agent.state import StateDB, UnitRow
+from hamgr.metrics import AgentMetrics
+from hamgr.unitspec import SpecError, UnitSpec
+from shim import epoch as ep
+from shim import netns
+from shim.container import Container, RuncBackend
+from shim.engine import PrimaryEngine
+from shim.replication import ReplicationClient, ReplicationServer
+from shim.store import Store
+
+__all__ = ["Agent", "AgentError"]
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+PERSIST_EVERY_S = 0.5
+CONTROL_STALL_S = 5.0
+# A unit's step includes its checkpoint (CRIU may take up to 30 s before it times out).
+UNIT_STALL_S = 45.0
+UNPROTECT_DRAIN_S = 5.0
+STOP_DRAIN_S = 2.0
+
+
+class AgentError(Exception):
+    """The agent cannot start; the message says why and how to fix it."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hamgr")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
+
+
+@attrs.define
+class StandbyRole:
+    unit: str
+    store: Store
+    server: ReplicationServer
+    endpoint: str
+
+    def snapshot(self, peer: str) -> dict[str, Any]:
+        committed = self.server.committed(self.unit)
+        return {
+            "unit": self.unit,
+            "role": "standby",
+            "peer": peer,
+            "term": self.store.term,
+            "state": "running",
+            "protection": None,
+            "last_committed": None if committed is None else committed.epoch,
+            "committed_term": None if committed is None else committed.term,
+        }
+
+
+@attrs.define
+class UnitRuntime:
+    spec: UnitSpec
+    names: unitnet.UnitNames
+    nf: Container | None = None
+    standby: StandbyRole | None = None
+    runner: UnitRunner | None = None
+
+    def stop(self, drain_seconds: float) -> None:
+        if self.runner is not None:
+            self.runner.stop(drain_seconds=drain_seconds)
+            self.runner = None
+        if self.standby is not None:
+            self.standby.server.stop()
+            self.standby = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.host = config.host
+        self.notifier = notifier or Notifier()
+        self.started = time.monotonic()
+        self.bus = EventBus()
+        self.units: dict[str, UnitRuntime] = {}
+        self._units_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._teardown = False
+        self._pid_lock: int | None = None
+        self.db: StateDB | None = None
+        self.dp: OwnedDataPlane | None = None
+        self.control: control.ControlServer | None = None
+        self.metrics: AgentMetrics | None = None
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hamgr-worker")
+        self.backend = RuncBackend(state_dir=config.state_dir / "containers")
+        self.keypair: keys.Keypair | None = None
+        self.authorized = keys.AuthorizedKeys(config.state_dir / keys.AUTHORIZED_KEYS)
+        self._unhealthy: str | None = None
+
+    # --- paths ---
+
+    @property
+    def images_root(self) -> Path:
+        return self.config.runtime / "images"
+
+    def standby_root(self, unit: str) -> Path:
+        return self.config.runtime / "standby" / unit
+
+    # --- lifecycle ---
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT or a shutdown request; returns the exit status."""
+        try:
+            self._start()
+        except AgentError as exc:
+            log.error("agent cannot start: %s", exc)
+            self._close(teardown=False)
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.notifier.ready(self._status_line())
+        self.bus.publish("agent_start", host=self.host, pid=os.getpid())
+        log.info(
+            "agent ready",
+            extra={"host": self.host, "control": self.config.control, "units": len(self.units)},
+        )
+        try:
+            self._supervise()
+        finally:
+            self.notifier.stopping()
+            self._close(teardown=self._teardown)
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping (units and the data plane keep running)", signum)
+        self._stop.set()
+
+    def request_stop(self, *, teardown: bool) -> None:
+        self._teardown = teardown
+        self._stop.set()
+
+    def _lock_pid_file(self) -> None:
+        path = self.config.pid_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise AgentError(
+                f"another agent (pid {other or '?'}) runs on {self.config.state_dir}; "
+                "stop it first (`hamgr down`)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._pid_lock = fd
+
+    def _start(self) -> None:
+        cfg = self.config
+        self._lock_pid_file()
+        try:
+            self.keypair = keys.load_keypair(keys.keys_dir(cfg.state_dir), keys.AGENT)
+            self.authorized.load()
+        except keys.KeysError as exc:
+            raise AgentError(str(exc)) from None
+        try:
+            self.db = StateDB(cfg.db_path, host=self.host)
+        except Exception as exc:
+            raise AgentError(str(exc)) from None
+        cfg.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.images_root.mkdir(exist_ok=True)
+        self.metrics = AgentMetrics(self.snapshot)
+        if cfg.metrics:
+            try:
+                addr = self.metrics.serve(cfg.metrics)
+                log.info("metrics on http://%s/metrics", addr)
+            except OSError as exc:
+                raise AgentError(f"metrics: cannot listen on {cfg.metrics}: {exc}") from None
+        self._start_dataplane()
+        self._recover()
+        assert self.keypair is not None
+        self.control = control.ControlServer(
+            cfg.control,
+            secret_key=self.keypair.secret,
+            authorized=self._authorized_keys,
+            handler=self._handle,
+            on_refused=self._on_refused,
+        )
+        try:
+            self.control.start()
+        except Exception as exc:
+            raise AgentError(f"control: cannot listen on {cfg.control}: {exc}") from None
+
+    def _authorized_keys(self) -> frozenset[bytes]:
+        return frozenset(self.authorized.load())
+
+    def _on_refused(self, key: str, address: str) -> None:
+        self.bus.publish("auth_refused", peer_key=key or None, peer_address=address or None)
+
+    def _start_dataplane(self) -> None:
+        assert self.db is not None
+        row = self.db.dataplane()
+        if row is not None:
+            self.dp = OwnedDataPlane.adopt(row)
+            if self.dp is None:
+                log.warning(
+                    "the data plane (pid %d) is gone; starting a new one: units it carried "
+                    "lost their held output and must be protected again",
+                    row.pid,
+                )
+        if self.dp is None:
+            try:
+                self.dp = OwnedDataPlane.start(
+                    host=self.host,
+                    work=self.config.state_dir / "dataplane",
+                    cpu=self.config.dp_cpu,
+                    rt_priority=self.config.dp_rt_priority,
+                )
+            except Exception as exc:
+                raise AgentError(f"data plane: {exc}") from None
+            self.db.set_dataplane(self.dp.row)
+
+    def _close(self, *, teardown: bool) -> None:
+        self.bus.expire(everyone=True)
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        with self._units_lock:
+            runtimes = dict(self.units)
+        for rt in runtimes.values():
+            rt.stop(drain_seconds=UNPROTECT_DRAIN_S if teardown else STOP_DRAIN_S)
+        self._persist()
+        if teardown and self.db is not None:
+            for name in list(runtimes) + [
+                u.name for u in self.db.units() if u.name not in runtimes
+            ]:
+                self._teardown_unit(name, runtimes.get(name))
+        if self.dp is not None:
+            if teardown:
+                self.dp.stop()
+                if self.db is not None:
+                    self.db.set_dataplane(None)
+                shutil.rmtree(self.config.runtime, ignore_errors=True)
+            else:
+                self.dp.close()
+        if self.control is not None:
+            # Let the last replies (the shutdown's) leave before the socket closes.
+            time.sleep(0.05)
+            self.control.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.db is not None:
+            self.db.close()
+        if self._pid_lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.pid_path.unlink()
+            os.close(self._pid_lock)
+            self._pid_lock = None
+        log.info("agent stopped", extra={"teardown": teardown})
+
+    # --- supervision ---
+
+    def _supervise(self) -> None:
+        last_persist = 0.0
+        while not self._stop.wait(TICK_S):
+            now = time.monotonic()
+            self.bus.expire(now)
+            problem = self._health(now)
+            if problem is None:
+                self.notifier.watchdog(now)
+                if self._unhealthy is not None:
+                    log.info("healthy again")
+                    self._unhealthy = None
+            elif problem != self._unhealthy:
+                self._unhealthy = problem
+                log.error("unhealthy, withholding the watchdog: %s", problem)
+            if now - last_persist >= PERSIST_EVERY_S:
+                last_persist = now
+                self._persist()
+                self.notifier.status(self._status_line())
+
+    def _health(self, now: float) -> str | None:
+        assert self.control is not None
+        if not self.control.alive() or now - self.control.last_loop > CONTROL_STALL_S:
+            return "the control loop is stuck"
+        with self._units_lock:
+            runners = [rt.runner for rt in self.units.values() if rt.runner is not None]
+        for runner in runners:
+            if runner.failed:
+                continue  # reported as an error in status; restarting the agent cannot fix it
+            if not runner.alive():
+                return f"the epoch loop of {runner.unit} died"
+            if now - runner.last_step > UNIT_STALL_S:
+                return (
+                    f"the epoch loop of {runner.unit} is stuck for {now - runner.last_step:.0f} s"
+                )
+        return None
+
+    def _status_line(self) -> str:
+        snaps = self.snapshot()["units"]
+        primaries = [u for u in snaps if u["role"] == "primary"]
+        protected = sum(1 for u in primaries if u.get("protection") == "protected")
+        return f"{len(primaries)} units, {protected} protected"
+
+    def _persist(self) -> None:
+        if self.db is None:
+            return
+        with self._units_lock:
+            runtimes = list(self.units.values())
+        for rt in runtimes:
+            try:
+                if rt.runner is not None:
+                    c = counters(rt.runner.snapshot())
+                    self.db.update_role(rt.spec.name, "primary", **c)
+                if rt.standby is not None:
+                    s = rt.standby.snapshot(self.host)
+                    self.db.update_role(
+                        rt.spec.name, "standby", last_committed=s["last_committed"], term=s["term"]
+                    )
+            except Exception:
+                log.exception("persisting %s failed", rt.spec.name)
+
+    # --- snapshots ---
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every unit role on this host, for status and metrics (never blocks on a unit)."""
+        with self._units_lock:
+            runtimes = dict(self.units)
+        units: list[dict[str, Any]] = []
+        seen = set()
+        for name, rt in sorted(runtimes.items()):
+            if rt.runner is not None:
+                units.append(rt.runner.snapshot())
+                seen.add((name, "primary"))
+            if rt.standby is not None:
+                units.append(rt.standby.snapshot(self.host))
+                seen.add((name, "standby"))
+        if self.db is not None:
+            rows = {u.name: u for u in self.db.units()}
+            for role in self.db.roles():
+                if (role.unit, role.role) in seen or role.unit not in rows:
+                    continue
+                row = rows[role.unit]
+                units.append(
+                    {
+                        "unit": role.unit,
+                        "role": role.role,
+                        "peer": role.peer,
+                        "term": role.term,
+                        "state": row.state,
+                        "protection": "stalled" if role.role == "primary" else None,
+                        "last_committed": role.last_committed,
+                        "commits_total": role.commits_total,
+                        "error": row.error,
+                    }
+                )
+        units.sort(key=lambda u: (u["unit"], u["role"]))
+        c = self.control
+        return {
+            "host": self.host,
+            "units": units,
+            "control": {
+                "requests": c.requests_total if c else 0,
+                "refused": c.refused_total if c else 0,
+                "bad": c.bad_total if c else 0,
+            },
+        }
+
+    # --- control requests (on the control thread: nothing here may block) ---
+
+    def _handle(self, request: control.Request, responder: control.Responder) -> None:
+        match request:
+            case control.Ping():
+                responder.result(self._ping())
+            case control.Status(unit=unit):
+                snap = self.snapshot()
+                if unit is not None:
+                    snap["units"] = [u for u in snap["units"] if u["unit"] == unit]
+                    if not snap["units"]:
+                        responder.error("no_such_unit", f"no unit {unit} on {self.host}")
+                        return
+                responder.result({**self._ping(), **snap})
+            case control.Events(seconds=seconds, kinds=kinds):
+                self.bus.subscribe(responder, seconds, kinds)
+            case control.Protect() | control.Unprotect():
+                if self._stop.is_set():
+                    responder.error("busy", "the agent is stopping")
+                    return
+                work = self._protect if isinstance(request, control.Protect) else self._unprotect
+                self.worker.submit(self._guarded, work, request, responder)
+            case control.Shutdown(teardown=teardown):
+                responder.result({"stopping": True, "teardown": teardown, "pid": os.getpid()})
+                self.request_stop(teardown=teardown)
+            case _:
+                responder.error("unknown_type", type(request).__name__)
+
+    def _ping(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "pid": os.getpid(),
+            "version": _version(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "control": self.config.control,
+            "metrics": self.metrics.address if self.metrics else None,
+            "dataplane_pid": self.dp.pid if self.dp else None,
+        }
+
+    def _guarded(self, work: Any, request: Any, responder: control.Responder) -> None:
+        try:
+            work(request, responder)
+        except Exception as exc:
+            log.exception("%s failed", type(request).__name__)
+            responder.error("internal", f"{type(exc).__name__}: {exc}")
+
+    # --- protect / unprotect (worker thread) ---
+
+    def _refuse(self, spec: UnitSpec) -> tuple[str, str] | None:
+        assert self.db is not None
+        if self.db.unit(spec.name) is not None:
+            return "exists", f"unit {spec.name} is already protected on {self.host}"
+        if spec.protection.lossless:
+            return (
+                "unsupported",
+                "protection.lossless: lossless mode needs input replay after restore, which "
+                "this agent does not do yet; set lossless = false",
+            )
+        if spec.standby.host not in ("auto", self.host):
+            return (
+                "unsupported",
+                f"standby.host: {spec.standby.host!r} is another host; this agent keeps a local "
+                f'standby only for now (use "auto" or "{self.host}")',
+            )
+        for field, iface in [("ports.wire", w) for w in spec.ports.wire] + [
+            ("ports.egress", spec.ports.egress)
+        ]:
+            if not netns.link_exists(iface):
+                return "bad_spec", f"{field}: interface {iface} does not exist on {self.host}"
+        used = {
+            r.detail.get("iface"): r.unit
+            for r in self.db.resources(kind="dp_port")
+            if not r.detail.get("shared")
+        }
+        for iface in spec.ports.wire:
+            if iface in used:
+                return "busy", f"ports.wire: {iface} already feeds unit {used[iface]}"
+        if spec.ports.egress in used:
+            return (
+                "busy",
+                f"ports.egress: {spec.ports.egress} is a port of unit {used[spec.ports.egress]}",
+            )
+        return None
+
+    def _image(self, spec: UnitSpec) -> Path:
+        if spec.nf.builtin:
+            from hamgr.nfs import images
+
+            return images.build_image(spec.nf.image)
+        path = Path(spec.nf.image)
+        if not path.exists():
+            raise FileNotFoundError(f"nf.image: {path} does not exist on {self.host}")
+        return path
+
+    def _protect(self, request: control.Protect, responder: control.Responder) -> None:
+        assert self.db is not None
+        assert self.dp is not None
+        try:
+            spec = UnitSpec.from_json(request.spec, source=request.source)
+        except SpecError as exc:
+            responder.error("bad_spec", str(exc))
+            return
+        refusal = self._refuse(spec)
+        if refusal is not None:
+            responder.error(*refusal)
+            return
+        unit, term = spec.name, 1
+        names = unitnet.UnitNames(self.host, unit)
+        started = time.monotonic()
+        self.db.add_unit(unit, spec.to_json(), {"primary": self.host, "standby": self.host}, term)
+        rt = UnitRuntime(spec, names)
+        step = "build the image"
+        dp: DataPlaneClient | None = None
+        try:
+            image = self._image(spec)
+            dp = self.dp.client()
+            step = "build the network"
+            unitnet.build_network(self.db, dp, spec, names, term=term)
+            step = "start the standby"
+            rt.standby = self._start_standby(unit)
+            step = "start the NF"
+            self.db.add_resource(unit, "images", unit, {"root": str(self.images_root / unit)})
+            rt.nf = unitnet.start_nf(self.db, self.backend, spec, names, image)
+            step = "start the epoch engine"
+            engine_dp = self.dp.client()
+            try:
+                first_epoch = engine_dp.stats(unit).units[unit].epoch
+                # Nothing was closed yet: every packet the NF sent is in the open epoch.
+                engine = self._new_engine(
+                    rt,
+                    engine_dp,
+                    self._shipper(rt),
+                    term=term,
+                    first_epoch=first_epoch,
+                    closed_total=0,
+                )
+            except BaseException:
+                engine_dp.close()
+                raise
+            rt.runner = self._run_primary(rt, engine, engine_dp, commits_base=0)
+            self.db.set_unit_state(unit, "running")
+        except Exception as exc:
+            log.exception("protect %s failed at: %s", unit, step, extra={"unit": unit})
+            rt.stop(drain_seconds=0)
+            problems = unitnet.teardown(self.db, unit, dp=dp, backend=self.backend, nf=rt.nf)
+            if problems:
+                self.db.set_unit_state(unit, "error", "rollback left: " + "; ".join(problems))
+            else:
+                self.db.remove_unit(unit)
+            if dp is not None:
+                dp.close()
+            responder.error("failed", f"protect {unit}: could not {step}: {exc}")
+            return
+        dp.close()
+        with self._units_lock:
+            self.units[unit] = rt
+        assert rt.nf is not None
+        seconds = round(time.monotonic() - started, 3)
+        self.bus.publish("protect", unit=unit, term=term, nf_pid=rt.nf.pid, seconds=seconds)
+        log.info("unit protected", extra={"unit": unit, "nf_pid": rt.nf.pid, "seconds": seconds})
+        responder.result(
+            {
+                "unit": unit,
+                "role": "primary",
+                "standby": self.host,
+                "term": term,
+                "nf_pid": rt.nf.pid,
+                "protection": "protected",
+                "seconds": seconds,
+            }
+        )
+
+    def _start_standby(self, unit: str) -> StandbyRole:
+        assert self.db is not None
+        assert self.keypair is not None
+        root = self.standby_root(unit)
+        root.mkdir(parents=True, exist_ok=True)
+        self.db.add_resource(unit, "standby", unit, {"root": str(root)})
+        store = Store(root)
+        server = ReplicationServer(
+            f"ipc://{self.config.runtime}/repl-{unit}.sock",
+            {unit: store},
+            secret_key=self.keypair.secret,
+            allowed_clients=self._authorized_keys(),
+        )
+        endpoint = server.start()
+        return StandbyRole(unit, store, server, endpoint)
+
+    def _observed(self) -> Observed:
+        def on_commit(unit: str, epoch: int, commit_ms: float) -> None:
+            self.bus.publish("commit", unit=unit, epoch=epoch, commit_ms=round(commit_ms, 3))
+
+        def on_alarm(unit: str, reason: str) -> None:
+            log.warning("alarm: %s", reason, extra={"unit": unit})
+            self.bus.publish("alarm", unit=unit, reason=reason)
+
+        def on_pause(unit: str, seconds: float) -> None:
+            if self.metrics is not None:
+                self.metrics.pause.labels(unit).observe(seconds)
+
+        return Observed(on_commit, on_alarm, on_pause)
+
+    def _shipper(self, rt: UnitRuntime) -> ReplicationClient:
+        assert self.keypair is not None
+        assert rt.standby is not None
+        kp = self.keypair
+        return ReplicationClient(
+            rt.standby.endpoint, server_key=kp.public, keypair=(kp.public, kp.secret)
+        )
+
+    def _new_engine(
+        self,
+        rt: UnitRuntime,
+        dp: DataPlaneClient,
+        shipper: ReplicationClient,
+        *,
+        term: int,
+        first_epoch: int,
+        closed_total: int,
+    ) -> PrimaryEngine:
+        assert rt.nf is not None
+        unit = rt.spec.name
+        machine = ep.PrimaryMachine(
+            unit,
+            term,
+            primary_config(rt.spec),
+            first_epoch=first_epoch,
+            now_us=time.monotonic_ns() // 1000,
+        )
+        return PrimaryEngine(
+            unit,
+            machine,
+            dp,
+            rt.nf,
+            shipper,
+            image_root=self.images_root,
+            nf_rx_base=closed_total,
+        )
+
+    def _take_over(
+        self, rt: UnitRuntime, dp: DataPlaneClient, term: int
+    ) -> tuple[PrimaryEngine, TakeOver]:
+        """A fresh engine for a unit whose data plane already ran epochs (primary.take_over)."""
+        assert rt.nf is not None
+        assert rt.standby is not None
+        unit = rt.spec.name
+        shipper = self._shipper(rt)
+        try:
+            committed = rt.standby.server.committed(unit)
+            handover = take_over(
+                dp,
+                rt.nf,
+                shipper,
+                unit=unit,
+                term=term,
+                committed=committed.epoch if committed and committed.term == term else None,
+                image_dir=lambda e: self.images_root / unit / f"epoch-{e:08d}",
+            )
+            # A cut that was cut short leaves a hidden partial image.
+            for partial in (self.images_root / unit).glob(".epoch-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            engine = self._new_engine(
+                rt,
+                dp,
+                shipper,
+                term=term,
+                first_epoch=handover.first_epoch,
+                closed_total=handover.closed_total,
+            )
+        except BaseException:
+            shipper.close()
+            raise
+        return engine, handover
+
+    def _run_primary(
+        self, rt: UnitRuntime, engine: PrimaryEngine, dp: DataPlaneClient, *, commits_base: int
+    ) -> UnitRunner:
+        assert rt.nf is not None
+        term = engine.machine.term
+        runner = UnitRunner(
+            rt.spec.name,
+            engine,
+            dp,
+            rt.nf,
+            engine.shipper,  # type: ignore[arg-type]
+            commits_base=commits_base,
+            observed=self._observed(),
+            standby=self.host,
+            rebuild=lambda client: self._take_over(rt, client, term)[0],
+        )
+        runner.start()
+        return runner
+
+    def _unprotect(self, request: control.Unprotect, responder: control.Responder) -> None:
+        assert self.db is not None
+        unit = request.unit
+        if self.db.unit(unit) is None:
+            responder.error("no_such_unit", f"no unit {unit} on {self.host}")
+            return
+        with self._units_lock:
+            rt = self.units.pop(unit, None)
+        problems = self._teardown_unit(unit, rt)
+        if problems:
+            responder.error("failed", f"unprotect {unit} left: " + "; ".join(problems))
+            return
+        self.bus.publish("unprotect", unit=unit)
+        log.info("unit unprotected", extra={"unit": unit})
+        responder.result({"unit": unit, "removed": True})
+
+    def _teardown_unit(self, unit: str, rt: UnitRuntime | None) -> list[str]:
+        assert self.db is not None
+        assert self.dp is not None
+        self.db.set_unit_state(unit, "stopping")
+        if rt is not None:
+            rt.stop(drain_seconds=UNPROTECT_DRAIN_S)
+        dp: DataPlaneClient | None = None
+        with contextlib.suppress(Exception):
+            dp = self.dp.client()
+        try:
+            problems = unitnet.teardown(
+                self.db, unit, dp=dp, backend=self.backend, nf=rt.nf if rt else None
+            )
+        finally:
+            if dp is not None:
+                dp.close()
+        if problems:
+            self.db.set_unit_state(unit, "error", "teardown left: " + "; ".join(problems))
+            return problems
+        self.db.remove_unit(unit)
+        if self.metrics is not None:
+            self.metrics.forget(unit)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.config.runtime}/repl-{unit}.sock")
+        return []
+
+    # --- restart: find every unit again ---
+
+    def _recover(self) -> None:
+        assert self.db is not None
+        for row in self.db.units():
+            if row.state in ("starting", "stopping"):
+                log.warning(
+                    "unit %s was %s when the agent stopped; undoing it", row.name, row.state
+                )
+                problems = self._teardown_unit(row.name, None)
+                self.bus.publish("rollback", unit=row.name, problems=problems)
+                continue
+            try:
+                rt = self._adopt(row)
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "unit %s could not be adopted: %s", row.name, msg, extra={"unit": row.name}
+                )
+                self.db.set_unit_state(row.name, "error", f"adoption failed: {msg}")
+                self.bus.publish("error", unit=row.name, reason=msg)
+                continue
+            with self._units_lock:
+                self.units[row.name] = rt
+
+    def _adopt(self, row: UnitRow) -> UnitRuntime:
+        """Take over a unit a previous agent protected, without restarting anything of it."""
+        assert self.db is not None
+        assert self.dp is not None
+        spec = UnitSpec.from_json(row.spec, source=f"state.db unit {row.name}")
+        unit = spec.name
+        rt = UnitRuntime(spec, unitnet.UnitNames(self.host, unit))
+        containers = self.db.resources(unit, "container")
+        if not containers:
+            raise RuntimeError("no container was recorded for it")
+        role = self.db.role(unit, "primary")
+        if role is None:
+            raise RuntimeError("no primary role was recorded for it")
+        rt.nf = unitnet.adopt_container(self.backend, containers[0])
+        rt.standby = self._start_standby(unit)
+        dp = self.dp.client()
+        try:
+            engine, handover = self._take_over(rt, dp, role.term)
+            rt.runner = self._run_primary(rt, engine, dp, commits_base=role.commits_total)
+        except BaseException:
+            dp.close()
+            rt.stop(drain_seconds=0)
+            raise
+        self.db.set_unit_state(unit, "running")
+        self.bus.publish(
+            "adopt",
+            unit=unit,
+            term=role.term,
+            nf_pid=rt.nf.pid,
+            first_epoch=handover.first_epoch,
+            recovery_epoch=handover.recovery_epoch,
+        )
+        log.info(
+            "unit adopted",
+            extra={
+                "unit": unit,
+                "nf_pid": rt.nf.pid,
+                "term": role.term,
+                "first_epoch": handover.first_epoch,
+                "recovery_epoch": handover.recovery_epoch,
+            },
+        )
+        return rt

@@ -1,0 +1,316 @@
+"""What the agent builds around one unit on its host, each piece recorded before it is used.
+
+For unit U on host H (names are derived, so a restarted agent finds the same ones)::
+
+    agent's netns                                      NF netns  hamgr-H-U
+    wire iface(s) --(dp port w<tag><i>)--\\
+                                          data plane -- hv<tag> ==veth== eth0  NF (runc container)
+    egress iface  --(dp port e-<iface>)--/               (dp port n<tag>)      address, MAC,
+                                                                              static neighbours
+
+Every resource is written to the state database (`hamgr.agent.state`) right after it is made,
+so a protect that dies half-way is undone by the next agent, and `teardown` removes exactly what
+was made, newest first. The egress port may be shared by several units; it is removed with the
+last of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from dpdk_vhost.client import DataPlaneClient, DataPlaneError
+from hamgr.agent import procs
+from hamgr.agent.state import Resource, StateDB
+from hamgr.unitspec import UnitSpec
+from shim import netns
+from shim.container import Container, ContainerError, RuncBackend, remove_cgroup
+from shim.oci import Bundle, ContainerSpec, remove_bundle
+
+__all__ = ["UnitNames", "adopt_container", "build_network", "start_nf", "teardown"]
+
+log = logging.getLogger(__name__)
+
+NF_IFNAME = "eth0"
+
+
+@attrs.frozen
+class UnitNames:
+    host: str
+    unit: str
+
+    @property
+    def tag(self) -> str:
+        return hashlib.sha1(f"{self.host}/{self.unit}".encode()).hexdigest()[:7]
+
+    @property
+    def nf_netns(self) -> str:
+        return f"hamgr-{self.host}-{self.unit}"
+
+    @property
+    def host_veth(self) -> str:
+        return f"hv{self.tag}"
+
+    @property
+    def nf_port(self) -> str:
+        return f"n{self.tag}"
+
+    def wire_port(self, index: int) -> str:
+        return f"w{self.tag}{index}"
+
+    @staticmethod
+    def egress_port(iface: str) -> str:
+        return "e-" + iface.replace(".", "_")
+
+    @property
+    def container(self) -> str:
+        return f"{self.host}-{self.unit}"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"/hamgr-{self.host}"
+
+
+def _sysctl(ns: str, *settings: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+
+
+def _neigh(ns: str, ip: str, mac: str, dev: str) -> None:
+    subprocess.run(
+        ["ip", "-n", ns, "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+
+
+def build_network(
+    db: StateDB, dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int
+) -> None:
+    """The NF's netns and veth, the data plane's ports and unit, each recorded as it is made."""
+    unit = spec.name
+    ns = names.nf_netns
+    netns.create_netns(ns)
+    db.add_resource(unit, "netns", ns)
+    # No IPv6 chatter (router solicitations would be NF output too); no reverse-path filter.
+    _sysctl(
+        ns,
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    )
+    netns.create_veth(netns.VethEnd(names.host_veth), netns.VethEnd(NF_IFNAME, ns))
+    db.add_resource(unit, "veth", names.host_veth)
+    netns.set_mac_address(NF_IFNAME, spec.nf.mac, ns)
+    netns.disable_checksum_offload(NF_IFNAME, ns)
+    netns.add_address(NF_IFNAME, spec.nf.address, ns)
+    netns.set_up(NF_IFNAME, ns)
+    netns.set_up(names.host_veth)
+    for ip, mac in spec.nf.neighbors.items():
+        _neigh(ns, ip, mac, NF_IFNAME)
+
+    existing = set(dp.stats().ports)
+    wire_ports = []
+    for i, iface in enumerate(spec.ports.wire):
+        port = names.wire_port(i)
+        dp.add_af_packet_port(port, iface)
+        db.add_resource(unit, "dp_port", port, {"iface": iface})
+        wire_ports.append(port)
+    dp.add_af_packet_port(names.nf_port, names.host_veth)
+    db.add_resource(unit, "dp_port", names.nf_port, {"iface": names.host_veth})
+    egress = names.egress_port(spec.ports.egress)
+    if egress not in existing:
+        dp.add_af_packet_port(egress, spec.ports.egress)
+    db.add_resource(unit, "dp_port", egress, {"iface": spec.ports.egress, "shared": True})
+    dp.add_unit(
+        unit,
+        wire=wire_ports,
+        nf=names.nf_port,
+        egress=egress,
+        mode="ha",
+        k=spec.protection.max_inflight,
+        budget_bytes=spec.protection.memory_budget_bytes,
+        term=term,
+        epoch=1,
+    )
+    db.add_resource(unit, "dp_unit", unit)
+
+
+def start_nf(
+    db: StateDB, backend: RuncBackend, spec: UnitSpec, names: UnitNames, image: Path
+) -> Container:
+    cspec = ContainerSpec(
+        name=names.container,
+        image=image,
+        args=spec.nf.args,
+        netns=names.nf_netns,
+        env=spec.nf.env,
+        image_ref=spec.nf.image_ref,
+        cgroup_parent=names.cgroup_parent,
+    )
+    nf = backend.start(cspec)
+    db.add_resource(
+        spec.name,
+        "container",
+        names.container,
+        {
+            "pid": nf.pid,
+            "ticks": procs.start_ticks(nf.pid),
+            "bundle": str(nf.bundle.path),
+            "rootfs": str(nf.bundle.rootfs),
+            "owns_rootfs": nf.bundle.owns_rootfs,
+            "work_dir": str(nf.work_dir),
+            "spec": cspec.to_json(),
+        },
+    )
+    return nf
+
+
+class AdoptError(Exception):
+    pass
+
+
+def adopt_container(backend: RuncBackend, res: Resource) -> Container:
+    """A handle on the container a previous agent started, found by its runc state and PID.
+
+    Nothing is done to the container itself.
+    """
+    detail: dict[str, Any] = dict(res.detail)
+    name = res.name
+    # shim.container has no public "adopt" yet; the handle is built the way `start` builds it.
+    runner = backend._runner()
+    state = runner.state(name)
+    if state is None:
+        raise AdoptError(f"runc knows no container {name}: the NF is gone")
+    if state.get("status") not in ("running", "paused"):
+        raise AdoptError(f"container {name} is {state.get('status')}: the NF died")
+    pid = int(state.get("pid", 0))
+    if pid != detail["pid"] or not procs.process_alive(pid, detail["ticks"]):
+        raise AdoptError(
+            f"container {name} runs pid {pid}, not the recorded {detail['pid']}: "
+            "it was restarted by someone else"
+        )
+    if state.get("bundle") != detail["bundle"]:
+        raise AdoptError(
+            f"container {name} runs from {state.get('bundle')}, not {detail['bundle']}"
+        )
+    bundle = Bundle(Path(detail["bundle"]), Path(detail["rootfs"]), bool(detail["owns_rootfs"]))
+    return Container(
+        name,
+        pid,
+        ContainerSpec.from_json(detail["spec"]),
+        bundle,
+        Path(detail["work_dir"]),
+        runner,
+        backend,
+    )
+
+
+def _destroy_container(backend: RuncBackend, res: Resource, handle: Container | None) -> None:
+    if handle is None:
+        try:
+            handle = adopt_container(backend, res)
+        except (AdoptError, ContainerError, KeyError, ValueError) as exc:
+            log.info("container %s not adoptable (%s); removing what is left", res.name, exc)
+    if handle is not None:
+        handle.destroy()
+        return
+    detail = res.detail
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            ["runc", "--root", str(backend.state_dir / "runc"), "delete", "--force", res.name],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    if "bundle" in detail:
+        remove_bundle(Path(detail["bundle"]))
+    if "work_dir" in detail:
+        shutil.rmtree(detail["work_dir"], ignore_errors=True)
+    spec = detail.get("spec", {})
+    if "cgroup_parent" in spec:
+        remove_cgroup(f"{spec['cgroup_parent'].rstrip('/')}/{res.name}")
+
+
+def teardown(
+    db: StateDB,
+    unit: str,
+    *,
+    dp: DataPlaneClient | None,
+    backend: RuncBackend,
+    nf: Container | None = None,
+) -> list[str]:
+    """Remove every recorded resource of `unit`, newest first; returns what could not be.
+
+    Each resource is forgotten once it is gone, so a teardown that is interrupted resumes
+    where it stopped.
+    """
+    problems: list[str] = []
+    for res in reversed(db.resources(unit)):
+        try:
+            _remove(db, res, dp=dp, backend=backend, nf=nf)
+        except Exception as exc:
+            log.warning("teardown of %s %s %s failed: %s", unit, res.kind, res.name, exc)
+            problems.append(f"{res.kind} {res.name}: {exc}")
+            continue
+        db.remove_resource(unit, res.kind, res.name)
+    return problems
+
+
+def _remove(
+    db: StateDB,
+    res: Resource,
+    *,
+    dp: DataPlaneClient | None,
+    backend: RuncBackend,
+    nf: Container | None,
+) -> None:
+    match res.kind:
+        case "container":
+            _destroy_container(backend, res, nf)
+        case "standby":
+            shutil.rmtree(res.detail["root"], ignore_errors=True)
+        case "images":
+            shutil.rmtree(res.detail["root"], ignore_errors=True)
+        case "dp_unit":
+            if dp is not None:
+                try:
+                    dropped = dp.remove_unit(res.name)
+                    if dropped:
+                        log.info("unit %s removed with %d held packets", res.name, dropped)
+                except DataPlaneError as exc:
+                    if exc.code != "no_such_unit":
+                        raise
+        case "dp_port":
+            if dp is None:
+                return
+            shared = [
+                r for r in db.resources(kind="dp_port") if r.name == res.name and r.unit != res.unit
+            ]
+            if shared:
+                return
+            try:
+                dp.remove_port(res.name)
+            except DataPlaneError as exc:
+                if exc.code != "no_such_port":
+                    raise
+        case "veth":
+            netns.delete_link(res.name)
+        case "netns":
+            netns.delete_netns(res.name)
+        case _:
+            raise ValueError(f"unknown resource kind {res.kind!r}: {json.dumps(dict(res.detail))}")

@@ -1,0 +1,238 @@
+"""The agent's pieces that need no root: keys, config, state database, sd_notify, logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from hamgr import keys
+from hamgr.agent.config import AgentConfig, ConfigError
+from hamgr.agent.sdnotify import Notifier
+from hamgr.agent.state import DataPlaneRow, StateDB, StateError
+from hamgr.logs import JsonFormatter, setup_logging
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def test_init_keys_writes_private_files_and_authorizes_both(tmp_path: Path) -> None:
+    made = keys.init_keys(tmp_path, host="h1")
+    assert made.created == ("agent", "cli")
+    kdir = keys.keys_dir(tmp_path)
+    assert stat.S_IMODE(kdir.stat().st_mode) == 0o700
+    for name in ("agent", "cli"):
+        assert stat.S_IMODE((kdir / f"{name}.key_secret").stat().st_mode) == 0o600
+        assert stat.S_IMODE((kdir / f"{name}.key").stat().st_mode) == 0o644
+    # The files are ZeroMQ certificates: pyzmq's own loader reads them.
+    public, secret = zmq.auth.load_certificate(str(kdir / "agent.key_secret"))
+    assert public == made.agent.public
+    assert secret == made.agent.secret
+    assert zmq.auth.load_certificate(str(kdir / "agent.key"))[1] is None
+    authorized = keys.AuthorizedKeys(made.authorized).load()
+    assert authorized == {made.agent.public: "h1 agent", made.cli.public: "h1 cli"}
+
+
+def test_init_keys_is_idempotent_and_force_replaces(tmp_path: Path) -> None:
+    first = keys.init_keys(tmp_path, host="h1")
+    again = keys.init_keys(tmp_path, host="h1")
+    assert again.created == ()
+    assert again.agent == first.agent
+    peer = keys.generate()
+    keys.AuthorizedKeys(first.authorized).add(peer.public, "peer h2")
+    forced = keys.init_keys(tmp_path, host="h1", force=True)
+    assert forced.agent != first.agent
+    authorized = keys.AuthorizedKeys(first.authorized).load()
+    assert first.agent.public not in authorized
+    assert authorized[peer.public] == "peer h2"
+    assert authorized[forced.agent.public] == "h1 agent"
+
+
+def test_a_readable_secret_is_refused(tmp_path: Path) -> None:
+    keys.init_keys(tmp_path, host="h1")
+    secret = keys.keys_dir(tmp_path) / "agent.key_secret"
+    os.chmod(secret, 0o644)
+    with pytest.raises(keys.KeysError, match="must be 0600"):
+        keys.load_keypair(keys.keys_dir(tmp_path), "agent")
+
+
+def test_mismatched_halves_are_refused(tmp_path: Path) -> None:
+    a, b = keys.generate(), keys.generate()
+    keys.write_keypair(tmp_path, "x", keys.Keypair(a.public, b.secret))
+    with pytest.raises(keys.KeysError, match="does not belong"):
+        keys.load_keypair(tmp_path, "x")
+
+
+def test_missing_keys_say_how_to_make_them(tmp_path: Path) -> None:
+    with pytest.raises(keys.KeysError, match="hamgr init"):
+        keys.load_public(tmp_path, "agent")
+
+
+def test_authorized_keys_file_checks_every_line(tmp_path: Path) -> None:
+    path = tmp_path / "authorized_keys"
+    good = keys.generate().public.decode()
+    path.write_text(f"# comment\n\n{good} someone\nnot-a-key x\n")
+    with pytest.raises(keys.KeysError, match=r"authorized_keys:4: "):
+        keys.AuthorizedKeys(path).load()
+    ak = keys.AuthorizedKeys(tmp_path / "other")
+    assert ak.add(good, "a") is True
+    assert ak.add(good, "a") is False
+    assert ak.remove(good) is True
+    assert ak.remove(good) is False
+    with pytest.raises(keys.KeysError):
+        ak.add("short")
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    config = AgentConfig.default(tmp_path, "hostA")
+    config.write()
+    loaded = AgentConfig.load(tmp_path)
+    assert loaded.host == "hostA"
+    assert loaded.control == f"ipc://{tmp_path}/control.sock"
+    assert loaded.runtime == Path("/dev/shm/hamgr-hostA")
+    assert loaded.dp_cpu == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('control = "ipc:///x"\n', "host is required"),
+        ('host = "a b"\ncontrol = "ipc:///x"\n', "host: 'a b' is not a host name"),
+        ('host = "a"\ncontrol = "http://x"\n', "control: 'http://x' is not"),
+        ('host = "a"\ncontrol = "ipc:///x"\nmetrics = "9464"\n', "metrics: '9464' must be"),
+        ('host = "a"\ncontrol = "ipc:///x"\nbogus = 1\n', "unknown key bogus"),
+        ('host = "a"\ncontrol = "ipc:///x"\n[dataplane]\ncpu = -1\n', "dp_cpu: must be a CPU"),
+        ("host = ", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "agent.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        AgentConfig.load(tmp_path)
+
+
+def test_missing_config_says_run_init(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="init"):
+        AgentConfig.load(tmp_path)
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = StateDB(path, host="h1")
+    db.add_unit("u1", {"name": "u1"}, {"primary": "h1", "standby": "h1"}, term=1)
+    db.add_resource("u1", "netns", "ns1")
+    db.add_resource("u1", "dp_port", "p1", {"iface": "eth1"})
+    db.update_role("u1", "primary", protection="protected", last_committed=7, commits_total=3)
+    db.set_unit_state("u1", "running")
+    db.set_dataplane(DataPlaneRow(10, 20, "/x.sock", "pfx", "/x.log"))
+    db.close()
+
+    db = StateDB(path, host="h1")
+    unit = db.unit("u1")
+    assert unit is not None
+    assert unit.state == "running"
+    assert unit.spec == {"name": "u1"}
+    primary = db.role("u1", "primary")
+    assert primary is not None
+    assert (primary.term, primary.last_committed, primary.commits_total) == (1, 7, 3)
+    assert [(r.kind, r.name) for r in db.resources("u1")] == [("netns", "ns1"), ("dp_port", "p1")]
+    assert db.resources(kind="dp_port")[0].detail == {"iface": "eth1"}
+    assert db.dataplane() == DataPlaneRow(10, 20, "/x.sock", "pfx", "/x.log")
+    db.remove_unit("u1")
+    assert db.roles() == []
+    assert db.resources() == []
+    db.close()
+
+
+def test_state_belongs_to_one_host(tmp_path: Path) -> None:
+    StateDB(tmp_path / "state.db", host="h1").close()
+    with pytest.raises(StateError, match="belongs to host 'h1'"):
+        StateDB(tmp_path / "state.db", host="h2")
+
+
+def test_unit_state_is_checked(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "state.db", host="h1")
+    db.add_unit("u1", {}, {"primary": "h1"}, term=1)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        db.set_unit_state("u1", "bogus")
+    with pytest.raises(sqlite3.IntegrityError, match=r"UNIQUE|PRIMARY"):
+        db.add_unit("u1", {}, {"primary": "h1"}, term=1)
+    db.close()
+
+
+# --- sd_notify ---------------------------------------------------------------------------------
+
+
+def test_notifier_speaks_the_datagram_protocol(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        listener.settimeout(2)
+        n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+        assert n.enabled
+        assert n.watchdog_seconds == 2.0
+        assert n.ready("1 unit")
+        assert listener.recv(100) == b"READY=1\nSTATUS=1 unit"
+        assert n.watchdog(now=100.0)
+        assert listener.recv(100) == b"WATCHDOG=1"
+        # At most twice per interval.
+        assert not n.watchdog(now=100.5)
+        assert n.watchdog(now=101.0)
+        assert listener.recv(100) == b"WATCHDOG=1"
+        assert n.stopping()
+        assert listener.recv(100) == b"STOPPING=1"
+
+
+def test_notifier_is_silent_without_systemd() -> None:
+    n = Notifier({})
+    assert not n.enabled
+    assert not n.ready()
+    assert not n.watchdog()
+
+
+def test_watchdog_for_another_pid_is_ignored() -> None:
+    n = Notifier({"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert n.watchdog_seconds is None
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def test_json_logs_carry_the_extras() -> None:
+    stream = io.StringIO()
+    setup_logging("INFO", json_lines=True, stream=stream)
+    try:
+        logging.getLogger("hamgr.test").warning("refused %s", "x", extra={"peer_key": "K"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("hamgr.test").exception("failed")
+    finally:
+        logging.getLogger().handlers.clear()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines()[:2])
+    assert first["msg"] == "refused x"
+    assert first["level"] == "warning"
+    assert first["peer_key"] == "K"
+    assert first["logger"] == "hamgr.test"
+    assert first["ts"].endswith("Z")
+    assert "ValueError: boom" in second["exc"]
+
+
+def test_json_formatter_survives_odd_extras() -> None:
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "m", None, None)
+    record.path = Path("/p")
+    assert json.loads(JsonFormatter().format(record))["path"] == "/p"
