@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from types import TracebackType
 
@@ -40,20 +39,6 @@ SINK_MAC = "02:00:c6:12:00:03"
 NF_PORT = 7000
 SINK_PORT = 9000
 UNIT = "seq0"
-
-
-def _sysctl(ns: str, *settings: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings], check=True, timeout=10
-    )
-
-
-def _neigh(ns: str, ip: str, mac: str, dev: str) -> None:
-    subprocess.run(
-        ["ip", "-n", ns, "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"],
-        check=True,
-        timeout=10,
-    )
 
 
 def sequencer_args(*extra: str) -> tuple[str, ...]:
@@ -119,15 +104,7 @@ class UnitBed:
         for ns in (self.cl, self.dpns, self.nfns):
             netns.create_netns(ns)
             self.made.append(ns)
-            # No IPv6 chatter (router solicitations would be NF output too) and no reverse-path
-            # filter: the sink receives on `s` traffic whose source is routed via `w`.
-            _sysctl(
-                ns,
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            )
+            netns.quiet_host_netns(ns)
         p = self.prefix
         for outer, ns, inner, mac in (
             (f"{p}w", self.cl, f"{p}dw", CLIENT_MAC),
@@ -141,8 +118,8 @@ class UnitBed:
             netns.disable_checksum_offload(outer, ns)
         netns.add_address(f"{p}w", f"{CLIENT_IP}/24", self.cl)
         netns.add_address(f"{p}n", f"{NF_IP}/24", self.nfns)
-        _neigh(self.cl, NF_IP, NF_MAC, f"{p}w")
-        _neigh(self.nfns, CLIENT_IP, SINK_MAC, f"{p}n")
+        netns.add_static_neighbor(NF_IP, NF_MAC, f"{p}w", self.cl)
+        netns.add_static_neighbor(CLIENT_IP, SINK_MAC, f"{p}n", self.nfns)
         # Checkpoints go to tmpfs, as on a real primary.
         self.images = Path("/dev/shm") / f"hamgr-bed-{p}"
         self.images.mkdir()

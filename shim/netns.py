@@ -234,3 +234,42 @@ def run_in_netns(name: str, fn: Callable[[], _T]) -> _T:
     if error:
         raise error[0]
     return result[0]
+
+
+def sysctl(netns: str, *settings: str) -> None:
+    """Set `key=value` sysctls inside a netns (per-namespace ones such as net.ipv4.conf.*)."""
+    argv = ["ip", "netns", "exec", _check_netns_name(netns), "sysctl", "-q", "-w", *settings]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if proc.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+
+
+def quiet_host_netns(netns: str) -> None:
+    """No IPv6 chatter and no reverse-path filter in a netns whose traffic crosses the data plane.
+
+    Router solicitations would be NF output held in epoch buffers like any other, and the testbed's
+    sinks receive on one link traffic whose source is routed via another.
+    """
+    sysctl(
+        netns,
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    )
+
+
+def add_static_neighbor(ip: str, mac: str, dev: str, netns: str | None = None) -> None:
+    """A permanent neighbour entry: ARP replies would otherwise be NF output held in buffers."""
+    _ip(
+        "neigh",
+        "replace",
+        str(ipaddress.ip_address(ip)),
+        "lladdr",
+        mac,
+        "dev",
+        _check_ifname(dev),
+        "nud",
+        "permanent",
+        netns=netns,
+    )
