@@ -15,6 +15,7 @@ setup(
         "pyzmq>=25",
         "protobuf>=4.21",
         "prometheus-client>=0.20",
+        "paramiko>=5,<6",
     ],
     extras_require={
         "dev": [

@@ -640,5 +640,235 @@ def events(state_dir: Path, seconds: float, kinds: tuple[str, ...], as_json: boo
         click.echo(json.dumps({"ok": True, "events": count, "seconds": seconds}))
 
 
+# --- remote hosts (hamgr/hosts.py, docs/hosts.md) --------------------------------------------
+
+
+@cli.group()
+def hosts() -> None:
+    """Remote hosts: verify over SSH, start their agents, keep the inventory (docs/hosts.md)."""
+
+
+def _hosts_call(as_json: bool, fn: Any) -> Any:
+    from hamgr.hosts import HostsError
+
+    try:
+        return fn()
+    except HostsError as exc:
+        _fail(exc.message, exc.status, as_json, code=exc.code)
+
+
+@hosts.command("add")
+@click.argument("name")
+@click.option("--address", required=True, help="The host's IPv4 address (sshd and the agent).")
+@click.option("--port", type=click.IntRange(1, 65535), default=22, show_default=True)
+@click.option("--user", default="root", show_default=True, help="The SSH user.")
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SSH private key (default: the first of ~/.ssh/id_ed25519, id_ecdsa, id_rsa).",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Verify the host key against this file (default ~/.ssh/known_hosts).",
+)
+@click.option(
+    "--fingerprint",
+    help="Accept only the host key with this SHA256 fingerprint (checked out of band).",
+)
+@click.option(
+    "--python",
+    "python",
+    default="python3",
+    show_default=True,
+    help="The remote interpreter that has hamgr installed.",
+)
+@click.option(
+    "--remote-state-dir",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="The remote agent's state dir.",
+)
+@click.option(
+    "--control-port",
+    type=click.IntRange(1, 65535),
+    default=7311,
+    show_default=True,
+    help="TCP port of the remote agent's control socket, on --address.",
+)
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="SSH connect timeout (s)."
+)
+@click.option(
+    "--agent-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds for the remote agent to start.",
+)
+@_state_dir_option
+@_json_option
+def hosts_add(  # noqa: PLR0917 - one parameter per click option
+    name: str,
+    address: str,
+    port: int,
+    user: str,
+    key: Path | None,
+    known_hosts: Path | None,
+    fingerprint: str | None,
+    python: str,
+    remote_state_dir: str,
+    control_port: int,
+    timeout: float,
+    agent_timeout: float,
+    state_dir: Path,
+    as_json: bool,
+) -> None:
+    """Verify host NAME over SSH, start its agent, exchange keys, and record it.
+
+    The host key must match --fingerprint or an entry of the known_hosts file; an unknown or
+    different key is refused and its fingerprint printed. Exit 3 when the host, its sshd (or
+    the key for it) or its agent cannot be reached.
+    """
+    import ipaddress
+
+    from hamgr import hosts as h
+
+    if known_hosts is not None and fingerprint is not None:
+        _fail("give --known-hosts or --fingerprint, not both", EXIT_USAGE, as_json)
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        _fail(f"--address {address!r} is not an IP address", EXIT_USAGE, as_json)
+
+    def run() -> dict[str, Any]:
+        expected = h.parse_fingerprint(fingerprint) if fingerprint is not None else None
+        if key is not None:
+            client_key = key.expanduser().absolute()
+        else:
+            home = Path("~/.ssh").expanduser()
+            found = [home / n for n in h.DEFAULT_KEYS if (home / n).exists()]
+            if not found:
+                raise h.HostsError(
+                    f"no SSH client key in {home} (tried {', '.join(h.DEFAULT_KEYS)}): pass "
+                    "--key with the private key that the host's sshd accepts",
+                    status=EXIT_USAGE,
+                    code="no_client_key",
+                )
+            client_key = found[0]
+        if known_hosts is not None and not known_hosts.exists():
+            raise h.HostsError(
+                f"--known-hosts {known_hosts} does not exist", status=EXIT_USAGE, code="usage"
+            )
+        target = h.SshTarget(
+            address=address,
+            port=port,
+            user=user,
+            key=client_key,
+            known_hosts=None
+            if expected
+            else (known_hosts or Path("~/.ssh/known_hosts").expanduser()).absolute(),
+            fingerprint=expected,
+            timeout=timeout,
+        )
+        options = h.AddOptions(
+            name=name,
+            target=target,
+            python=python,
+            remote_state_dir=remote_state_dir,
+            control_port=control_port,
+            agent_timeout=agent_timeout,
+        )
+        return h.add_host(state_dir.absolute(), options, _say)
+
+    result = _hosts_call(as_json, run)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(result["name"])
+
+
+@hosts.command("list")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for each agent's ping.",
+)
+@_state_dir_option
+@_json_option
+def hosts_list(timeout: float, state_dir: Path, as_json: bool) -> None:
+    """The inventory, with each agent's live reachability (a control-channel ping)."""
+    from hamgr import hosts as h
+
+    rows = _hosts_call(as_json, lambda: h.list_hosts(state_dir.absolute(), timeout))
+    if as_json:
+        click.echo(json.dumps({"ok": True, "hosts": rows}))
+        return
+    if not rows:
+        _say("no hosts; add one with `hamgr hosts add`")
+        return
+    header = ("NAME", "SSH", "FINGERPRINT", "CONTROL", "REACHABLE", "AGENT_PID")
+    table = [
+        (
+            r["name"],
+            f"{r['user']}@{r['address']}:{r['port']}",
+            r["fingerprint"],
+            r["control"],
+            "yes" if r["reachable"] else f"no ({r['error']})",
+            _cell(r.get("agent_pid")),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip())
+    for row, r in zip(table, rows, strict=True):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        cells[4] = click.style(cells[4], fg="green" if r["reachable"] else "red")
+        click.echo("  ".join(cells).rstrip(), color=_color())
+
+
+@hosts.command("remove")
+@click.argument("name")
+@click.option(
+    "--stop-agent",
+    is_flag=True,
+    help="Also stop the remote agent over SSH (`hamgr down` there) and take this machine's keys "
+    "out of its authorized_keys.",
+)
+@click.option(
+    "--teardown",
+    is_flag=True,
+    help="With --stop-agent: also stop the host's units and data plane (`hamgr down --teardown`).",
+)
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="SSH connect timeout (s)."
+)
+@_state_dir_option
+@_json_option
+def hosts_remove(  # noqa: PLR0917 - one parameter per click option
+    name: str, stop_agent: bool, teardown: bool, timeout: float, state_dir: Path, as_json: bool
+) -> None:
+    """Drop host NAME from the inventory and from this machine's authorized_keys."""
+    from hamgr import hosts as h
+
+    if teardown and not stop_agent:
+        _fail("--teardown needs --stop-agent", EXIT_USAGE, as_json)
+    result = _hosts_call(
+        as_json,
+        lambda: h.remove_host(
+            state_dir.absolute(),
+            name,
+            stop_agent=stop_agent,
+            teardown=teardown,
+            timeout=timeout,
+            say=_say,
+        ),
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+
+
 def main() -> None:
     cli.main(standalone_mode=True)
