@@ -1,0 +1,808 @@
+"""Remote roles of a host's agent: primary with a remote standby, standby, spare.
+
+``python -m hamgr.agent.remote run --plan FILE`` runs one host's agent for these roles, inside
+the host's netns (the fabric starts it under ``nsenter --net``). This is milestone 1 of remote
+failover: the roles come from a *plan* file written by whoever builds the cluster (today
+`hamgr.fabric`), because the control channel's schema (`hamgr.control`) has no request yet to
+set up a standby on another agent; docs/agent.md says what is missing.
+
+What the agent does, per role of a unit U:
+
+- **primary**: builds the NF's netns and veth, adds the data plane's NF port and the unit
+  (wire and egress are both the host's data link ``fab``), starts the NF, and runs the epoch
+  engine (`hamgr.agent.primary.UnitRunner`) shipping each epoch to the standby's
+  `ReplicationServer` over the management network (CURVE, the standby's public key from the
+  plan). It probes the standby's data plane; when the standby is confirmed dead it re-protects U
+  onto the first spare: a recovery cut, shipped in full, then the engine goes on there.
+- **standby**: holds U's store in this host's ReplicationServer, prepares U's NF netns (same IP,
+  MAC, neighbours; the veth end on the host stays out of the data plane), probes the primary, and
+  runs a `shim.failover.FailoverMachine` through `shim.remote_failover.RemoteFailover`. The
+  steps are `StandbySteps` below.
+- **spare**: holds a store for U, so that U can be re-protected here.
+
+Every host answers ``ping`` on its control endpoint (a zmq ROUTER on the management IP, CURVE);
+that ping is the `Confirm` check of a suspect peer. ``failover`` requests (an operator's
+`FailoverRequested`) and ``status`` go to the same endpoint.
+
+The agent writes ``status.json`` (its PIDs, the data plane's, each NF's) whenever they change,
+so the testbed can kill the host at once, and ``events.jsonl``: one JSON object per line with
+``kind`` and ``mono_us`` (CLOCK_MONOTONIC), for benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import click
+import zmq
+
+from dpdk_vhost.client import DataPlaneClient, DataPlaneError
+from dpdk_vhost.protocol import PeerDown, PeerUp
+from hamgr.agent.dataplane import OwnedDataPlane
+from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
+from hamgr.agent.unitnet import NF_IFNAME, UnitNames, _neigh, _sysctl
+from hamgr.unitspec import UnitSpec, loads
+from policies.detection import DetectionPolicy
+from policies.placement import HostFacts
+from shim import epoch as ep
+from shim import failover as fo
+from shim import netns
+from shim.container import Container, RuncBackend
+from shim.engine import PrimaryEngine
+from shim.local_failover import TermFile
+from shim.remote_failover import RemoteFailover
+from shim.replication import ReplicationClient, ReplicationServer
+from shim.store import Store
+
+__all__ = ["HostPlan", "PeerPlan", "RemoteAgent", "UnitPlan", "ping", "request"]
+
+log = logging.getLogger(__name__)
+
+FABRIC_PORT = "fab"
+SURVEY_PING_S = 0.05
+ETH_P_ARP = 0x0806
+
+
+@attrs.frozen
+class PeerPlan:
+    mgmt_ip: str
+    control_port: int
+    repl_port: int
+    public_key: str
+
+    @property
+    def control(self) -> str:
+        return f"tcp://{self.mgmt_ip}:{self.control_port}"
+
+    @property
+    def replication(self) -> str:
+        return f"tcp://{self.mgmt_ip}:{self.repl_port}"
+
+
+@attrs.frozen
+class UnitPlan:
+    spec: str  # the unit spec, TOML
+    role: str  # primary | standby | spare
+    primary: str = ""
+    standby: str = ""
+    spares: tuple[str, ...] = attrs.field(default=())
+
+
+@attrs.frozen
+class HostPlan:
+    host: str
+    work: Path = attrs.field(converter=Path)
+    runtime: Path = attrs.field(converter=Path)
+    data_iface: str
+    mgmt_ip: str
+    control_port: int
+    repl_port: int
+    public_key: str
+    secret_key: str
+    peers: dict[str, PeerPlan]
+    units: tuple[UnitPlan, ...]
+    cpu: int = 1
+    probe_interval_us: int = 1000
+    probe_miss: int = 3
+    # The agent's own check of a suspect peer. policies/detection.py's 5 ms default is shorter
+    # than a busy Python agent's answer on a loaded 2-CPU host; every window this short that
+    # passed in a test run turned a probe flap into a needless failover. A dead agent never
+    # answers (its link is down, no RST comes), so the window is paid on every real failure.
+    confirm_window_us: int = 30_000
+
+    @staticmethod
+    def load(path: Path) -> HostPlan:
+        data = json.loads(path.read_text())
+        data["peers"] = {k: PeerPlan(**v) for k, v in data["peers"].items()}
+        data["units"] = tuple(
+            UnitPlan(**{**u, "spares": tuple(u["spares"])}) for u in data["units"]
+        )
+        return HostPlan(**data)
+
+    def dump(self, path: Path) -> None:
+        data = attrs.asdict(self, recurse=True)
+        data["work"], data["runtime"] = str(self.work), str(self.runtime)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+
+
+def _now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+# --- the control endpoint: ping (the Confirm check), failover, status -----------------------
+
+
+class ControlEndpoint:
+    """A ROUTER on the management IP answering JSON requests from peer agents (CURVE)."""
+
+    def __init__(self, endpoint: str, secret_key: bytes, handler: Any) -> None:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+        self._sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key)
+        self._sock.bind(endpoint)
+        self._handler = handler
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="remote-control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(50):
+                continue
+            frames = self._sock.recv_multipart()
+            try:
+                reply = self._handler(json.loads(frames[-1]))
+            except Exception as exc:
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            self._sock.send_multipart([frames[0], b"", json.dumps(reply).encode()])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+        self._ctx.term()
+
+
+class PeerLinks:
+    """One DEALER per peer, connected once (the CURVE handshake is not on the confirm path)."""
+
+    def __init__(self, peers: dict[str, PeerPlan], public: bytes, secret: bytes) -> None:
+        self._ctx = zmq.Context()
+        self._socks: dict[str, zmq.Socket[bytes]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._seq = 0
+        for name, p in peers.items():
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.CURVE_SERVERKEY, p.public_key.encode())
+            s.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            s.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            s.connect(p.control)
+            self._socks[name] = s
+            self._locks[name] = threading.Lock()
+
+    def request(self, peer: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        with self._locks[peer]:
+            self._seq += 1
+            seq = self._seq
+            sock = self._socks[peer]
+            # DEALER has no REQ lock-step: send even if an earlier reply never came.
+            try:
+                sock.send_multipart([b"", json.dumps({**body, "seq": seq}).encode()], zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            deadline = time.monotonic() + timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not sock.poll(max(1, int(left * 1000))):
+                    continue
+                frames = sock.recv_multipart()
+                reply: dict[str, Any] = json.loads(frames[-1])
+                if reply.get("seq") == seq:
+                    return reply
+            return None
+
+    def ping(self, peer: str, timeout_s: float) -> bool:
+        reply = self.request(peer, {"type": "ping"}, timeout_s)
+        return reply is not None and "error" not in reply
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._ctx.term()
+
+
+def ping(endpoint: str, server_key: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """One request to an agent's control endpoint (tests, benchmarks)."""
+    mgmt_ip, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    links = PeerLinks({"x": PeerPlan(mgmt_ip, int(port), 0, server_key)}, *zmq.curve_keypair())
+    try:
+        return links.request("x", {"type": "ping"}, timeout_s)
+    finally:
+        links.close()
+
+
+def request(
+    endpoint: str, server_key: str, body: dict[str, Any], timeout_s: float = 1.0
+) -> dict[str, Any] | None:
+    mgmt_ip, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    links = PeerLinks({"x": PeerPlan(mgmt_ip, int(port), 0, server_key)}, *zmq.curve_keypair())
+    try:
+        return links.request("x", body, timeout_s)
+    finally:
+        links.close()
+
+
+# --- unit networking ------------------------------------------------------------------------
+
+
+def prepare_nf_netns(spec: UnitSpec, names: UnitNames) -> None:
+    """The NF's netns and veth (address, MAC, static neighbours), its host end not attached."""
+    ns = names.nf_netns
+    netns.create_netns(ns)
+    _sysctl(
+        ns,
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    )
+    netns.create_veth(netns.VethEnd(names.host_veth), netns.VethEnd(NF_IFNAME, ns))
+    netns.set_mac_address(NF_IFNAME, spec.nf.mac, ns)
+    netns.disable_checksum_offload(NF_IFNAME, ns)
+    netns.disable_checksum_offload(names.host_veth)
+    netns.add_address(NF_IFNAME, spec.nf.address, ns)
+    netns.set_up(NF_IFNAME, ns)
+    netns.set_up(names.host_veth)
+    for ip, mac in spec.nf.neighbors.items():
+        _neigh(ns, ip, mac, NF_IFNAME)
+
+
+def attach_unit(
+    dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int, paused: bool
+) -> None:
+    """The NF port joins the data plane and the unit is added (wire = egress = the data link)."""
+    if names.nf_port not in dp.stats().ports:
+        dp.add_af_packet_port(names.nf_port, names.host_veth)
+    dp.add_unit(
+        spec.name,
+        wire=[FABRIC_PORT],
+        nf=names.nf_port,
+        egress=FABRIC_PORT,
+        mode="ha",
+        k=spec.protection.max_inflight,
+        budget_bytes=spec.protection.memory_budget_bytes,
+        term=term,
+        epoch=1,
+    )
+    if paused:
+        dp.pause_ingress(spec.name, term)
+
+
+def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
+    """A gratuitous ARP reply from `mac`: the fabric's bridge learns where `mac` lives now."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    addr = socket.inet_aton(ip.split("/", maxsplit=1)[0])
+    frame = (
+        b"\xff" * 6
+        + hw
+        + struct.pack("!H", ETH_P_ARP)
+        + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2)
+        + hw
+        + addr
+        + b"\xff" * 6
+        + addr
+    )
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((iface, 0))
+        s.send(frame.ljust(60, b"\0"))
+
+
+# --- roles ----------------------------------------------------------------------------------
+
+
+@attrs.define
+class PrimaryRole:
+    spec: UnitSpec
+    names: UnitNames
+    nf: Container
+    term: int
+    standby: str
+    spares: list[str]
+    runner: UnitRunner | None = None
+
+
+class RemoteAgent:
+    """One host's agent for remote roles (module doc)."""
+
+    def __init__(self, plan: HostPlan) -> None:
+        self.plan = plan
+        self.host = plan.host
+        plan.work.mkdir(parents=True, exist_ok=True)
+        plan.runtime.mkdir(parents=True, exist_ok=True)
+        self.public = plan.public_key.encode()
+        self.secret = plan.secret_key.encode()
+        self.backend = RuncBackend(state_dir=plan.work / "containers")
+        self.events_path = plan.work / "events.jsonl"
+        self._events = self.events_path.open("a", buffering=1)
+        self._lock = threading.Lock()
+        self.dp: OwnedDataPlane | None = None
+        self.server: ReplicationServer | None = None
+        self.stores: dict[str, Store] = {}
+        self.primaries: dict[str, PrimaryRole] = {}
+        self.drivers: dict[str, RemoteFailover] = {}
+        self.steps: dict[str, StandbySteps] = {}
+        self.requests: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.links = PeerLinks(plan.peers, self.public, self.secret)
+        self.control: ControlEndpoint | None = None
+        self._stop = threading.Event()
+        self._watching: dict[str, str] = {}  # peer -> unit whose standby it is (primary side)
+        # Peers whose probes arrived at least once: silence from a peer that never spoke is
+        # a peer still starting, not a failure.
+        self._seen: set[str] = set()
+
+    # -- bookkeeping for the testbed -----------------------------------------------------
+
+    def event(self, kind: str, **fields: Any) -> None:
+        line = json.dumps({"kind": kind, "host": self.host, "mono_us": _now_us(), **fields})
+        with self._lock:
+            self._events.write(line + "\n")
+
+    def write_status(self, ready: bool = True) -> None:
+        nfs = {u: r.nf.pid for u, r in self.primaries.items()}
+        for u, s in self.steps.items():
+            nfs.update({f"{u}-t{t}": c.pid for t, c in s.restored.items()})
+        status = {
+            "host": self.host,
+            "agent_pid": os.getpid(),
+            "dp_pid": self.dp.pid if self.dp else None,
+            "dp_prefix": self.dp.row.file_prefix if self.dp else None,
+            "nf_pids": nfs,
+            "ready": ready,
+        }
+        tmp = self.plan.work / ".status.json"
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.plan.work / "status.json")
+
+    def dp_client(self) -> DataPlaneClient:
+        assert self.dp is not None
+        return self.dp.client()
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        plan = self.plan
+        self.dp = OwnedDataPlane.start(host=self.host, work=plan.work / "dataplane", cpu=plan.cpu)
+        self.write_status(ready=False)
+        with self.dp_client() as dp:
+            dp.add_af_packet_port(FABRIC_PORT, plan.data_iface)
+        stores: dict[str, Store] = {}
+        for u in plan.units:
+            if u.role in ("standby", "spare"):
+                spec = loads(u.spec)
+                stores[spec.name] = Store(plan.runtime / "standby" / spec.name)
+        if stores:
+            self.stores = stores
+            self.server = ReplicationServer(
+                f"tcp://{plan.mgmt_ip}:{plan.repl_port}",
+                stores,
+                secret_key=self.secret,
+                allowed_clients=[p.public_key.encode() for p in plan.peers.values()],
+            )
+            self.server.start()
+        self.control = ControlEndpoint(
+            f"tcp://{plan.mgmt_ip}:{plan.control_port}", self.secret, self._handle
+        )
+        for u in plan.units:
+            spec = loads(u.spec)
+            if u.role == "standby":
+                self._start_standby(spec, u)
+        for u in plan.units:
+            spec = loads(u.spec)
+            if u.role == "primary":
+                self._start_primary(spec, u)
+        self.write_status()
+        self.event("ready", pid=os.getpid())
+
+    def _start_standby(self, spec: UnitSpec, u: UnitPlan) -> None:
+        names = UnitNames(self.host, spec.name)
+        prepare_nf_netns(spec, names)
+        with self.dp_client() as dp:
+            dp.add_probe(
+                u.primary,
+                FABRIC_PORT,
+                interval_us=self.plan.probe_interval_us,
+                miss=self.plan.probe_miss,
+                term=1,
+            )
+        steps = StandbySteps(self, spec, names, list(u.spares))
+        config = fo.FailoverConfig(
+            detection=DetectionPolicy(
+                interval_us=self.plan.probe_interval_us,
+                misses=self.plan.probe_miss,
+                confirm_window_us=self.plan.confirm_window_us,
+            )
+        )
+        machine = fo.FailoverMachine(spec.name, 1, config, peer=u.primary, now_us=_now_us())
+        self.steps[spec.name] = steps
+        self.drivers[spec.name] = RemoteFailover(machine, steps, on_report=self._on_report)
+
+    def _start_primary(self, spec: UnitSpec, u: UnitPlan) -> None:
+        from hamgr.nfs import images
+
+        names = UnitNames(self.host, spec.name)
+        prepare_nf_netns(spec, names)
+        with self.dp_client() as dp:
+            attach_unit(dp, spec, names, term=1, paused=False)
+        from shim.oci import ContainerSpec
+
+        nf = self.backend.start(
+            ContainerSpec(
+                name=names.container,
+                image=images.build_image(spec.nf.image),
+                args=spec.nf.args,
+                netns=names.nf_netns,
+                env=spec.nf.env,
+                cgroup_parent=names.cgroup_parent,
+            )
+        )
+        role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares))
+        self.primaries[spec.name] = role
+        self.write_status(ready=False)
+        self.protect(role, u.standby, first=True)
+
+    # -- the primary side ----------------------------------------------------------------
+
+    def _shipper(self, standby: str) -> ReplicationClient:
+        p = self.plan.peers[standby]
+        return ReplicationClient(
+            p.replication, server_key=p.public_key.encode(), keypair=(self.public, self.secret)
+        )
+
+    def protect(self, role: PrimaryRole, standby: str, *, first: bool) -> None:
+        """Run `role`'s epoch engine shipping to `standby` (its first ship is a full image)."""
+        unit, term = role.spec.name, role.term
+        dp = self.dp_client()
+        shipper = self._shipper(standby)
+        try:
+            shipper.hello(unit, term, timeout=5.0)
+            if first:
+                s = dp.stats(unit).units[unit]
+                first_epoch, closed = int(s.epoch), 0
+            else:
+                handover = take_over(
+                    dp,
+                    role.nf,
+                    shipper,
+                    unit=unit,
+                    term=term,
+                    committed=None,
+                    image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
+                )
+                first_epoch, closed = handover.first_epoch, handover.closed_total
+            engine = self._engine(role, dp, shipper, first_epoch=first_epoch, nf_rx_base=closed)
+        except BaseException:
+            shipper.close()
+            dp.close()
+            raise
+        role.standby = standby
+        role.runner = UnitRunner(
+            unit,
+            engine,
+            dp,
+            role.nf,
+            shipper,
+            commits_base=0,
+            observed=self._observed(term),
+            standby=standby,
+        )
+        role.runner.start()
+        with self.dp_client() as c, contextlib.suppress(DataPlaneError):
+            c.add_probe(
+                standby,
+                FABRIC_PORT,
+                interval_us=self.plan.probe_interval_us,
+                miss=self.plan.probe_miss,
+                term=term,
+            )
+        self._watching[standby] = unit
+        self.event("protected", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
+
+    def _engine(
+        self,
+        role: PrimaryRole,
+        dp: DataPlaneClient,
+        shipper: ReplicationClient,
+        *,
+        first_epoch: int,
+        nf_rx_base: int,
+    ) -> PrimaryEngine:
+        machine = ep.PrimaryMachine(
+            role.spec.name,
+            role.term,
+            primary_config(role.spec),
+            first_epoch=first_epoch,
+            now_us=_now_us(),
+        )
+        return PrimaryEngine(
+            role.spec.name,
+            machine,
+            dp,
+            role.nf,
+            shipper,
+            image_root=self.plan.runtime / "images",
+            nf_rx_base=nf_rx_base,
+        )
+
+    def _observed(self, term: int) -> Observed:
+        first = [True]
+
+        def on_commit(unit: str, epoch: int, commit_ms: float) -> None:
+            if first[0]:
+                first[0] = False
+                self.event("first_commit", unit=unit, term=term, epoch=epoch)
+
+        def on_alarm(unit: str, reason: str) -> None:
+            self.event("alarm", unit=unit, reason=reason)
+
+        return Observed(on_commit, on_alarm, lambda _u, _s: None)
+
+    def _standby_lost(self, peer: str, down: PeerDown) -> None:
+        unit = self._watching.get(peer)
+        role = self.primaries.get(unit or "")
+        if role is None or role.standby != peer:
+            return
+        if self.links.ping(peer, self.plan.confirm_window_us / 1e6):
+            self.event("standby_disputed", unit=unit, standby=peer)
+            return
+        self.event("standby_lost", unit=unit, standby=peer, last_rx_us=down.last_rx_mono_us)
+        for spare in role.spares:
+            if spare == peer or not self.links.ping(spare, SURVEY_PING_S):
+                continue
+            if role.runner is not None:
+                role.runner.stop(drain_seconds=0)
+                role.runner = None
+            with self.dp_client() as c, contextlib.suppress(DataPlaneError):
+                c.remove_probe(peer)
+            self._watching.pop(peer, None)
+            role.spares = [s for s in role.spares if s != spare]
+            try:
+                self.protect(role, spare, first=False)
+            except Exception as exc:
+                self.event("alarm", unit=unit, reason=f"re-protection on {spare} failed: {exc}")
+                continue
+            self.event("reprotected", unit=unit, standby=spare, term=role.term)
+            return
+        self.event("alarm", unit=unit, reason="standby lost and no spare answers; stalled")
+
+    # -- events --------------------------------------------------------------------------
+
+    def _on_report(self, report: fo.Report) -> None:
+        self.event(
+            "failover",
+            unit=report.unit,
+            status=report.status.value,
+            term=report.term,
+            detail=report.detail,
+            elapsed_us=report.elapsed_us,
+        )
+        driver = self.drivers.get(report.unit)
+        if report.status is not fo.Status.RUNNING and driver and driver.records:
+            self.event("failover_record", unit=report.unit, **driver.records[-1].to_json())
+
+    def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        seq = req.get("seq")
+        match req.get("type"):
+            case "ping":
+                return {"seq": seq, "host": self.host, "pid": os.getpid()}
+            case "failover":
+                self.requests.put(req)
+                return {"seq": seq, "queued": True}
+            case "status":
+                units = {
+                    u: {"state": d.machine.state.value, "term": d.machine.term}
+                    for u, d in self.drivers.items()
+                }
+                prim = {
+                    u: {"term": r.term, "standby": r.standby, "nf_pid": r.nf.pid}
+                    for u, r in self.primaries.items()
+                }
+                return {"seq": seq, "host": self.host, "standby": units, "primary": prim}
+        return {"seq": seq, "error": f"unknown type {req.get('type')!r}"}
+
+    def run(self) -> None:
+        with self.dp_client() as events:
+            events.subscribe()
+            while not self._stop.is_set():
+                ev = events.next_event(0.002)
+                if isinstance(ev, PeerDown) and ev.peer not in self._seen:
+                    self.event("peer_silent", peer=ev.peer)
+                elif isinstance(ev, PeerDown):
+                    self.event(
+                        "peer_down",
+                        peer=ev.peer,
+                        last_rx_us=ev.last_rx_mono_us,
+                        down_us=ev.mono_us,
+                    )
+                    for unit, driver in self.drivers.items():
+                        if driver.machine.peer != ev.peer:
+                            continue
+                        # Nothing committed means nothing to restore: the unit is not yet
+                        # protected, and a failover could only fail after fencing the store.
+                        if self.server is None or self.server.committed(unit) is None:
+                            self.event("peer_down_unprotected", unit=unit, peer=ev.peer)
+                            continue
+                        driver.peer_down(ev.peer, ev.last_rx_mono_us, ev.mono_us)
+                    if ev.peer in self._watching:
+                        self._standby_lost(ev.peer, ev)
+                elif isinstance(ev, PeerUp):
+                    self.event("peer_up", peer=ev.peer)
+                    self._seen.add(ev.peer)
+                    for driver in self.drivers.values():
+                        driver.feed(fo.PeerUp(ev.peer, ev.mono_us))
+                while True:
+                    try:
+                        req = self.requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    wanted = self.drivers.get(str(req.get("unit")))
+                    if wanted is not None:
+                        wanted.feed(
+                            fo.FailoverRequested(
+                                str(req.get("reason", "operator")), False, int(req["term"])
+                            )
+                        )
+                for driver in self.drivers.values():
+                    driver.tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for role in self.primaries.values():
+            if role.runner is not None:
+                role.runner.stop(drain_seconds=0)
+        for d in self.drivers.values():
+            d.close()
+        if self.control is not None:
+            self.control.close()
+        if self.server is not None:
+            self.server.stop()
+        self.links.close()
+        self._events.close()
+
+
+class StandbySteps:
+    """The failover steps on a standby host (`shim.remote_failover.RemoteSteps`)."""
+
+    def __init__(
+        self, agent: RemoteAgent, spec: UnitSpec, names: UnitNames, spares: list[str]
+    ) -> None:
+        self.agent = agent
+        self.spec = spec
+        self.names = names
+        self.spares = spares
+        self.unit = spec.name
+        self.term_file = TermFile(agent.plan.work / "terms" / self.unit)
+        self.restored: dict[int, Container] = {}
+
+    def confirm(self, peer: str, timeout_s: float) -> bool:
+        return self.agent.links.ping(peer, timeout_s)
+
+    def raise_term(self, term: int) -> None:
+        self.term_file.write(term)
+
+    def fence(self, term: int) -> tuple[int, int]:
+        discarded = 0
+        with self.agent.dp_client() as dp:
+            if self.unit in dp.stats().units:  # left by an earlier attempt
+                discarded = dp.set_term(self.unit, term)
+                discarded += dp.remove_unit(self.unit)
+        return discarded, 1
+
+    def locate(self, term: int) -> tuple[str, int, int]:
+        server = self.agent.server
+        assert server is not None
+        cp = server.promote(self.unit, term)
+        if cp is None:
+            raise RuntimeError(f"the store of {self.unit} holds no committed checkpoint")
+        return str(cp.path), cp.epoch, int(cp.meta.get("cut_seq", 0))
+
+    def restore(self, image: str, term: int) -> int:
+        nf = self.agent.backend.restore(
+            Path(image), self.names.nf_netns, name=f"{self.names.container}-t{term}"
+        )
+        self.restored[term] = nf
+        self.agent.write_status()
+        return nf.pid
+
+    def attach(self, term: int) -> None:
+        with self.agent.dp_client() as dp:
+            try:
+                attach_unit(dp, self.spec, self.names, term=term, paused=True)
+            except BaseException:
+                # The machine never saw PortsAttached: leave no half-added unit behind.
+                with contextlib.suppress(DataPlaneError):
+                    dp.remove_unit(self.unit)
+                with contextlib.suppress(DataPlaneError):
+                    dp.remove_port(self.names.nf_port)
+                raise
+
+    def announce(self, term: int) -> None:
+        gratuitous_arp(self.agent.plan.data_iface, self.spec.nf.mac, self.spec.nf.address)
+
+    def resume(self, term: int) -> None:
+        with self.agent.dp_client() as dp:
+            dp.resume_ingress(self.unit, term)
+
+    def survey(self, term: int) -> tuple[HostFacts, ...]:
+        return tuple(
+            HostFacts(s, self.agent.links.ping(s, SURVEY_PING_S), 1 << 34, 0, False)
+            for s in self.spares
+        )
+
+    def reprotect(self, term: int, standby: str) -> None:
+        nf = self.restored[term]
+        role = PrimaryRole(self.spec, self.names, nf, term, standby, [])
+        self.agent.primaries[self.unit] = role
+        self.agent.protect(role, standby, first=True)
+        self.agent.write_status()
+
+    def detach(self, term: int) -> None:
+        with self.agent.dp_client() as dp, contextlib.suppress(DataPlaneError):
+            dp.pause_ingress(self.unit, term)
+
+    def destroy_restored(self, term: int, pid: int | None) -> None:
+        nf = self.restored.pop(term, None)
+        if nf is not None:
+            nf.destroy()
+            self.agent.write_status()
+
+    def discard_output(self, term: int) -> None:
+        with self.agent.dp_client() as dp, contextlib.suppress(DataPlaneError):
+            dp.remove_unit(self.unit)
+
+
+@click.group()
+def cli() -> None:
+    """A host's agent for remote roles (primary, standby, spare)."""
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True)
+def run(plan_path: Path) -> None:
+    """Run until SIGTERM; the plan file says what this host does."""
+    logging.basicConfig(
+        level=os.environ.get("HAMGR_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    agent = RemoteAgent(HostPlan.load(plan_path))
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    try:
+        agent.start()
+        agent.run()
+    finally:
+        agent.close()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,426 @@
+"""A three-host testbed in network namespaces, for remote failover (DESIGN.md "Testbed").
+
+::
+
+                              fabric netns <p>-br:  bridge br0
+        ┌───────────┬────────────┬──────────────┬──────────────┬──────────────┐
+    client <p>-cl  sink <p>-sk   host A <p>-A    host B <p>-B    host C <p>-C
+    198.18.0.1     198.18.0.3    data  <p>dA     data  <p>dB     data  <p>dC   (no IP: the
+                                 mgmt  <p>mA     mgmt  <p>mB     mgmt  <p>mC    data plane's
+                                 198.18.1.1      198.18.1.2      198.18.1.3     af_packet)
+
+Each host netns holds its own agent (`hamgr.agent.remote`, started under ``nsenter --net``),
+which starts its own data plane (own ``--file-prefix``). The data link is the data plane's port
+``fab``: the unit's wire and egress, and the port of the probes. The management link carries a
+kernel IP for the agents' control endpoints and replication (zmq, CURVE; the keys are made here
+and handed to each agent in its plan file, 0600).
+
+The NF (the sequencer) is 198.18.0.2 with a fixed MAC on every host: in its netns on the
+primary, and in a prepared netns on the standby whose veth stays out of the data plane until a
+takeover. All neighbours are static: an ARP reply of the NF would be held in an epoch buffer.
+The sink has its own address, so the NF's output and the client's input never share a MAC.
+
+`kill_host` SIGKILLs every process of a host at once (agent and its children, data plane, NFs:
+the PIDs are in the agent's ``status.json``) and takes its two fabric links down. `close`
+removes everything, by PID and by name: processes, containers, namespaces, cgroups, hugepage
+files, tmpfs directories. Addresses are from 198.18.0.0/15 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import attrs
+import zmq
+
+from dpdk_vhost.process import remove_dpdk_files
+from hamgr.agent.remote import HostPlan, PeerPlan, UnitPlan
+from hamgr.agent.unitnet import UnitNames
+from shim import netns
+from shim.container import remove_cgroup
+
+__all__ = ["Fabric", "HostHandle", "sequencer_spec"]
+
+CLIENT_IP = "198.18.0.1"
+NF_IP = "198.18.0.2"
+SINK_IP = "198.18.0.3"
+CLIENT_MAC = "02:00:c6:12:00:01"
+NF_MAC = "02:00:c6:12:00:02"
+SINK_MAC = "02:00:c6:12:00:03"
+NF_PORT = 7000
+SINK_PORT = 9000
+CONTROL_PORT = 7100
+REPL_PORT = 7200
+UNIT = "seq0"
+HOSTS = ("A", "B", "C")
+START_TIMEOUT_S = 60.0
+
+
+def sequencer_spec(unit: str = UNIT, *, epoch_ms: int = 50, image: str = "sequencer") -> str:
+    return f"""\
+name = "{unit}"
+
+[nf]
+image = "{image}"
+args = ["/usr/local/bin/sequencer", "--listen", "{NF_PORT}", "--dest", "{SINK_IP}:{SINK_PORT}"]
+address = "{NF_IP}/24"
+mac = "{NF_MAC}"
+
+[nf.neighbors]
+"{SINK_IP}" = "{SINK_MAC}"
+"{CLIENT_IP}" = "{CLIENT_MAC}"
+
+# Remote roles use the host's data link as both wire and egress (hamgr.agent.remote); the
+# spec's port names are not used there, but the spec format wants two distinct ones.
+[ports]
+wire = ["fab"]
+egress = "fabout"
+
+[epoch]
+policy = "fixed"
+length_ms = {epoch_ms}
+
+[protection]
+max_inflight = 4
+memory_budget_mb = 64
+lossless = false
+on_standby_loss = "stall"
+"""
+
+
+def _sysctl(ns: str, *settings: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _children(pids: set[int]) -> set[int]:
+    """`pids` and all their descendants (one /proc scan per generation)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.add(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+@attrs.define
+class HostHandle:
+    letter: str
+    name: str  # the agent's host name
+    ns: str
+    work: Path
+    runtime: Path
+    mgmt_ip: str
+    public: str
+    secret: str
+    cpu: int
+    proc: subprocess.Popen[bytes] | None = None
+    killed_us: int | None = None
+
+    @property
+    def control(self) -> str:
+        return f"tcp://{self.mgmt_ip}:{CONTROL_PORT}"
+
+    def status(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.work / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return data
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.work / "events.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                ev = json.loads(line)
+                if kind is None or ev.get("kind") == kind:
+                    out.append(ev)
+        return out
+
+    def log(self) -> str:
+        path = self.work / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@attrs.define
+class Fabric:
+    """The three hosts, the bridge, the client and the sink (module doc)."""
+
+    __test__ = False
+
+    work: Path
+    prefix: str = attrs.field(factory=lambda: f"f{os.getpid() % 10000}")
+    epoch_ms: int = 50
+    made: list[str] = attrs.Factory(list)
+    hosts: dict[str, HostHandle] = attrs.Factory(dict)
+
+    @property
+    def br(self) -> str:
+        return f"{self.prefix}-br"
+
+    @property
+    def cl(self) -> str:
+        return f"{self.prefix}-cl"
+
+    @property
+    def sk(self) -> str:
+        return f"{self.prefix}-sk"
+
+    def __enter__(self) -> Fabric:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- build ---------------------------------------------------------------------------
+
+    def build(self) -> None:
+        p = self.prefix
+        self.work.mkdir(parents=True, exist_ok=True)
+        for i, letter in enumerate(HOSTS):
+            pub, sec = zmq.curve_keypair()
+            name = f"{p}{letter}"
+            self.hosts[letter] = HostHandle(
+                letter,
+                name,
+                f"{p}-{letter}",
+                self.work / name,
+                Path("/dev/shm") / f"hamgr-{name}",
+                f"198.18.1.{i + 1}",
+                pub.decode(),
+                sec.decode(),
+                cpu=(1, 0, 1)[i],
+            )
+        spaces = [self.br, self.cl, self.sk, *(h.ns for h in self.hosts.values())]
+        for ns in spaces:
+            netns.create_netns(ns)
+            self.made.append(ns)
+            _sysctl(
+                ns,
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            )
+        _ip("-n", self.br, "link", "add", "br0", "type", "bridge", "stp_state", "0")
+        _ip("-n", self.br, "link", "set", "br0", "up")
+        self._port(f"{p}c", self.cl, f"{p}bc", CLIENT_MAC)
+        self._port(f"{p}s", self.sk, f"{p}bs", SINK_MAC)
+        netns.add_address(f"{p}c", f"{CLIENT_IP}/24", self.cl)
+        netns.add_address(f"{p}s", f"{SINK_IP}/24", self.sk)
+        _ip("-n", self.cl, "neigh", "replace", NF_IP, "lladdr", NF_MAC, "dev", f"{p}c",
+            "nud", "permanent")  # fmt: skip
+        for h in self.hosts.values():
+            self._port(f"{p}d{h.letter}", h.ns, f"{p}bd{h.letter}", None)
+            self._port(f"{p}m{h.letter}", h.ns, f"{p}bm{h.letter}", None)
+            netns.add_address(f"{p}m{h.letter}", f"{h.mgmt_ip}/24", h.ns)
+            _ip("-n", h.ns, "link", "set", "lo", "up")
+
+    def _port(self, outer: str, ns: str, inner: str, mac: str | None) -> None:
+        netns.create_veth(netns.VethEnd(outer, ns), netns.VethEnd(inner, self.br))
+        if mac is not None:
+            netns.set_mac_address(outer, mac, ns)
+        # AF_PACKET reads a CHECKSUM_PARTIAL frame with its checksum never filled in.
+        netns.disable_checksum_offload(outer, ns)
+        netns.set_up(outer, ns)
+        _ip("-n", self.br, "link", "set", inner, "master", "br0")
+        netns.set_up(inner, self.br)
+
+    def plan(self, letter: str) -> HostPlan:
+        h = self.hosts[letter]
+        peers = {
+            o.name: PeerPlan(o.mgmt_ip, CONTROL_PORT, REPL_PORT, o.public)
+            for o in self.hosts.values()
+            if o.letter != letter
+        }
+        a, b, c = (self.hosts[x].name for x in HOSTS)
+        spec = sequencer_spec(epoch_ms=self.epoch_ms)
+        role = {
+            "A": UnitPlan(spec, "primary", standby=b, spares=(c,)),
+            "B": UnitPlan(spec, "standby", primary=a, spares=(c,)),
+            "C": UnitPlan(spec, "spare"),
+        }[letter]
+        return HostPlan(
+            host=h.name,
+            work=h.work,
+            runtime=h.runtime,
+            data_iface=f"{self.prefix}d{letter}",
+            mgmt_ip=h.mgmt_ip,
+            control_port=CONTROL_PORT,
+            repl_port=REPL_PORT,
+            public_key=h.public,
+            secret_key=h.secret,
+            peers=peers,
+            units=(role,),
+            cpu=h.cpu,
+        )
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the agents: spare and standby first, so the primary's first ship finds them."""
+        for letter in ("C", "B", "A"):
+            h = self.hosts[letter]
+            h.work.mkdir(parents=True, exist_ok=True)
+            plan_path = h.work / "plan.json"
+            self.plan(letter).dump(plan_path)
+            log = (h.work / "agent.log").open("ab")
+            h.proc = subprocess.Popen(
+                [
+                    "nsenter",
+                    f"--net={netns.netns_path(h.ns)}",
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "hamgr.agent.remote",
+                    "run",
+                    "--plan",
+                    str(plan_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+            log.close()
+            self.wait_event(letter, "ready", timeout=timeout)
+
+    def wait_event(
+        self, letter: str, kind: str, *, timeout: float, after_us: int = 0, **match: Any
+    ) -> dict[str, Any]:
+        h = self.hosts[letter]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in h.events(kind):
+                if ev["mono_us"] >= after_us and all(ev.get(k) == v for k, v in match.items()):
+                    return ev
+            if h.proc is not None and h.proc.poll() is not None and h.killed_us is None:
+                raise RuntimeError(f"the agent of {h.name} exited:\n{h.log()[-3000:]}")
+            time.sleep(0.02)
+        raise TimeoutError(f"no {kind} event {match} from {h.name} in {timeout} s")
+
+    def request(self, letter: str, body: dict[str, Any], timeout: float = 1.0) -> Any:
+        """A request to a host's agent from outside (the caller's netns reaches no host), so it
+        is sent from inside the client netns by a helper process."""
+        h = self.hosts[letter]
+        code = (
+            "import json,sys;from hamgr.agent.remote import request;"
+            f"print(json.dumps(request({h.control!r},{h.public!r},json.loads(sys.argv[1]),"
+            f"{timeout})))"
+        )
+        out = subprocess.run(
+            ["nsenter", f"--net={netns.netns_path(self.hosts['C' if letter != 'C' else 'B'].ns)}",
+             "--", sys.executable, "-c", code, json.dumps(body)],
+            capture_output=True, text=True, timeout=timeout + 20, check=True,
+        )  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def in_ns(self, ns: str, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net={netns.netns_path(ns)}", "--", *argv]
+
+    # -- failure -------------------------------------------------------------------------
+
+    def host_pids(self, letter: str) -> set[int]:
+        h = self.hosts[letter]
+        st = h.status()
+        roots = {int(p) for p in st.get("nf_pids", {}).values()}
+        for key in ("agent_pid", "dp_pid"):
+            if st.get(key):
+                roots.add(int(st[key]))
+        if h.proc is not None and h.proc.poll() is None:
+            roots.add(h.proc.pid)
+        return _children(roots)
+
+    def kill_host(self, letter: str) -> int:
+        """SIGKILL everything of the host at once, then take its fabric links down.
+
+        Returns the CLOCK_MONOTONIC time of the kill, in microseconds."""
+        h = self.hosts[letter]
+        pids = self.host_pids(letter)
+        h.killed_us = time.monotonic_ns() // 1000
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for link in (f"{self.prefix}bd{letter}", f"{self.prefix}bm{letter}"):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("-n", self.br, "link", "set", link, "down")
+        if h.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                h.proc.wait(5)
+        return h.killed_us
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for h in self.hosts.values():
+            pids = self.host_pids(h.letter)
+            if h.proc is not None and h.proc.poll() is None:
+                h.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    h.proc.wait(5)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if h.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    h.proc.wait(5)
+            st = h.status()
+            if st.get("dp_prefix"):
+                remove_dpdk_files(st["dp_prefix"])
+            runc_root = h.work / "containers" / "runc"
+            if runc_root.is_dir():
+                for entry in runc_root.iterdir():
+                    subprocess.run(
+                        ["runc", "--root", str(runc_root), "delete", "--force", entry.name],
+                        capture_output=True,
+                        timeout=30,
+                        check=False,
+                    )
+            for path in Path("/run/netns").glob(f"hamgr-{h.name}-*"):
+                with contextlib.suppress(netns.NetnsError):
+                    netns.delete_netns(path.name)
+        for h in self.hosts.values():
+            remove_cgroup(UnitNames(h.name, UNIT).cgroup_parent, timeout=2.0)
+            shutil.rmtree(h.runtime, ignore_errors=True)
+        for ns in reversed(self.made):
+            with contextlib.suppress(netns.NetnsError):
+                netns.delete_netns(ns)
+        self.made.clear()

@@ -1,0 +1,181 @@
+"""`shim.remote_failover.RemoteFailover` against fake steps: order, timeouts, idempotence."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from policies.detection import DetectionPolicy
+from policies.placement import HostFacts
+from shim import failover as fo
+from shim.remote_failover import RemoteFailover
+
+
+class FakeSteps:
+    def __init__(self, *, alive: bool = False, restore_s: float = 0.0, fail: str = "") -> None:
+        self.calls: list[str] = []
+        self.alive = alive
+        self.restore_s = restore_s
+        self.fail = fail
+        self.destroyed: list[int | None] = []
+        self.release = threading.Event()
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.fail:
+            raise RuntimeError(f"{name} broke")
+
+    def confirm(self, peer: str, timeout_s: float) -> bool:
+        self._call("confirm")
+        return self.alive
+
+    def raise_term(self, term: int) -> None:
+        self._call(f"raise_term:{term}")
+
+    def fence(self, term: int) -> tuple[int, int]:
+        self._call("fence")
+        return 0, 1
+
+    def locate(self, term: int) -> tuple[str, int, int]:
+        self._call("locate")
+        return "/img", 7, 123
+
+    def restore(self, image: str, term: int) -> int:
+        self._call("restore")
+        if self.restore_s:
+            time.sleep(self.restore_s)
+        return 4242
+
+    def attach(self, term: int) -> None:
+        self._call("attach")
+
+    def announce(self, term: int) -> None:
+        self._call("announce")
+
+    def resume(self, term: int) -> None:
+        self._call("resume")
+
+    def survey(self, term: int) -> tuple[HostFacts, ...]:
+        self._call("survey")
+        return (HostFacts("hostC", True, 1 << 30, 0, False),)
+
+    def reprotect(self, term: int, standby: str) -> None:
+        self._call(f"reprotect:{standby}")
+
+    def detach(self, term: int) -> None:
+        self._call("detach")
+
+    def destroy_restored(self, term: int, pid: int | None) -> None:
+        self._call("destroy")
+        self.destroyed.append(pid)
+
+    def discard_output(self, term: int) -> None:
+        self._call("discard")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def _driver(
+    steps: FakeSteps, clock: Clock, timeouts: fo.StepTimeouts | None = None
+) -> RemoteFailover:
+    config = fo.FailoverConfig(
+        detection=DetectionPolicy(confirm_window_us=30_000, hold_down_us=5_000),
+        timeouts=timeouts or fo.StepTimeouts(),
+    )
+    machine = fo.FailoverMachine("seq0", 1, config, peer="hostA", now_us=clock.now)
+    return RemoteFailover(machine, steps, clock=clock)
+
+
+def test_dead_peer_is_taken_over_in_order() -> None:
+    steps, clock = FakeSteps(), Clock()
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)
+    assert steps.calls == [
+        "confirm",
+        "raise_term:2",
+        "fence",
+        "locate",
+        "restore",
+        "attach",
+        "announce",
+        "resume",
+        "survey",
+        "reprotect:hostC",
+    ]
+    assert d.machine.state is fo.State.WATCHING
+    assert d.machine.term == 2
+    rec = d.records[-1]
+    assert rec.status == "finished"
+    assert (rec.image_epoch, rec.cut_seq, rec.new_pid) == (7, 123, 4242)
+    assert rec.detect_us == 3_000
+    d.close()
+
+
+def test_alive_peer_is_disputed_not_failed_over() -> None:
+    steps, clock = FakeSteps(alive=True), Clock()
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    assert steps.calls == ["confirm"]
+    assert d.alarms
+    assert "split" in d.alarms[0]
+    assert d.machine.term == 1
+    d.close()
+
+
+def test_second_trigger_during_a_failover_is_ignored() -> None:
+    steps, clock = FakeSteps(), Clock()
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    # The first PeerDown runs the whole sequence; a retried operator request naming the old
+    # term and a duplicate PeerDown find it done: one failover only.
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    d.feed(fo.FailoverRequested("operator", False, 1))
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    assert steps.calls.count("restore") == 1
+    assert len(d.records) == 1
+    assert d.machine.term == 2
+    assert any("stale term 1" in why for why in d.ignored)
+    d.close()
+
+
+def test_a_failed_step_cleans_up_and_leaves_no_half_started_unit() -> None:
+    steps, clock = FakeSteps(fail="attach"), Clock()
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    assert d.machine.state is fo.State.FAILED
+    # Nothing was attached or fed, so only the restored copy has to go.
+    assert steps.calls[-2:] == ["attach", "destroy"]
+    assert steps.destroyed == [4242]
+    assert "resume" not in steps.calls
+    assert d.records[-1].status == "error"
+    d.close()
+
+
+def test_a_step_that_times_out_is_reported_and_its_late_copy_destroyed() -> None:
+    steps, clock = FakeSteps(restore_s=0.3), Clock()
+    d = _driver(steps, clock, fo.StepTimeouts(restore_us=50_000))
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    assert d.machine.state is fo.State.FAILED
+    assert "attach" not in steps.calls
+    time.sleep(0.5)
+    d.tick()  # the late Restored arrives and is answered with DestroyRestored
+    assert 4242 in steps.destroyed
+    d.close()
+
+
+def test_a_local_pid_is_refused() -> None:
+    machine = fo.FailoverMachine("seq0", 1, pid=10)
+    with pytest.raises(ValueError, match="peer"):
+        RemoteFailover(machine, FakeSteps())
