@@ -93,36 +93,20 @@ def doctor(as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-# The parts `hamgr demo` needs, in build order, with the issue that delivers each.
-_DEMO_PARTS = (
-    ("dpdk_vhost.client", "data plane with epoch output buffering"),
-    ("shim.engine", "epoch engine driving container checkpoints and replication"),
-    ("shim.failover", "failure detection and failover"),
-    ("hamgr.demo", "3-host demo testbed and report"),
+@cli.command(
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 @click.pass_context
-def demo(ctx: click.Context, as_json: bool) -> None:
-    """Protect a stateful NF on a 3-host testbed, kill the primary host, report the failover."""
-    if importlib.util.find_spec("hamgr.demo") is not None:
-        module = importlib.import_module("hamgr.demo")
-        ctx.invoke(module.command, as_json=as_json)
-        return
-    # Until the demo lands, say what the machine can do and which parts are still missing.
-    from hamgr.doctor import run_checks
+def demo(ctx: click.Context) -> None:
+    """Protect a stateful NF on a 3-host testbed, kill the primary host, report the failover.
 
-    report = run_checks()
-    missing = [what for mod, what in _DEMO_PARTS if importlib.util.find_spec(mod) is None]
-    click.echo(f"doctor: {'all required checks ok' if report.ok else 'some checks failed'}")
-    for check in report.checks:
-        click.echo(f"  {check.status:<4}  {check.name}: {check.detail}")
-    click.echo("the demo cannot run yet; not built: " + "; ".join(missing), err=True)
-    if as_json:
-        click.echo(json.dumps({"ok": report.ok, "demo": "not built", "missing": missing}))
-    sys.exit(0 if report.ok else 1)
+    See `hamgr demo --help` for its options (--json, --report-dir, --pps, --epoch-ms).
+    """
+    # Loaded on use: the demo pulls in the whole testbed, which `hamgr --help` should not.
+    from hamgr.demo import command
+
+    command.main(args=ctx.args, prog_name="hamgr demo", standalone_mode=True)
 
 
 # --- the agent and its units ----------------------------------------------------------------

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import click
 
 from hamgr.fabric import NF_IP, NF_PORT, SINK_PORT, Fabric
@@ -96,8 +97,18 @@ def finish_traffic(
     return sent
 
 
-def remote_run(work: Path, *, pps: int, epoch_ms: int, seed: int) -> dict[str, Any]:
-    """One remote failover on a fresh testbed; returns its measures."""
+@attrs.frozen
+class FailoverRun:
+    """Everything one remote failover left behind: the sink's records and B's account."""
+
+    records: list[Record]
+    kill_us: int
+    record: dict[str, Any]  # B's failover_record event
+    sent: int
+
+
+def run_remote_failover(work: Path, *, pps: int, epoch_ms: int, seed: int) -> FailoverRun:
+    """Protect the sequencer on A, stream through it, kill host A, wait for B to take over."""
     rng = random.Random(seed)
     with Fabric(work, epoch_ms=epoch_ms) as fab:
         fab.start()
@@ -113,19 +124,26 @@ def remote_run(work: Path, *, pps: int, epoch_ms: int, seed: int) -> dict[str, A
         finally:
             sent = finish_traffic(sink, sender)
         records = read_records(out)
-    check = check_sequence(records)
-    seen = {r.seq for r in records}
+    return FailoverRun(records, kill_us, done, int(sent["sent"]))
+
+
+def remote_run(work: Path, *, pps: int, epoch_ms: int, seed: int) -> dict[str, Any]:
+    """One remote failover on a fresh testbed; returns its measures."""
+    run = run_remote_failover(work, pps=pps, epoch_ms=epoch_ms, seed=seed)
+    check = check_sequence(run.records)
+    seen = {r.seq for r in run.records}
+    done = run.record
     return {
         "status": done["status"],
-        "failover_ms": outage_ms(records, kill_us),
+        "failover_ms": outage_ms(run.records, run.kill_us),
         "detect_ms": done["detect_us"] / 1000,
         "restore_ms": done["steps_us"].get("restore", 0) / 1000,
         "steps_ms": {k: v / 1000 for k, v in done["steps_us"].items()},
         "duplicates": check.duplicates,
         "gaps": check.gaps,
-        "lost_packets": int(sent["sent"]) - len(seen),
+        "lost_packets": run.sent - len(seen),
         "received": check.received,
-        "sent": sent["sent"],
+        "sent": run.sent,
     }
 
 
