@@ -12,6 +12,8 @@
 #include <rte_byteorder.h>
 #include <rte_ether.h>
 #include <rte_ethdev.h>
+#include <rte_lcore.h>
+#include <rte_mempool.h>
 #include <rte_prefetch.h>
 
 #include "dp.h"
@@ -249,6 +251,27 @@ static inline void prefetch_mbuf(struct rte_mbuf *m)
 	rte_prefetch0(RTE_PTR_ADD(m, sizeof(struct rte_mbuf) + RTE_PKTMBUF_HEADROOM));
 }
 
+/* The wire RX allocates the next mbufs from the top of this lcore's mempool
+ * cache, which is LIFO. While a release is sending, it frees at least as many
+ * mbufs as ingress takes, so those were freed a moment ago and are hot. But a
+ * release drains an epoch faster than ingress fills the next one: the mbufs it
+ * frees beyond what ingress takes sink into the pool, and once it has caught
+ * up nothing is freed, so ingress reuses them up to an epoch later, cold, and
+ * the RX stalls on every write. In that phase only, the next burst's worth is
+ * prefetched at the end of the poll, which hides the misses behind the rest of
+ * the loop. */
+static inline void prefetch_next_allocs(void)
+{
+	struct rte_mempool_cache *c = rte_mempool_default_cache(g.pool, rte_lcore_id());
+	unsigned j, n;
+
+	if (c == NULL)
+		return;
+	n = c->len < DP_BURST ? c->len : DP_BURST;
+	for (j = 1; j <= n; j++)
+		prefetch_mbuf(c->objs[c->len - j]);
+}
+
 /* Sends what an earlier call staged (and prefetched), then stages the next
  * packets. Staging one burst per call keeps the prefetches spread over the
  * loop; a larger backlog stages two, so a release can outrun ingress and
@@ -380,6 +403,8 @@ void unit_poll(struct dp_unit *u, uint64_t now, int *work)
 		if (!g.next_timer || u->auto_next_close < g.next_timer)
 			g.next_timer = u->auto_next_close;
 	}
+	if (u->release_limit == u->deq_cnt)
+		prefetch_next_allocs();
 }
 
 uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained)
