@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="hamgr",
     version="0.1.0",
-    description="Epoch checkpointing and output commit for unmodified container and VM network functions",
+    description="Epoch checkpoints and output commit for unmodified network functions",
     python_requires=">=3.11",
     packages=find_packages(include=["hamgr*", "shim*", "dpdk_vhost*", "policies*"]),
     package_data={"dpdk_vhost": ["src/*.c", "src/*.h", "Makefile"]},

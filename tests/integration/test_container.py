@@ -23,6 +23,7 @@ from shim.container import (
     CheckpointImage,
     Container,
     ContainerError,
+    CriuMode,
     Freezer,
     RestoreError,
 )
@@ -112,9 +113,11 @@ def test_freeze_stops_all_processing_until_thaw(env: ContainerEnv, sequencer_ima
     assert [(c, s) for c, s, _ in got] == [(i, seq) for i, seq in enumerate(held, start=6)]
 
 
+@pytest.mark.parametrize("criu_mode", ["swrk", "exec"])
 def test_restore_continues_the_counter_exactly_at_the_cut(
-    env: ContainerEnv, sequencer_image: Path
+    env: ContainerEnv, sequencer_image: Path, criu_mode: CriuMode
 ) -> None:
+    env.backend.criu_mode = criu_mode
     primary = _start(env, sequencer_image)
     sink, sender = _udp_ends(env)
     sender.start_stream(interval=0.002, max_count=5000, max_seconds=30)
@@ -191,6 +194,8 @@ def test_image_is_complete_and_self_describing(env: ContainerEnv, sequencer_imag
 def test_failed_dump_leaves_nothing_that_looks_like_an_image(
     env: ContainerEnv, sequencer_image: Path, tmp_path: Path
 ) -> None:
+    # A fake CRIU command line; test_container_swrk covers the same with a real swrk worker.
+    env.backend.criu_mode = "exec"
     nf = _start(env, sequencer_image)
     # A CRIU that writes half an image and then fails, as a dump killed by a full tmpfs would.
     fake = tmp_path / "criu-fails"
@@ -198,6 +203,7 @@ def test_failed_dump_leaves_nothing_that_looks_like_an_image(
         "#!/bin/sh\n"
         'if [ "$1" = "--version" ]; then echo "Version: 4.2.1"; exit 0; fi\n'
         'while [ $# -gt 0 ]; do [ "$1" = "--images-dir" ] && d="$2"; shift; done\n'
+        '[ -d "$d" ] || exit 2\n'
         'echo partial > "$d/pages-1.img"; exit 1\n'
     )
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)

@@ -1,8 +1,10 @@
 """Pause, dump and restore times for a container NF with 64 MiB of touched memory.
 
 The sequencer touches 64 MiB at start and rewrites 1% of its pages every EPOCH_S, and one
-checkpoint is taken per epoch, as the epoch engine would. Both checkpoint paths are measured
-(runc's `checkpoint` and CRIU called directly); docs/containers.md explains the choice.
+checkpoint is taken per epoch, as the epoch engine would. The checkpoint paths are measured
+(runc's `checkpoint`, `criu dump` run per checkpoint, and a criu swrk worker started ahead);
+docs/containers.md explains the choice. `hamgr bench checkpoint` is the full benchmark (with
+shipping to a standby); this test guards the same paths against regressions.
 Run with ``-s`` to see the numbers; the last line is one JSON object.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hamgr.nfs import images
-from shim.container import CheckpointEngine
+from shim.container import CheckpointEngine, CriuMode
 from tests.integration.container_env import (
     CLIENT_IP,
     ContainerEnv,
@@ -45,8 +47,9 @@ RUNS = 10
 RESTORES = 5
 
 
-def _measure(engine: CheckpointEngine, work: Path) -> dict[str, float]:
-    env = ContainerEnv.open(engine[0] + "b", work / engine, engine=engine)
+def _measure(engine: CheckpointEngine, mode: CriuMode, work: Path) -> dict[str, float]:
+    env = ContainerEnv.open(mode[0] + "b", work / engine, engine=engine)
+    env.backend.criu_mode = mode
     try:
         image = images.build_image("sequencer")
         args = (
@@ -59,6 +62,7 @@ def _measure(engine: CheckpointEngine, work: Path) -> dict[str, float]:
         )  # fmt: skip
         nf = env.start(env.spec("seq", image, args))
         wait_port(nf.pid, 7000)
+        nf.prepare_checkpoint()
         sink = UdpSink.open(env.topo.client, 9000)
         env.track(sink.close)
         sender = UdpSender.open(env.topo.client, 7000)
@@ -117,14 +121,15 @@ def _measure(engine: CheckpointEngine, work: Path) -> dict[str, float]:
         env.close()
 
 
-@pytest.mark.parametrize("engine", ["criu", "runc"])
-def test_pause_dump_restore_times(engine: CheckpointEngine, tmp_path: Path) -> None:
-    result = _measure(engine, tmp_path)
+@pytest.mark.parametrize(("engine", "mode"), [("criu", "swrk"), ("criu", "exec"), ("runc", "exec")])
+def test_pause_dump_restore_times(engine: CheckpointEngine, mode: CriuMode, tmp_path: Path) -> None:
+    result = _measure(engine, mode, tmp_path)
     print(
         json.dumps(
             {
                 "bench": "container-checkpoint",
                 "engine": engine,
+                "criu_mode": mode if engine == "criu" else None,
                 "mem_mb": MEM_MB,
                 "runs": RUNS,
                 **{k: round(v, 2) for k, v in result.items()},
