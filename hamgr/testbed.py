@@ -142,7 +142,7 @@ class UnitBed:
         return client
 
     def start_nf(self, args: tuple[str, ...] | None = None) -> Container:
-        self.backend = RuncBackend(state_dir=self.work / "runc")
+        self.backend = RuncBackend(state_dir=self.work / "runc", network_lock="skip")
         self.nf = self.backend.start(
             ContainerSpec(
                 name=f"{self.prefix}-seq",
@@ -152,6 +152,7 @@ class UnitBed:
                 cgroup_parent=self.cgroup_parent,
             )
         )
+        self.nf.prepare_checkpoint()
         return self.nf
 
     def start_standby(self, endpoint: str = "tcp://127.0.0.1:*") -> str:

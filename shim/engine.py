@@ -217,7 +217,9 @@ class PrimaryEngine:
         match command:
             case ep.PauseIngress():
                 self._cut_started = self.clock()
-                return [ep.IngressPaused(int(self.dp.pause_ingress(self.unit, term).cut))]
+                cut = int(self.dp.pause_ingress(self.unit, term).cut)
+                self._wait_rx_drained()
+                return [ep.IngressPaused(cut)]
             case ep.Freeze():
                 self.nf.freeze()
                 self._frozen_at = self.clock()
@@ -275,6 +277,26 @@ class PrimaryEngine:
                 self.stats.ignored += 1
                 return []
         raise EngineError(f"unit {self.unit}: no driver for command {command!r}")
+
+    def _wait_rx_drained(self) -> None:
+        # CRIU drops UDP receive queues: an input delivered to the NF's socket but not read at
+        # the freeze would be neither in the image nor replayable. The data plane delivers
+        # nothing more once paused, so give the NF a bounded moment to read what it has.
+        drain = getattr(self.nf, "wait_rx_drained", None)
+        if drain is None:
+            return
+        try:
+            result = drain(timeout=0.02)
+        except Exception as exc:
+            # A dead NF is not this step's to report: the freeze that follows fails for it.
+            log.warning("unit %s: could not check the NF's receive queues: %s", self.unit, exc)
+            return
+        if not result.drained:
+            log.warning(
+                "unit %s: %d bytes still queued in the NF's sockets at the cut",
+                self.unit,
+                result.pending_bytes,
+            )
 
     def _checkpoint(self, epoch: int) -> ep.Event:
         dest = self.image_dir(epoch)

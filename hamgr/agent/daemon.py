@@ -143,7 +143,7 @@ class Agent:
         self.control: control.ControlServer | None = None
         self.metrics: AgentMetrics | None = None
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hamgr-worker")
-        self.backend = RuncBackend(state_dir=config.state_dir / "containers")
+        self.backend = RuncBackend(state_dir=config.state_dir / "containers", network_lock="skip")
         self.keypair: keys.Keypair | None = None
         self.authorized = keys.AuthorizedKeys(config.state_dir / keys.AUTHORIZED_KEYS)
         self._unhealthy: str | None = None

@@ -340,7 +340,7 @@ class RemoteAgent:
         plan.runtime.mkdir(parents=True, exist_ok=True)
         self.public = plan.public_key.encode()
         self.secret = plan.secret_key.encode()
-        self.backend = RuncBackend(state_dir=plan.work / "containers")
+        self.backend = RuncBackend(state_dir=plan.work / "containers", network_lock="skip")
         self.events_path = plan.work / "events.jsonl"
         self._events = self.events_path.open("a", buffering=1)
         self._lock = threading.Lock()
@@ -464,6 +464,7 @@ class RemoteAgent:
                 cgroup_parent=names.cgroup_parent,
             )
         )
+        nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
         role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares))
         self.primaries[spec.name] = role
         self.write_status(ready=False)

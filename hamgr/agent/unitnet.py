@@ -163,6 +163,7 @@ def start_nf(
         cgroup_parent=names.cgroup_parent,
     )
     nf = backend.start(cspec)
+    nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
     db.add_resource(
         spec.name,
         "container",

@@ -21,6 +21,7 @@ EXPECTED = {
     "criu_check",
     "criu_tcp_dump",
     "nftables",
+    "conntrack",
     "dpdk",
     "dataplane_built",
     "runc",
