@@ -20,7 +20,7 @@ APT_PACKAGES=(
     qemu-system-x86 qemu-utils
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
     openssh-server openssh-client
-    iperf3 socat ethtool
+    iperf3 socat ethtool systemd
 )
 
 step() { printf '==> %s\n' "$*"; }

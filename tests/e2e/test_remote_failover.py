@@ -8,7 +8,6 @@ reported, not hidden. `Fabric.close` removes every process, namespace, cgroup an
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from hamgr.trafgen import check_sequence, read_records
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, DPDK, runc)"),
 ]
 
 PPS = 500

@@ -36,9 +36,6 @@ from shim import netns
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(
-        not Path("/usr/sbin/sshd").exists(), reason="no sshd: apt-get install openssh-server"
-    ),
 ]
 
 CLIENT_IP = "198.18.5.1"
