@@ -29,6 +29,7 @@ files, tmpfs directories. Addresses are from 198.18.0.0/15 only.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -173,6 +174,9 @@ class HostHandle:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+_TESTBEDS = itertools.count()
+
+
 @attrs.define
 class Fabric:
     """The three hosts, the bridge, the client and the sink (module doc)."""
@@ -180,7 +184,9 @@ class Fabric:
     __test__ = False
 
     work: Path
-    prefix: str = attrs.field(factory=lambda: f"f{os.getpid() % 10000}")
+    # Unique per testbed, not just per process: a bench builds one testbed per run, and a
+    # leftover of the previous run (a store under /dev/shm, a link) must never be reused.
+    prefix: str = attrs.field(factory=lambda: f"f{os.getpid() % 1000}{next(_TESTBEDS) % 100}")
     epoch_ms: int = 50
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
