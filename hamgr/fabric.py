@@ -99,15 +99,6 @@ on_standby_loss = "stall"
 """
 
 
-def _sysctl(ns: str, *settings: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
-
-
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
@@ -242,13 +233,7 @@ class Fabric:
         for ns in spaces:
             netns.create_netns(ns)
             self.made.append(ns)
-            _sysctl(
-                ns,
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            )
+            netns.quiet_host_netns(ns)
         _ip("-n", self.br, "link", "add", "br0", "type", "bridge", "stp_state", "0")
         _ip("-n", self.br, "link", "set", "br0", "up")
         self._port(f"{p}c", self.cl, f"{p}bc", CLIENT_MAC)

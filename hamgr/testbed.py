@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +40,18 @@ SINK_MAC = "02:00:c6:12:00:03"
 NF_PORT = 7000
 SINK_PORT = 9000
 UNIT = "seq0"
+
+
+def wait_udp_bound(pid: int, port: int, timeout: float = 10.0) -> None:
+    """Wait until process `pid` has a UDP socket bound to `port` (its netns's view)."""
+    suffix = f":{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
+            if line.split()[1].endswith(suffix):
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"pid {pid} did not bind UDP port {port} within {timeout} s")
 
 
 def sequencer_args(*extra: str) -> tuple[str, ...]:

@@ -37,12 +37,6 @@ from shim.container import remove_cgroup
 __all__ = ["AgentBed", "AgentHarness", "reap", "sequencer_spec"]
 
 
-def _sysctl(ns: str, *settings: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings], check=True, timeout=10
-    )
-
-
 def sequencer_spec(
     unit: str,
     *,
@@ -132,13 +126,7 @@ class AgentBed:
         for ns in (self.cl, self.host_ns):
             netns.create_netns(ns)
             self.made.append(ns)
-            _sysctl(
-                ns,
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            )
+            netns.quiet_host_netns(ns)
         p = self.prefix
         for outer, inner, mac in (
             (f"{p}w", self.wire, CLIENT_MAC),

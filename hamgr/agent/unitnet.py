@@ -79,24 +79,6 @@ class UnitNames:
         return f"/hamgr-{self.host}"
 
 
-def _sysctl(ns: str, *settings: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
-
-
-def _neigh(ns: str, ip: str, mac: str, dev: str) -> None:
-    subprocess.run(
-        ["ip", "-n", ns, "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
-
-
 def build_network(
     db: StateDB, dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int
 ) -> None:
@@ -105,14 +87,7 @@ def build_network(
     ns = names.nf_netns
     netns.create_netns(ns)
     db.add_resource(unit, "netns", ns)
-    # No IPv6 chatter (router solicitations would be NF output too); no reverse-path filter.
-    _sysctl(
-        ns,
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.default.rp_filter=0",
-    )
+    netns.quiet_host_netns(ns)
     netns.create_veth(netns.VethEnd(names.host_veth), netns.VethEnd(NF_IFNAME, ns))
     db.add_resource(unit, "veth", names.host_veth)
     netns.set_mac_address(NF_IFNAME, spec.nf.mac, ns)
@@ -121,7 +96,7 @@ def build_network(
     netns.set_up(NF_IFNAME, ns)
     netns.set_up(names.host_veth)
     for ip, mac in spec.nf.neighbors.items():
-        _neigh(ns, ip, mac, NF_IFNAME)
+        netns.add_static_neighbor(ip, mac, NF_IFNAME, ns)
 
     existing = set(dp.stats().ports)
     wire_ports = []

@@ -45,6 +45,8 @@ from typing import Any
 import attrs
 import click
 
+from hamgr.testbed import wait_udp_bound
+
 NF_ADDR = "198.18.0.2"
 NF_PORT = 7000
 SINK = "198.18.0.1:9000"
@@ -219,7 +221,7 @@ def _run(cfg: Settings) -> dict[str, float]:
         )
         nf = backend.start(spec)
         stack.callback(nf.destroy)
-        _wait_bound(nf.pid, NF_PORT, timeout=30 + cfg.mem_mb / 10)
+        wait_udp_bound(nf.pid, NF_PORT, timeout=30 + cfg.mem_mb / 10)
 
         server = ReplicationServer("tcp://127.0.0.1:*", {UNIT: Store(standby / UNIT)})
         endpoint = server.start()
@@ -241,17 +243,6 @@ def _run(cfg: Settings) -> dict[str, float]:
             _info(f"warning: {host['warning']}")
         return _epochs(nf, client, image_root, cfg)
     raise AssertionError("unreachable")  # pragma: no cover (ExitStack does not swallow)
-
-
-def _wait_bound(pid: int, port: int, timeout: float) -> None:
-    suffix = f":{port:04X}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
-            if line.split()[1].endswith(suffix):
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"the NF (pid {pid}) did not bind UDP port {port} within {timeout:.0f} s")
 
 
 def _epochs(nf: Any, client: Any, image_root: Path, cfg: Settings) -> dict[str, float]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 
-from hamgr.testbed import NF_IP, NF_PORT, SINK_PORT, UNIT, UnitBed
+from hamgr.testbed import NF_IP, NF_PORT, SINK_PORT, UNIT, UnitBed, wait_udp_bound
 from hamgr.trafgen import check_sequence, read_records
 from policies.epoch import FixedEpoch
 from shim import epoch as ep
@@ -43,18 +43,6 @@ from shim.replication import ReplicationClient
 
 def _info(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def wait_udp_bound(pid: int, port: int, timeout: float = 10.0) -> None:
-    """Wait until process `pid` has a UDP socket bound to `port` (its netns's view)."""
-    suffix = f":{port:04X}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]:
-            if line.split()[1].endswith(suffix):
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"pid {pid} did not bind UDP port {port} within {timeout} s")
 
 
 def _drain_all(engine: PrimaryEngine, bed: UnitBed, timeout: float) -> bool:

@@ -12,7 +12,6 @@ in, so the test can then use it from any thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import socket
@@ -22,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import attrs
 
@@ -36,35 +34,8 @@ PREFIX = 24
 # Fixed MACs, so a restored NF behind a new veth is reachable without waiting for ARP to expire.
 CLIENT_MAC = "02:00:c6:12:00:01"
 NF_MAC = "02:00:c6:12:00:02"
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-T = TypeVar("T")
-
-
-def in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run `fn` on a thread that has joined netns `name`, and return its result."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            fd = os.open(netns.netns_path(name), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    t = threading.Thread(target=body, name=f"netns-{name}")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+# Sockets made inside a netns stay there whichever thread uses them later.
+in_netns = netns.run_in_netns
 
 
 @attrs.define

@@ -26,8 +26,7 @@ import zmq
 from hamgr import control, keys
 from hamgr.agent import procs
 from hamgr.agent.topology import AgentHarness
-from hamgr.bench.overhead import wait_udp_bound
-from hamgr.testbed import NF_PORT, SINK_PORT
+from hamgr.testbed import NF_PORT, SINK_PORT, wait_udp_bound
 from shim import netns
 from tests.integration.container_env import UdpSender, UdpSink, in_netns
 

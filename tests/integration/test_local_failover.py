@@ -22,8 +22,7 @@ import attrs
 import pytest
 
 from dpdk_vhost.client import DataPlaneClient
-from hamgr.bench.overhead import wait_udp_bound
-from hamgr.testbed import NF_PORT, SINK_PORT, UNIT, UnitBed
+from hamgr.testbed import NF_PORT, SINK_PORT, UNIT, UnitBed, wait_udp_bound
 from policies.epoch import FixedEpoch
 from shim import epoch as ep
 from shim import failover as fo

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hamgr.bench.overhead import wait_udp_bound
-from hamgr.testbed import NF_PORT, SINK_PORT, UNIT, UnitBed
+from hamgr.testbed import NF_PORT, SINK_PORT, UNIT, UnitBed, wait_udp_bound
 from policies.epoch import FixedEpoch
 from shim import epoch as ep
 from shim.engine import PrimaryEngine
