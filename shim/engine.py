@@ -8,9 +8,14 @@ what happened back as events:
   will satisfy the same protocol),
 - a shipper to the standby (`shim.replication.ReplicationClient` satisfies `Shipper`).
 
-Steps 1-5 of the protocol run synchronously inside `step()`, so the unit is frozen for exactly the
-span of one Freeze..Thaw command run. Shipping is asynchronous: `Ship` returns at once and the ack
-arrives as a completed future on a later `step()`, which lets epoch e+1 fill while e ships (I6).
+Steps 1-3 and 5 of the protocol run synchronously inside `step()`. The checkpoint itself (step 4)
+and shipping (step 6) are asynchronous: each returns at once and completes as a future seen by a
+later `step()`. Shipping that way lets epoch e+1 fill while e ships (I6). Checkpointing that way
+keeps acks flowing while the unit is frozen: an ack for e-1 that arrives during the dump of e is
+released at once instead of after the thaw. That matters beyond latency: between the standby's
+commit and the primary's release, a dead primary takes committed output with it (a gap at the
+sink), so that window must stay short. Releasing during the freeze is allowed: it moves packets
+from the unit's buffer to the egress port and never touches the NF's own port (I2).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,6 +137,9 @@ class PrimaryEngine:
         self._committed: int | None = None
         self._cut_seqs: dict[int, int] = {}
         self._committed_cut_seq: int | None = None
+        # One dump at a time, off the stepping thread; see the module docstring.
+        self._dumper = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dump-{unit}")
+        self._dumping: Future[ep.Event] | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -152,6 +160,10 @@ class PrimaryEngine:
         events: deque[ep.Event] = deque([ep.Tick(self.clock())])
         events.append(self._output_waiting())
         events.extend(self._finished_ships())
+        if self._dumping is not None and self._dumping.done():
+            events.append(ep.Tick(self.clock()))
+            events.append(self._dumping.result())
+            self._dumping = None
         while events:
             event = events.popleft()
             for command in self.machine.handle(event):
@@ -173,7 +185,11 @@ class PrimaryEngine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.step()
-            if not self._inflight and self.machine.state is ep.State.RUNNING:
+            if (
+                not self._inflight
+                and self._dumping is None
+                and self.machine.state is ep.State.RUNNING
+            ):
                 return True
             time.sleep(0.001)
         return False
@@ -229,7 +245,8 @@ class PrimaryEngine:
                 self._closed_total += int(closed.pkts)
                 return [ep.EpochClosed(epoch, int(closed.pkts))]
             case ep.Checkpoint(epoch=epoch):
-                return [self._checkpoint(epoch)]
+                self._dumping = self._dumper.submit(self._checkpoint, epoch)
+                return []
             case ep.Thaw():
                 self.nf.thaw()
                 return [ep.Thawed()]
@@ -297,6 +314,10 @@ class PrimaryEngine:
                 self.unit,
                 result.pending_bytes,
             )
+
+    def close(self) -> None:
+        """Wait for a dump in progress (bounded by the backend's own timeouts) and stop."""
+        self._dumper.shutdown(wait=True)
 
     def _checkpoint(self, epoch: int) -> ep.Event:
         dest = self.image_dir(epoch)
