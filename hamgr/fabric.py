@@ -38,7 +38,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import attrs
@@ -47,6 +46,7 @@ import zmq
 from dpdk_vhost.process import remove_dpdk_files
 from hamgr.agent.remote import HostPlan, PeerPlan, UnitPlan
 from hamgr.agent.unitnet import UnitNames
+from hamgr.testbed import Testbed
 from shim import netns
 from shim.container import remove_cgroup
 
@@ -169,7 +169,7 @@ _TESTBEDS = itertools.count()
 
 
 @attrs.define
-class Fabric:
+class Fabric(Testbed):
     """The three hosts, the bridge, the client and the sink (module doc)."""
 
     __test__ = False
@@ -193,22 +193,6 @@ class Fabric:
     @property
     def sk(self) -> str:
         return f"{self.prefix}-sk"
-
-    def __enter__(self) -> Fabric:
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- build ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import attrs
 
@@ -65,11 +66,38 @@ def sequencer_args(*extra: str) -> tuple[str, ...]:
     )
 
 
-@attrs.define
-class UnitBed:
-    """Namespaces, a data plane, one NF container and a local standby store."""
+class Testbed:
+    """Namespaces and processes made by `build` and all removed by `close`, even after a failed
+    build: use it as a context manager."""
 
-    __test__ = False  # not a pytest class, despite living near tests
+    __test__ = False  # not a pytest class, despite its name
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@attrs.define
+class UnitBed(Testbed):
+    """Namespaces, a data plane, one NF container and a local standby store."""
 
     work: Path
     prefix: str = attrs.field(factory=lambda: f"hb{os.getpid() % 100000}")
@@ -96,22 +124,6 @@ class UnitBed:
     @property
     def nfns(self) -> str:
         return f"{self.prefix}-nf"
-
-    def __enter__(self) -> UnitBed:
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def build(self) -> None:
         for ns in (self.cl, self.dpns, self.nfns):

@@ -23,14 +23,22 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import attrs
 
 from dpdk_vhost.process import remove_dpdk_files
 from hamgr.agent import procs
-from hamgr.testbed import CLIENT_IP, CLIENT_MAC, NF_IP, NF_MAC, NF_PORT, SINK_MAC, SINK_PORT
+from hamgr.testbed import (
+    CLIENT_IP,
+    CLIENT_MAC,
+    NF_IP,
+    NF_MAC,
+    NF_PORT,
+    SINK_MAC,
+    SINK_PORT,
+    Testbed,
+)
 from shim import netns
 from shim.container import remove_cgroup
 
@@ -78,7 +86,7 @@ on_standby_loss = "stall"
 
 
 @attrs.define
-class AgentBed:
+class AgentBed(Testbed):
     """The client and host namespaces and the two veths between them."""
 
     __test__ = False  # not a pytest class
@@ -105,22 +113,6 @@ class AgentBed:
     @property
     def egress(self) -> str:
         return f"{self.prefix}ds"
-
-    def __enter__(self) -> AgentBed:
-        try:
-            self.build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def build(self) -> None:
         for ns in (self.cl, self.host_ns):
