@@ -15,9 +15,12 @@ bounded by the step's `timeout_us`:
   now on (I3) and answers the committed checkpoint with its ``cut_seq``.
 - `Restore`: ``RuncBackend.restore`` into the netns prepared when the standby was set up.
 - `AttachPorts`: the prepared veth joins this data plane and the unit is added at the new term,
-  ingress paused. `Announce`: a gratuitous ARP with the NF's MAC as source leaves this host's
-  data link, so the fabric learns where the NF lives now. `Resume`: ingress flows.
-- `SurveyHosts` / `Reprotect`: a new epoch engine ships to the chosen standby.
+  ingress paused and without output commit: no standby holds an image of the unit until
+  `Reprotect` has seeded the new one (docs/failover.md, "Unprotected window").
+  `Announce`: a gratuitous ARP with the NF's MAC as source leaves this host's data link, so
+  the fabric learns where the NF lives now. `Resume`: ingress flows, and output leaves at once.
+- `SurveyHosts` / `Reprotect`: output commit goes back on and a new epoch engine ships a full
+  image to the chosen standby; its first ack makes the unit protected again.
 
 A step runs on a worker thread and is waited for at most its timeout. A step that times out is
 reported as `StepTimedOut`; if it completes later, its completion is fed to the machine as a late

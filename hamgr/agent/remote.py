@@ -53,10 +53,11 @@ from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import PeerDown, PeerUp
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
-from hamgr.agent.unitnet import NF_IFNAME, UnitNames, _neigh, _sysctl
+from hamgr.agent.unitnet import NF_IFNAME, UnitNames
 from hamgr.unitspec import UnitSpec, loads
 from policies.detection import DetectionPolicy
 from policies.placement import HostFacts
+from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
 from shim import failover as fo
 from shim import netns
@@ -258,13 +259,7 @@ def prepare_nf_netns(spec: UnitSpec, names: UnitNames) -> None:
     """The NF's netns and veth (address, MAC, static neighbours), its host end not attached."""
     ns = names.nf_netns
     netns.create_netns(ns)
-    _sysctl(
-        ns,
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-        "net.ipv4.conf.all.rp_filter=0",
-        "net.ipv4.conf.default.rp_filter=0",
-    )
+    netns.quiet_host_netns(ns)
     netns.create_veth(netns.VethEnd(names.host_veth), netns.VethEnd(NF_IFNAME, ns))
     netns.set_mac_address(NF_IFNAME, spec.nf.mac, ns)
     netns.disable_checksum_offload(NF_IFNAME, ns)
@@ -273,11 +268,17 @@ def prepare_nf_netns(spec: UnitSpec, names: UnitNames) -> None:
     netns.set_up(NF_IFNAME, ns)
     netns.set_up(names.host_veth)
     for ip, mac in spec.nf.neighbors.items():
-        _neigh(ns, ip, mac, NF_IFNAME)
+        netns.add_static_neighbor(ip, mac, NF_IFNAME, ns)
 
 
 def attach_unit(
-    dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int, paused: bool
+    dp: DataPlaneClient,
+    spec: UnitSpec,
+    names: UnitNames,
+    *,
+    term: int,
+    paused: bool,
+    mode: str = "ha",
 ) -> None:
     """The NF port joins the data plane and the unit is added (wire = egress = the data link)."""
     if names.nf_port not in dp.stats().ports:
@@ -287,7 +288,7 @@ def attach_unit(
         wire=[FABRIC_PORT],
         nf=names.nf_port,
         egress=FABRIC_PORT,
-        mode="ha",
+        mode=mode,
         k=spec.protection.max_inflight,
         budget_bytes=spec.protection.memory_budget_bytes,
         term=term,
@@ -316,6 +317,56 @@ def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
         s.send(frame.ljust(60, b"\0"))
 
 
+# --- the unprotected window after a takeover -------------------------------------------------
+
+SEEDING_CAUSE = "re-protection target has no image yet"
+
+
+def unprotected_machine(
+    unit: str, term: int, config: ep.PrimaryConfig, now_us: int
+) -> tuple[ep.PrimaryMachine, ep.Alarm]:
+    """A new primary's epoch machine born with its standby lost, running unprotected.
+
+    After a takeover no standby holds any image of the unit, so holding output adds no
+    consistency (docs/failover.md). The machine gets the RUN_UNPROTECTED policy for this one
+    `StandbyLost` and commands ``SetOutputCommit(False)``; the unit is attached in plain mode, so
+    the command only confirms it. `seed` turns output commit back on. Returns the machine and
+    its alarm (the reason the unit is unprotected). `config` is the unit's own configuration.
+    """
+    born = attrs.evolve(config, standby_loss=StandbyLossPolicy(StandbyLossAction.RUN_UNPROTECTED))
+    machine = ep.PrimaryMachine(unit, term, born, first_epoch=1, now_us=now_us)
+    commands = machine.handle(ep.StandbyLost(SEEDING_CAUSE))
+    alarms = [c for c in commands if isinstance(c, ep.Alarm)]
+    if ep.SetOutputCommit(False) not in commands or len(alarms) != 1:
+        raise RuntimeError(f"unit {unit}: unexpected commands for an unseeded standby: {commands}")
+    return machine, alarms[0]
+
+
+def seed(machine: ep.PrimaryMachine, config: ep.PrimaryConfig, now_us: int) -> list[ep.Command]:
+    """The new standby answers: `StandbyBack`, then the unit's own standby-loss policy again.
+
+    The machine commands ``SetOutputCommit(True)`` and, as it holds nothing, ships nothing yet:
+    its first cut is shipped as a full image (no ship base), and that ack is the first commit.
+    """
+    commands = machine.handle(ep.Tick(now_us))
+    commands += machine.handle(ep.StandbyBack())
+    machine.config = config
+    return commands
+
+
+def set_mode_retrying(dp: DataPlaneClient, unit: str, mode: str, timeout_s: float = 0.5) -> None:
+    """``set_mode``, retried while the data plane has output in flight (``busy``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            dp.set_mode(unit, mode)
+            return
+        except DataPlaneError as exc:
+            if "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
 # --- roles ----------------------------------------------------------------------------------
 
 
@@ -328,6 +379,9 @@ class PrimaryRole:
     standby: str
     spares: list[str]
     runner: UnitRunner | None = None
+    # "unprotected" while no standby holds an image (after a takeover, until the new standby's
+    # first ack); "protected" after.
+    protection: str = "protected"
 
 
 class RemoteAgent:
@@ -478,28 +532,43 @@ class RemoteAgent:
             p.replication, server_key=p.public_key.encode(), keypair=(self.public, self.secret)
         )
 
-    def protect(self, role: PrimaryRole, standby: str, *, first: bool) -> None:
-        """Run `role`'s epoch engine shipping to `standby` (its first ship is a full image)."""
+    def protect(
+        self,
+        role: PrimaryRole,
+        standby: str,
+        *,
+        first: bool,
+        unprotected: ep.PrimaryMachine | None = None,
+    ) -> None:
+        """Run `role`'s epoch engine shipping to `standby` (its first ship is a full image).
+
+        `unprotected` is the machine of a unit taken over and running unprotected (output in
+        plain mode): once `standby` answers, output commit goes back on and the unit counts as
+        protected from `standby`'s first ack on.
+        """
         unit, term = role.spec.name, role.term
         dp = self.dp_client()
         shipper = self._shipper(standby)
         try:
             shipper.hello(unit, term, timeout=5.0)
-            if first:
-                s = dp.stats(unit).units[unit]
-                first_epoch, closed = int(s.epoch), 0
+            if unprotected is not None:
+                engine = self._seed(role, dp, shipper, unprotected, standby)
             else:
-                handover = take_over(
-                    dp,
-                    role.nf,
-                    shipper,
-                    unit=unit,
-                    term=term,
-                    committed=None,
-                    image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
-                )
-                first_epoch, closed = handover.first_epoch, handover.closed_total
-            engine = self._engine(role, dp, shipper, first_epoch=first_epoch, nf_rx_base=closed)
+                if first:
+                    s = dp.stats(unit).units[unit]
+                    first_epoch, closed = int(s.epoch), 0
+                else:
+                    handover = take_over(
+                        dp,
+                        role.nf,
+                        shipper,
+                        unit=unit,
+                        term=term,
+                        committed=None,
+                        image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
+                    )
+                    first_epoch, closed = handover.first_epoch, handover.closed_total
+                engine = self._engine(role, dp, shipper, first_epoch=first_epoch, nf_rx_base=closed)
         except BaseException:
             shipper.close()
             dp.close()
@@ -512,7 +581,7 @@ class RemoteAgent:
             role.nf,
             shipper,
             commits_base=0,
-            observed=self._observed(term),
+            observed=self._observed(role),
             standby=standby,
         )
         role.runner.start()
@@ -525,7 +594,10 @@ class RemoteAgent:
                 term=term,
             )
         self._watching[standby] = unit
-        self.event("protected", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
+        if role.protection == "protected":
+            self.event("protected", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
+        else:
+            self.event("seeding", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
 
     def _engine(
         self,
@@ -553,13 +625,53 @@ class RemoteAgent:
             nf_rx_base=nf_rx_base,
         )
 
-    def _observed(self, term: int) -> Observed:
+    def _seed(
+        self,
+        role: PrimaryRole,
+        dp: DataPlaneClient,
+        shipper: ReplicationClient,
+        machine: ep.PrimaryMachine,
+        standby: str,
+    ) -> PrimaryEngine:
+        """`standby` answered: output commit back on (StandbyBack), an engine on `machine`."""
+        unit = role.spec.name
+        for command in seed(machine, primary_config(role.spec), _now_us()):
+            match command:
+                case ep.SetOutputCommit(enabled=enabled):
+                    set_mode_retrying(dp, unit, "ha" if enabled else "plain")
+                case ep.Ship() | ep.Release() | ep.Discard():
+                    raise RuntimeError(f"unit {unit}: {command!r} while seeding {standby}")
+                case _:
+                    log.info("unit %s: seeding %s: %r", unit, standby, command)
+        s = dp.stats(unit).units[unit]
+        if int(s.epoch) != machine.open_epoch:
+            raise RuntimeError(
+                f"unit {unit}: the data plane's open epoch is {s.epoch}, "
+                f"the machine's {machine.open_epoch}"
+            )
+        # Output commit is on and nothing is closed yet: what the open epoch buffers is the NF's
+        # output since the switch, everything before it left in plain mode.
+        return PrimaryEngine(
+            unit,
+            machine,
+            dp,
+            role.nf,
+            shipper,
+            image_root=self.plan.runtime / "images",
+            nf_rx_base=int(s.nf_rx) - int(s.buffered_pkts),
+        )
+
+    def _observed(self, role: PrimaryRole) -> Observed:
         first = [True]
+        term = role.term
 
         def on_commit(unit: str, epoch: int, commit_ms: float) -> None:
             if first[0]:
                 first[0] = False
                 self.event("first_commit", unit=unit, term=term, epoch=epoch)
+                if role.protection != "protected":
+                    role.protection = "protected"
+                    self.event("protected", unit=unit, term=term, standby=role.standby, epoch=epoch)
 
         def on_alarm(unit: str, reason: str) -> None:
             self.event("alarm", unit=unit, reason=reason)
@@ -623,9 +735,23 @@ class RemoteAgent:
                     for u, d in self.drivers.items()
                 }
                 prim = {
-                    u: {"term": r.term, "standby": r.standby, "nf_pid": r.nf.pid}
+                    u: {
+                        "term": r.term,
+                        "standby": r.standby,
+                        "nf_pid": r.nf.pid,
+                        "protection": r.protection,
+                    }
                     for u, r in self.primaries.items()
                 }
+                for u, st in self.steps.items():
+                    if u not in prim and st.unprotected:
+                        term = max(st.unprotected)
+                        prim[u] = {
+                            "term": term,
+                            "standby": "",
+                            "nf_pid": st.restored[term].pid if term in st.restored else None,
+                            "protection": "unprotected",
+                        }
                 return {"seq": seq, "host": self.host, "standby": units, "primary": prim}
         return {"seq": seq, "error": f"unknown type {req.get('type')!r}"}
 
@@ -704,6 +830,9 @@ class StandbySteps:
         self.unit = spec.name
         self.term_file = TermFile(agent.plan.work / "terms" / self.unit)
         self.restored: dict[int, Container] = {}
+        # term -> the new primary's epoch machine, born standby-lost (output not committed)
+        # until `reprotect` seeds the new standby.
+        self.unprotected: dict[int, tuple[ep.PrimaryMachine, ep.Alarm]] = {}
 
     def confirm(self, peer: str, timeout_s: float) -> bool:
         return self.agent.links.ping(peer, timeout_s)
@@ -736,9 +865,15 @@ class StandbySteps:
         return nf.pid
 
     def attach(self, term: int) -> None:
+        # No standby holds an image of the unit now: it is attached without output commit
+        # (plain), as its machine commands (`unprotected_machine`), until the new standby is
+        # seeded (`reprotect`).
+        machine = unprotected_machine(self.unit, term, primary_config(self.spec), _now_us())
         with self.agent.dp_client() as dp:
             try:
-                attach_unit(dp, self.spec, self.names, term=term, paused=True)
+                attach_unit(dp, self.spec, self.names, term=term, paused=True, mode="plain")
+                set_mode_retrying(dp, self.unit, "plain")  # the machine's SetOutputCommit(False)
+                self.unprotected[term] = machine
             except BaseException:
                 # The machine never saw PortsAttached: leave no half-added unit behind.
                 with contextlib.suppress(DataPlaneError):
@@ -753,6 +888,8 @@ class StandbySteps:
     def resume(self, term: int) -> None:
         with self.agent.dp_client() as dp:
             dp.resume_ingress(self.unit, term)
+        _machine, alarm = self.unprotected[term]
+        self.agent.event("unprotected", unit=self.unit, term=term, reason=alarm.reason)
 
     def survey(self, term: int) -> tuple[HostFacts, ...]:
         return tuple(
@@ -762,9 +899,12 @@ class StandbySteps:
 
     def reprotect(self, term: int, standby: str) -> None:
         nf = self.restored[term]
-        role = PrimaryRole(self.spec, self.names, nf, term, standby, [])
+        machine, _alarm = self.unprotected[term]
+        role = PrimaryRole(self.spec, self.names, nf, term, standby, [], protection="unprotected")
         self.agent.primaries[self.unit] = role
-        self.agent.protect(role, standby, first=True)
+        # A failed re-protection leaves the unit running unprotected (plain), not stalled.
+        self.agent.protect(role, standby, first=True, unprotected=machine)
+        del self.unprotected[term]
         self.agent.write_status()
 
     def detach(self, term: int) -> None:
@@ -778,6 +918,7 @@ class StandbySteps:
             self.agent.write_status()
 
     def discard_output(self, term: int) -> None:
+        self.unprotected.pop(term, None)
         with self.agent.dp_client() as dp, contextlib.suppress(DataPlaneError):
             dp.remove_unit(self.unit)
 

@@ -25,7 +25,11 @@ def test_demo_reports_a_failover_without_visible_rollback(tmp_path: Path) -> Non
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"failover_ms", "duplicates", "gaps", "tcp_survived", "report"}
     assert result["duplicates"] == 0
-    assert result["gaps"] == 0
+    # A gap may only be the known limit: output committed on the standby that the killed primary
+    # had not released yet (docs/failover.md), between A's last and B's first output.
+    details = json.loads((report_dir / "result.json").read_text())
+    assert details["gaps_at_takeover_only"] is True
+    assert details["takeover_status"] == "finished"
     assert isinstance(result["failover_ms"], float)
     assert result["failover_ms"] > 0
     # The timeline names both hosts' sides of the takeover, in order.

@@ -37,13 +37,29 @@ def test_kill_primary_host_standby_takes_over_without_duplicates(tmp_path: Path)
             time.sleep(1.0)
             kill_us = fab.kill_host("A")
             rec = fab.wait_event("B", "failover_record", timeout=30, after_us=kill_us)
-            fab.wait_event("B", "first_commit", timeout=30, after_us=kill_us)
+            first = fab.wait_event("B", "first_commit", timeout=30, after_us=kill_us)
+            protected = fab.wait_event("B", "protected", timeout=5, after_us=kill_us)
+            status = fab.request("B", {"type": "status"})
         finally:
             finish_traffic(sink, sender)
         records = read_records(out)
         check = check_sequence(records)
         after = [r for r in records if r.recv_ns > kill_us * 1000]
+        unprotected = fab.hosts["B"].events("unprotected")
         print(f"failover {outage_ms(records, kill_us)} ms; {check}; record {rec}")
+        # B released output while C was being seeded, before C's first ack...
+        assert len(unprotected) == 1
+        assert unprotected[0]["term"] == 2
+        window = [
+            r
+            for r in after
+            if unprotected[0]["mono_us"] * 1000 < r.recv_ns < first["mono_us"] * 1000
+        ]
+        assert window, "B held its output until C's first ack"
+        # ...and the unit counts as protected once C acked.
+        assert protected["standby"] == fab.hosts["C"].name
+        assert protected["mono_us"] >= first["mono_us"]
+        assert status["primary"]["seq0"]["protection"] == "protected"
         assert rec["status"] == "finished"
         assert rec["term"] == 2
         assert after, "no output at the sink after the takeover"
@@ -100,5 +116,6 @@ def test_failover_requested_while_one_runs_happens_once(tmp_path: Path) -> None:
         running = [e for e in fab.hosts["B"].events("failover") if e["status"] == "running"]
         assert len(running) == 1
         assert status["standby"]["seq0"] == {"state": "watching", "term": 2}
+        assert status["primary"]["seq0"]["protection"] == "protected"
         assert len(set(fab.hosts["B"].status()["nf_pids"].values())) == 1  # one restored NF
         assert check.duplicates == 0

@@ -7,8 +7,11 @@ import time
 
 import pytest
 
+from hamgr.agent.remote import seed, unprotected_machine
 from policies.detection import DetectionPolicy
+from policies.epoch import FixedEpoch
 from policies.placement import HostFacts
+from shim import epoch as ep
 from shim import failover as fo
 from shim.remote_failover import RemoteFailover
 
@@ -179,3 +182,30 @@ def test_a_local_pid_is_refused() -> None:
     machine = fo.FailoverMachine("seq0", 1, pid=10)
     with pytest.raises(ValueError, match="peer"):
         RemoteFailover(machine, FakeSteps())
+
+
+def test_a_taken_over_unit_runs_unprotected_until_its_new_standby_acks_a_full_image() -> None:
+    config = ep.PrimaryConfig(epoch=FixedEpoch(1_000))
+    machine, alarm = unprotected_machine("seq0", 2, config, 0)
+    # No standby holds an image: output leaves without commit (the unit is attached plain).
+    assert machine.protection is ep.Protection.UNPROTECTED
+    assert "UNPROTECTED" in alarm.reason
+    assert machine.handle(ep.Tick(5_000)) == []  # no cut while nobody can take an image
+    commands = seed(machine, config, 10_000)
+    assert ep.SetOutputCommit(True) in commands
+    assert not [c for c in commands if isinstance(c, ep.Ship)]
+    assert machine.protection is ep.Protection.PROTECTED
+    assert machine.config == config  # the unit's own standby-loss policy from now on
+    out = machine.handle(ep.OutputWaiting(1, 5, 500)) + machine.handle(ep.Tick(12_000))
+    assert ep.PauseIngress() in out
+    for ev in (
+        ep.IngressPaused(77),
+        ep.Frozen(),
+        ep.EpochClosed(1, 5),
+        ep.CheckpointTaken(1, "", 100),
+        ep.Thawed(),
+    ):
+        machine.handle(ev)
+    ships = [c for c in machine.handle(ep.IngressResumed()) if isinstance(c, ep.Ship)]
+    assert ships == [ep.Ship(1, 2, None, 77)]  # the first image is a full one
+    assert ep.Release(1) in machine.handle(ep.Acked("seq0", 1, 2))
