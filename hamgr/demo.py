@@ -24,22 +24,21 @@ WINDOW_MS = 1000  # the plot shows this long before and after the kill
 
 
 def _timeline(record: dict[str, Any], kill_us: int, last_a_ns: int, first_b_ns: int) -> list[str]:
-    def at(us: float) -> str:
-        return f"{(us - kill_us) / 1000:+9.1f} ms"
-
-    lines = [
-        f"{at(last_a_ns / 1000)}  last packet released by host A reaches the sink",
-        f"{at(kill_us)}  host A killed: every process SIGKILLed, fabric links down",
-        f"{at(record['last_rx_us'])}  host B's data plane receives A's last probe",
-        f"{at(record['peer_down_us'])}  host B's data plane reports peer_down",
+    """The takeover as the sink and host B saw it, in time order (one clock for all)."""
+    events = [
+        (last_a_ns / 1000, "last packet released by host A reaches the sink"),
+        (kill_us, "host A killed: every process SIGKILLed, fabric links down"),
+        (record["last_rx_us"], "host B's data plane receives A's last probe"),
+        (record["peer_down_us"], "host B's data plane reports peer_down"),
     ]
     t = record["started_us"] or record["peer_down_us"]
-    lines.append(f"{at(t)}  host B confirms the failure and starts the takeover")
+    events.append((t, "host B confirms the failure and starts the takeover"))
+    # Step end times are the start plus the durations so far: the steps run back to back.
     for step, took in record["steps_us"].items():
         t += took
-        lines.append(f"{at(t)}  {step} done ({took / 1000:.1f} ms)")
-    lines.append(f"{at(first_b_ns / 1000)}  first packet released by host B reaches the sink")
-    return lines
+        events.append((t, f"{step} done ({took / 1000:.1f} ms)"))
+    events.append((first_b_ns / 1000, "first packet released by host B reaches the sink"))
+    return [f"{(at - kill_us) / 1000:+9.1f} ms  {text}" for at, text in sorted(events)]
 
 
 def write_report(out_dir: Path, result: dict[str, Any], timeline: list[str], note: str) -> Path:
