@@ -919,22 +919,12 @@ class RuncBackend:
         restore it like one of its own.
         """
         dump_work.mkdir(mode=0o700)
-        fixed = self._dump_fixed(c)
         cmd = criu_dump_command(
             criu=c._runc.criu,
             pid=c.pid,
             images=tmp,
             work=dump_work,
-            rootfs=fixed.rootfs,
-            freezer=fixed.freezer,
-            netns_inode=fixed.netns_inode,
-            masked_files=fixed.masked_files,
-            masked_dirs=fixed.masked_dirs,
-            network_lock=self.network_lock,
-            tcp_established=self.tcp_established,
-            file_locks=self.file_locks,
-            cgroup_yard=fixed.cgroup_yard,
-            log_level=self.criu_log_level,
+            options=self._dump_options(c),
         )
         with subprocess.Popen(
             cmd,
@@ -979,6 +969,15 @@ class RuncBackend:
             )
         return c._dump_fixed
 
+    def _dump_options(self, c: Container) -> DumpOptions:
+        return DumpOptions(
+            facts=self._dump_fixed(c),
+            network_lock=self.network_lock,
+            tcp_established=self.tcp_established,
+            file_locks=self.file_locks,
+            log_level=self.criu_log_level,
+        )
+
     def _dump_with_swrk(self, c: Container, tmp: Path, dump_work: Path, epoch: int) -> None:
         """The same dump as `_dump_with_criu`, asked of a criu swrk worker started earlier."""
         try:
@@ -990,7 +989,7 @@ class RuncBackend:
             self._dump_with_criu(c, tmp, dump_work, epoch)
             return
         dump_work.mkdir(mode=0o700)
-        fixed = self._dump_fixed(c)
+        options = self._dump_options(c)
         try:
             worker = c._take_worker()
         except CriuError as exc:
@@ -1008,16 +1007,7 @@ class RuncBackend:
                         pid=c.pid,
                         images_fd=images_fd,
                         work_fd=work_fd,
-                        rootfs=fixed.rootfs,
-                        freezer=fixed.freezer,
-                        netns_inode=fixed.netns_inode,
-                        masked_files=fixed.masked_files,
-                        masked_dirs=fixed.masked_dirs,
-                        network_lock=self.network_lock,
-                        tcp_established=self.tcp_established,
-                        file_locks=self.file_locks,
-                        cgroup_yard=fixed.cgroup_yard,
-                        log_level=self.criu_log_level,
+                        options=options,
                     )
                     resp = worker.call(request, CHECKPOINT_TIMEOUT_S)
                 finally:
@@ -1220,6 +1210,18 @@ class DumpFacts:
     cgroup_yard: Path | None
 
 
+@attrs.frozen
+class DumpOptions:
+    """Everything a dump asks of CRIU beyond where the images go: one value for both the
+    command line and the RPC request, so the two paths cannot drift apart."""
+
+    facts: DumpFacts
+    network_lock: NetworkLock
+    tcp_established: bool
+    file_locks: bool
+    log_level: int = 4
+
+
 def _write_descriptors(pid: int, images: Path) -> None:
     """runc's descriptors.json: what the NF's stdio were, which `runc restore` reads."""
     descriptors = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in range(3)]
@@ -1321,47 +1323,34 @@ def _masked_files(pid: int, bundle: Bundle) -> list[str]:
 
 
 def criu_dump_command(
-    *,
-    criu: str,
-    pid: int,
-    images: Path,
-    work: Path,
-    rootfs: Path,
-    freezer: Path,
-    netns_inode: int,
-    masked_files: Sequence[str],
-    network_lock: NetworkLock,
-    tcp_established: bool,
-    file_locks: bool,
-    masked_dirs: Sequence[str] = (),
-    cgroup_yard: Path | None = None,
-    log_level: int = 4,
+    *, criu: str, pid: int, images: Path, work: Path, options: DumpOptions
 ) -> list[str]:
     """The criu command line equivalent to runc's checkpoint RPC, with the tree left running."""
+    facts = options.facts
     cmd = [
         criu, "dump",
         "--tree", str(pid),
         "--images-dir", str(images),
         "--work-dir", str(work),
         "--log-file", "dump.log",
-        f"-v{log_level}",
+        f"-v{options.log_level}",
         "--leave-running",
-        "--root", str(rootfs),
-        "--freeze-cgroup", str(freezer),
+        "--root", str(facts.rootfs),
+        "--freeze-cgroup", str(facts.freezer),
         "--manage-cgroups=soft",
-        "--external", f"net[{netns_inode}]:{RUNC_NETNS_KEY}",
-        "--network-lock", network_lock,
+        "--external", f"net[{facts.netns_inode}]:{RUNC_NETNS_KEY}",
+        "--network-lock", options.network_lock,
     ]  # fmt: skip
-    if tcp_established:
+    if options.tcp_established:
         cmd.append("--tcp-established")
-    if file_locks:
+    if options.file_locks:
         cmd.append("--file-locks")
-    for path in masked_files:
+    for path in facts.masked_files:
         cmd += ["--ext-mount-map", f"{path}:/dev/null"]
-    for path in masked_dirs:
+    for path in facts.masked_dirs:
         cmd += ["--external", f"mnt[{path}]:{MASKED_DIR_KEY}"]
-    if cgroup_yard is not None:
-        cmd += ["--cgroup-yard", str(cgroup_yard)]
+    if facts.cgroup_yard is not None:
+        cmd += ["--cgroup-yard", str(facts.cgroup_yard)]
     return cmd
 
 
@@ -1369,46 +1358,33 @@ _RPC_LOCKS = {"iptables": "IPTABLES", "nftables": "NFTABLES", "skip": "SKIP"}
 
 
 def criu_dump_request(
-    rpc: Any,
-    *,
-    pid: int,
-    images_fd: int,
-    work_fd: int,
-    rootfs: Path,
-    freezer: Path,
-    netns_inode: int,
-    masked_files: Sequence[str],
-    network_lock: NetworkLock,
-    tcp_established: bool,
-    file_locks: bool,
-    masked_dirs: Sequence[str] = (),
-    cgroup_yard: Path | None = None,
-    log_level: int = 4,
+    rpc: Any, *, pid: int, images_fd: int, work_fd: int, options: DumpOptions
 ) -> Any:
     """The RPC twin of `criu_dump_command`: a ``criu_req`` of type DUMP (`rpc` is pycriu's
     ``rpc_pb2``). `images_fd` and `work_fd` are directory fds of the calling process."""
+    facts = options.facts
     req = rpc.criu_req(type=rpc.DUMP)
     opts = req.opts
     opts.pid = pid
     opts.images_dir_fd = images_fd
     opts.work_dir_fd = work_fd
     opts.log_file = "dump.log"
-    opts.log_level = log_level
+    opts.log_level = options.log_level
     opts.leave_running = True
-    opts.root = str(rootfs)
-    opts.freeze_cgroup = str(freezer)
+    opts.root = str(facts.rootfs)
+    opts.freeze_cgroup = str(facts.freezer)
     opts.manage_cgroups = True
     opts.manage_cgroups_mode = rpc.SOFT
-    opts.external.append(f"net[{netns_inode}]:{RUNC_NETNS_KEY}")
-    opts.network_lock = getattr(rpc, _RPC_LOCKS[network_lock])
-    opts.tcp_established = tcp_established
-    opts.file_locks = file_locks
-    for path in masked_files:
+    opts.external.append(f"net[{facts.netns_inode}]:{RUNC_NETNS_KEY}")
+    opts.network_lock = getattr(rpc, _RPC_LOCKS[options.network_lock])
+    opts.tcp_established = options.tcp_established
+    opts.file_locks = options.file_locks
+    for path in facts.masked_files:
         opts.ext_mnt.add(key=path, val="/dev/null")
-    for path in masked_dirs:
+    for path in facts.masked_dirs:
         opts.external.append(f"mnt[{path}]:{MASKED_DIR_KEY}")
-    if cgroup_yard is not None:
-        opts.cgroup_yard = str(cgroup_yard)
+    if facts.cgroup_yard is not None:
+        opts.cgroup_yard = str(facts.cgroup_yard)
     return req
 
 

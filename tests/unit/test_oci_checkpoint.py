@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,8 @@ from shim.container import (
     IMAGE_META,
     MASKED_DIR_KEY,
     CheckpointImage,
+    DumpFacts,
+    DumpOptions,
     RestoreError,
     cgroup_yard_for,
     criu_dump_command,
@@ -23,22 +26,29 @@ from shim.oci import ContainerSpec
 SPEC = ContainerSpec(name="seq", image=Path("/i.tar"), args=("/seq",), netns="n1")
 
 
-def _cmd(**kw: object) -> list[str]:
-    args: dict[str, object] = {
-        "criu": "/opt/criu",
-        "pid": 4242,
-        "images": Path("/dev/shm/e1.partial"),
-        "work": Path("/run/w"),
+def _options(**kw: Any) -> DumpOptions:
+    facts: dict[str, Any] = {
         "rootfs": Path("/b/rootfs"),
         "freezer": Path("/sys/fs/cgroup/freezer/hamgr/seq"),
         "netns_inode": 4026532000,
-        "masked_files": ["/proc/kcore"],
-        "network_lock": "nftables",
-        "tcp_established": True,
-        "file_locks": True,
+        "masked_files": ("/proc/kcore",),
+        "masked_dirs": (),
+        "cgroup_yard": None,
     }
-    args.update(kw)
-    return criu_dump_command(**args)  # type: ignore[arg-type]
+    opts: dict[str, Any] = {"network_lock": "nftables", "tcp_established": True, "file_locks": True}
+    for key, value in kw.items():
+        (facts if key in facts else opts)[key] = value
+    return DumpOptions(facts=DumpFacts(**facts), **opts)
+
+
+def _cmd(**kw: Any) -> list[str]:
+    return criu_dump_command(
+        criu="/opt/criu",
+        pid=4242,
+        images=Path("/dev/shm/e1.partial"),
+        work=Path("/run/w"),
+        options=_options(**kw),
+    )
 
 
 def _opt(cmd: list[str], flag: str) -> str:
@@ -138,23 +148,19 @@ def test_dump_command_fast_path_options() -> None:
 
 
 def test_rpc_dump_request_asks_for_what_the_command_line_does() -> None:
-    rpc = pytest.importorskip("pycriu.rpc_pb2")
-    req = criu_dump_request(
-        rpc,
-        pid=4242,
-        images_fd=7,
-        work_fd=8,
-        rootfs=Path("/b/rootfs"),
-        freezer=Path("/sys/fs/cgroup/freezer/hamgr/seq"),
-        netns_inode=4026532000,
-        masked_files=["/proc/kcore"],
-        masked_dirs=["/proc/acpi"],
+    import pycriu.rpc_pb2 as rpc  # make setup installs pycriu into the venv
+
+    options = _options(
+        masked_dirs=("/proc/acpi",),
         network_lock="skip",
-        tcp_established=True,
-        file_locks=True,
         cgroup_yard=Path("/sys/fs/cgroup"),
         log_level=2,
     )
+    req = criu_dump_request(rpc, pid=4242, images_fd=7, work_fd=8, options=options)
+    # Both paths take the same value, so they ask CRIU for the same things.
+    cmd = criu_dump_command(criu="c", pid=4242, images=Path("/i"), work=Path("/w"), options=options)
+    assert "-v2" in cmd
+    assert _opt(cmd, "--network-lock") == "skip"
     opts = req.opts
     assert req.type == rpc.DUMP
     assert (opts.pid, opts.images_dir_fd, opts.work_dir_fd) == (4242, 7, 8)
