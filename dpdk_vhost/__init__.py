@@ -10,6 +10,8 @@ from dpdk_vhost.client import (
     DataPlaneError,
     DataPlaneUnavailableError,
     EpochClosed,
+    Retired,
+    Xmitted,
 )
 from dpdk_vhost.process import DataPlaneConfig, DataPlaneProcess
 from dpdk_vhost.protocol import PeerDown, PeerUp, Stats, UnitStats
@@ -25,6 +27,8 @@ __all__ = [
     "EpochClosed",
     "PeerDown",
     "PeerUp",
+    "Retired",
     "Stats",
     "UnitStats",
+    "Xmitted",
 ]

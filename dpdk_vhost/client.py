@@ -31,6 +31,11 @@ _HINTS = {
     "probe_failed": "check the socket path or interface name, and that it is in this netns",
     "no_such_unit": "add_unit it first (names are case-sensitive)",
     "no_such_port": "add_port it first (names are case-sensitive)",
+    "bad_path": "use an absolute path in an existing, writable directory",
+    "save_failed": "the epoch is closed and still buffered: release, retire or discard it, "
+    "or write it again with save_epoch",
+    "bad_file": "the held-output file is malformed; nothing was sent",
+    "tx_timeout": "the port kept refusing frames; the message says how many were sent",
 }
 
 
@@ -68,6 +73,32 @@ class EpochClosed:
     drained: int
     in_flight: int
     buffered_pkts: int
+    saved: int | None = None
+    """Frames written to the ``save`` file; None when the epoch was closed without one."""
+    saved_bytes: int | None = None
+
+
+@attrs.frozen
+class Retired:
+    """What ``retire`` freed without sending (the standby sent it)."""
+
+    unit: str
+    epoch: int
+    retired_epochs: int
+    retired_pkts: int
+    retired_bytes: int
+    releasable_pkts: int
+    in_flight: int
+
+
+@attrs.frozen
+class Xmitted:
+    """What ``xmit`` sent from a held-output file; epoch and term come from its header."""
+
+    sent: int
+    bytes: int
+    epoch: int
+    term: int
 
 
 class DataPlaneClient:
@@ -254,8 +285,16 @@ class DataPlaneClient:
     def resume_ingress(self, unit: str, term: int | None = None) -> None:
         self.request("resume_ingress", unit=unit, term=term)
 
-    def close_epoch(self, unit: str, epoch: int, term: int | None = None) -> EpochClosed:
-        f = self.request("close_epoch", unit=unit, epoch=epoch, term=term)
+    def close_epoch(
+        self, unit: str, epoch: int, term: int | None = None, save: str | None = None
+    ) -> EpochClosed:
+        """Closes the open epoch; with ``save`` (an absolute path) also writes its frames there.
+
+        Save errors: ``bad_path`` when ``save`` cannot be created (the epoch stays open);
+        ``save_failed`` when writing failed after the close (the epoch is closed and its
+        output still buffered, as without ``save``). Neither leaves ``save + ".tmp"``.
+        """
+        f = self.request("close_epoch", unit=unit, epoch=epoch, term=term, save=save)
         return EpochClosed(
             unit=unit,
             epoch=int(f["epoch"]),
@@ -263,11 +302,50 @@ class DataPlaneClient:
             drained=int(f["drained"]),
             in_flight=int(f["in_flight"]),
             buffered_pkts=int(f["buffered_pkts"]),
+            saved=int(f["saved"]) if "saved" in f else None,
+            saved_bytes=int(f["saved_bytes"]) if "saved_bytes" in f else None,
         )
+
+    def save_epoch(self, unit: str, epoch: int, path: str, term: int | None = None) -> int:
+        """Writes a closed, still held epoch's frames to ``path`` again; returns the count."""
+        f = self.request("save_epoch", unit=unit, epoch=epoch, path=path, term=term)
+        return int(f["saved"])
 
     def release(self, unit: str, epoch: int, term: int) -> int:
         """Releases every closed epoch up to ``epoch``; returns how many were released."""
         return int(self.request("release", unit=unit, epoch=epoch, term=term)["released_epochs"])
+
+    def retire(self, unit: str, epoch: int, term: int) -> int:
+        """Frees every closed epoch up to ``epoch`` without sending it; returns how many.
+
+        Cumulative and fenced like ``release``; for epochs the standby has sent.
+        """
+        return self.retire_detail(unit, epoch, term).retired_epochs
+
+    def retire_detail(self, unit: str, epoch: int, term: int) -> Retired:
+        f = self.request("retire", unit=unit, epoch=epoch, term=term)
+        return Retired(
+            unit=unit,
+            epoch=int(f["epoch"]),
+            retired_epochs=int(f["retired_epochs"]),
+            retired_pkts=int(f["retired_pkts"]),
+            retired_bytes=int(f["retired_bytes"]),
+            releasable_pkts=int(f["releasable_pkts"]),
+            in_flight=int(f["in_flight"]),
+        )
+
+    def xmit(self, port: str, path: str, *, src_mac: str = "own") -> Xmitted:
+        """Sends the frames of the held-output file ``path`` on ``port``, in order.
+
+        ``src_mac="own"`` rewrites each frame's source MAC to the port's own; ``"keep"``
+        sends them as saved. A malformed file (``bad_file``) sends nothing.
+        """
+        if src_mac not in ("own", "keep"):
+            raise ValueError(f"src_mac must be 'own' or 'keep', not {src_mac!r}")
+        f = self.request("xmit", port=port, path=path, src_mac=src_mac)
+        return Xmitted(
+            sent=int(f["sent"]), bytes=int(f["bytes"]), epoch=int(f["epoch"]), term=int(f["term"])
+        )
 
     def discard(self, unit: str, from_epoch: int, term: int | None = None) -> int:
         """Drops the output of epochs >= ``from_epoch``; returns packets dropped."""

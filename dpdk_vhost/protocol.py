@@ -179,6 +179,9 @@ class PortStats:
     probe_tx: int
     probe_bad: int
     unowned_drops: int
+    # Frames sent by ``xmit``; 0 when the data plane does not report them.
+    xmit_pkts: int = 0
+    xmit_bytes: int = 0
 
 
 @attrs.frozen
@@ -225,6 +228,10 @@ class UnitStats:
     stash_to_nf: int
     stash_to_egress: int
     drops: Mapping[str, int]
+    # Held output freed by ``retire`` (the standby sent it); 0 when not reported.
+    retired_pkts: int = 0
+    retired_bytes: int = 0
+    epochs_retired: int = 0
 
     @property
     def dropped(self) -> int:
@@ -276,9 +283,30 @@ def _group(fields: Mapping[str, str], prefix: str) -> dict[str, dict[str, str]]:
     return out
 
 
-_PORT_INTS = [f.name for f in attrs.fields(PortStats) if f.type in ("int", int)]
-_UNIT_INTS = [f.name for f in attrs.fields(UnitStats) if f.type in ("int", int)]
-_PROBE_INTS = [f.name for f in attrs.fields(ProbeStats) if f.type in ("int", int)]
+def _ints(cls: type) -> list[str]:
+    """The required int fields of a stats class; fields with a default are optional."""
+    return [
+        f.name for f in attrs.fields(cls) if f.type in ("int", int) and f.default is attrs.NOTHING
+    ]
+
+
+def _optional_ints(cls: type) -> list[str]:
+    return [
+        f.name
+        for f in attrs.fields(cls)
+        if f.type in ("int", int) and f.default is not attrs.NOTHING
+    ]
+
+
+_PORT_INTS = _ints(PortStats)
+_UNIT_INTS = _ints(UnitStats)
+_PROBE_INTS = _ints(ProbeStats)
+_PORT_OPT_INTS = _optional_ints(PortStats)
+_UNIT_OPT_INTS = _optional_ints(UnitStats)
+
+
+def _opt(f: Mapping[str, str], keys: list[str]) -> dict[str, int]:
+    return {k: int(f[k]) for k in keys if k in f}
 
 
 def parse_stats(fields: Mapping[str, str]) -> Stats:
@@ -290,6 +318,7 @@ def parse_stats(fields: Mapping[str, str]) -> Stats:
                 type=f["type"],
                 link=f["link"] == "1",
                 **{k: int(f[k]) for k in _PORT_INTS},
+                **_opt(f, _PORT_OPT_INTS),
             )
             for name, f in _group(fields, "port.").items()
         }
@@ -307,6 +336,7 @@ def parse_stats(fields: Mapping[str, str]) -> Stats:
                 bp=frozenset() if f["bp"] == "none" else frozenset(f["bp"].split(",")),
                 drops=drops,
                 **{k: int(f[k]) for k in _UNIT_INTS},
+                **_opt(f, _UNIT_OPT_INTS),
             )
         probes = {
             name: ProbeStats(

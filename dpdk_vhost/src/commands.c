@@ -1,5 +1,6 @@
 /* Control commands. Each one checks everything before changing anything, so
  * a refused command leaves the data plane as it was. */
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -431,10 +432,33 @@ static int cmd_resume(struct ctl_req *r, struct sbuf *out)
 	return 0;
 }
 
+/* The epoch just closed, or the closed epoch `e` (NULL when it is not closed). */
+static const struct dp_epoch *closed_epoch(const struct dp_unit *u, uint64_t e)
+{
+	uint32_t i;
+
+	for (i = 0; i < u->closed_n; i++) {
+		const struct dp_epoch *ep = &u->closed[(u->closed_head + i) % DP_MAX_K];
+
+		if (ep->epoch == e)
+			return ep;
+	}
+	return NULL;
+}
+
+/* With save=PATH the epoch's frames are written to PATH as well. A path that
+ * cannot be created is refused before anything changes (bad_path: the epoch is
+ * still open). A write that fails after that leaves the epoch closed, exactly
+ * as without save, and says so (save_failed): its output is still buffered and
+ * can be released, retired, discarded or saved again with save_epoch. */
 static int cmd_close_epoch(struct ctl_req *r, struct sbuf *out)
 {
 	struct dp_unit *u = need_unit(r, out);
+	const char *save = req_str(r, "save");
+	struct heldout_saved saved;
 	uint64_t e, drained, start;
+	char err[PATH_MAX + 200];
+	int fd = -1;
 
 	if (u == NULL || need_u64(r, "epoch", &e, out) < 0 || term_check(u, r, 0, out) < 0)
 		return -1;
@@ -446,11 +470,50 @@ static int cmd_close_epoch(struct ctl_req *r, struct sbuf *out)
 	if (u->closed_n >= u->k)
 		return fail(out, "epoch_limit %u epochs are in flight (k=%u); release one first",
 			    u->closed_n, u->k);
+	if (save != NULL && (fd = heldout_create(save, err, sizeof(err))) < 0)
+		return fail(out, "%s; epoch %lu was not closed", err, (unsigned long)e);
 	start = u->open_start;
 	unit_close_epoch(u, &drained);
+	if (save != NULL &&
+	    heldout_save(u, closed_epoch(u, e), fd, save, &saved, err, sizeof(err)) < 0)
+		return fail(out,
+			    "save_failed %s; epoch %lu is closed and its output is still buffered "
+			    "(release, retire, discard or save_epoch it)",
+			    err, (unsigned long)e);
 	sb_printf(out, "unit=%s epoch=%lu pkts=%lu drained=%lu in_flight=%u buffered_pkts=%lu",
 		  u->name, (unsigned long)e, (unsigned long)(u->enq_cnt - start),
 		  (unsigned long)drained, u->closed_n, (unsigned long)unit_buffered_pkts(u));
+	if (save != NULL)
+		sb_printf(out, " saved=%lu saved_bytes=%lu", (unsigned long)saved.count,
+			  (unsigned long)saved.bytes);
+	return 0;
+}
+
+/* Writes a closed epoch's frames again, e.g. after close_epoch's save failed. */
+static int cmd_save_epoch(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	const struct dp_epoch *ep;
+	struct heldout_saved saved;
+	char err[PATH_MAX + 200];
+	const char *path;
+	uint64_t e;
+	int fd;
+
+	if (u == NULL || need_u64(r, "epoch", &e, out) < 0 || (path = need(r, "path", out)) == NULL ||
+	    term_check(u, r, 0, out) < 0)
+		return -1;
+	ep = closed_epoch(u, e);
+	if (ep == NULL)
+		return fail(out, "not_closed epoch %lu of unit %s is not closed and held (the open "
+			    "epoch is %lu; released or retired ones are gone)",
+			    (unsigned long)e, u->name, (unsigned long)u->cur_epoch);
+	if ((fd = heldout_create(path, err, sizeof(err))) < 0)
+		return fail(out, "%s", err);
+	if (heldout_save(u, ep, fd, path, &saved, err, sizeof(err)) < 0)
+		return fail(out, "save_failed %s; epoch %lu is still held", err, (unsigned long)e);
+	sb_printf(out, "unit=%s epoch=%lu saved=%lu saved_bytes=%lu", u->name, (unsigned long)e,
+		  (unsigned long)saved.count, (unsigned long)saved.bytes);
 	return 0;
 }
 
@@ -472,6 +535,50 @@ static int cmd_release(struct ctl_req *r, struct sbuf *out)
 	return 0;
 }
 
+/* Like release, but the standby sent these epochs: they are freed, not sent. */
+static int cmd_retire(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_unit *u = need_unit(r, out);
+	uint64_t e, epochs, pkts, bytes;
+
+	if (u == NULL || need_u64(r, "epoch", &e, out) < 0 || term_check(u, r, 1, out) < 0)
+		return -1;
+	if (e >= u->cur_epoch)
+		return fail(out, "not_closed epoch %lu is not closed; close_epoch it first",
+			    (unsigned long)e);
+	if (unit_retire_upto(u, e, &epochs, &pkts, &bytes) < 0)
+		return fail(out, "no_memory cannot rearrange unit %s's buffer; nothing was retired",
+			    u->name);
+	sb_printf(out,
+		  "unit=%s epoch=%lu retired_epochs=%lu retired_pkts=%lu retired_bytes=%lu"
+		  " releasable_pkts=%lu in_flight=%u",
+		  u->name, (unsigned long)e, (unsigned long)epochs, (unsigned long)pkts,
+		  (unsigned long)bytes, (unsigned long)(u->release_limit - u->deq_cnt), u->closed_n);
+	return 0;
+}
+
+static int cmd_xmit(struct ctl_req *r, struct sbuf *out)
+{
+	const char *path, *mac;
+	struct heldout_sent res;
+	char err[PATH_MAX + 200];
+	int port, keep = 0;
+
+	if (need_port(r, "port", &port, out) < 0 || (path = need(r, "path", out)) == NULL)
+		return -1;
+	mac = req_str(r, "src_mac");
+	if (mac != NULL && strcmp(mac, "keep") == 0)
+		keep = 1;
+	else if (mac != NULL && strcmp(mac, "own") != 0)
+		return fail(out, "bad_arg src_mac must be own or keep");
+	if (heldout_xmit(port, path, keep, &res, err, sizeof(err)) < 0)
+		return fail(out, "%s", err);
+	sb_printf(out, "port=%s sent=%lu bytes=%lu epoch=%lu term=%lu", g.ports[port].name,
+		  (unsigned long)res.sent, (unsigned long)res.bytes, (unsigned long)res.epoch,
+		  (unsigned long)res.term);
+	return 0;
+}
+
 static int cmd_discard(struct ctl_req *r, struct sbuf *out)
 {
 	struct dp_unit *u = need_unit(r, out);
@@ -482,8 +589,8 @@ static int cmd_discard(struct ctl_req *r, struct sbuf *out)
 	if (u->mode != MODE_HA)
 		return fail(out, "not_ha unit %s is unprotected (mode plain)", u->name);
 	if (u->last_released && from <= u->last_released)
-		return fail(out, "bad_epoch epoch %lu was already released (up to %lu); it cannot be "
-			    "discarded", (unsigned long)from, (unsigned long)u->last_released);
+		return fail(out, "bad_epoch epoch %lu was already released or retired (up to %lu); it "
+			    "cannot be discarded", (unsigned long)from, (unsigned long)u->last_released);
 	n = unit_discard_from(u, from, DROP_DISCARD);
 	sb_printf(out, "unit=%s discarded=%lu epoch=%lu", u->name, (unsigned long)n,
 		  (unsigned long)u->cur_epoch);
@@ -634,6 +741,9 @@ static const struct {
 	{"resume_ingress", cmd_resume},
 	{"close_epoch", cmd_close_epoch},
 	{"release", cmd_release},
+	{"retire", cmd_retire},
+	{"save_epoch", cmd_save_epoch},
+	{"xmit", cmd_xmit},
 	{"discard", cmd_discard},
 	{"set_term", cmd_set_term},
 	{"unit_auto_epoch", cmd_auto_epoch},

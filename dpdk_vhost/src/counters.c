@@ -61,12 +61,13 @@ static void port_stats(struct sbuf *b, const struct dp_port *p)
 		  " port.%s.tx=%lu port.%s.rx_bytes=%lu port.%s.tx_bytes=%lu"
 		  " port.%s.rx_missed=%lu port.%s.rx_nombuf=%lu port.%s.tx_errors=%lu"
 		  " port.%s.probe_rx=%lu port.%s.probe_tx=%lu port.%s.probe_bad=%lu"
-		  " port.%s.unowned_drops=%lu",
+		  " port.%s.unowned_drops=%lu port.%s.xmit_pkts=%lu port.%s.xmit_bytes=%lu",
 		  p->name, kind_names[p->kind], p->name, p->port_id, p->name,
 		  link.link_status, p->name, U64(st.ipackets), p->name, U64(st.opackets), p->name,
 		  U64(st.ibytes), p->name, U64(st.obytes), p->name, U64(st.imissed), p->name,
 		  U64(st.rx_nombuf), p->name, U64(st.oerrors), p->name, U64(p->probe_rx), p->name,
-		  U64(p->probe_tx), p->name, U64(p->probe_bad), p->name, U64(p->unowned_drops));
+		  U64(p->probe_tx), p->name, U64(p->probe_bad), p->name, U64(p->unowned_drops), p->name,
+		  U64(p->xmit_pkts), p->name, U64(p->xmit_bytes));
 }
 
 static void unit_stats(struct sbuf *b, const struct dp_unit *u)
@@ -106,7 +107,8 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  " unit.%s.epochs_discarded=%lu unit.%s.bp_k=%lu unit.%s.bp_bytes=%lu"
 		  " unit.%s.bp_ring=%lu unit.%s.nf_stalls=%lu unit.%s.refused_stale=%lu"
 		  " unit.%s.hwm_bytes=%lu unit.%s.hwm_pkts=%lu unit.%s.mirror_pkts=%lu"
-		  " unit.%s.stash_to_nf=%u unit.%s.stash_to_egress=%u",
+		  " unit.%s.stash_to_nf=%u unit.%s.stash_to_egress=%u"
+		  " unit.%s.retired_pkts=%lu unit.%s.retired_bytes=%lu unit.%s.epochs_retired=%lu",
 		  n, U64(u->rx_wire), n, U64(u->in_seq), n, U64(u->nf_rx), n, U64(u->nf_rx_bytes),
 		  n, U64(u->tx), n, U64(u->tx_bytes), n, U64(unit_buffered_pkts(u)), n,
 		  U64(unit_buffered_bytes(u)), n, U64(u->release_limit - u->deq_cnt), n,
@@ -115,7 +117,8 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  U64(u->epochs_discarded), n, U64(u->bp_k), n, U64(u->bp_bytes), n,
 		  U64(u->bp_ring), n, U64(u->nf_stalls), n, U64(u->refused_stale), n,
 		  U64(u->hwm_bytes), n, U64(u->hwm_pkts), n, U64(u->mirror_pkts), n, u->to_nf.n,
-		  n, u->to_egress.n);
+		  n, u->to_egress.n, n, U64(u->retired_pkts), n, U64(u->retired_bytes), n,
+		  U64(u->epochs_retired));
 	for (d = 0; d < DROP__COUNT; d++)
 		sb_printf(b, " unit.%s.drop_%s=%lu", n, drop_names[d], U64(u->drops[d]));
 }

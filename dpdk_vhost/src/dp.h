@@ -40,6 +40,7 @@ struct dp_port {
 	int n_probes;             /* probes sent/received on this port */
 	int n_users;              /* units referencing it in any role */
 	uint64_t probe_rx, probe_tx, probe_bad, unowned_drops;
+	uint64_t xmit_pkts, xmit_bytes; /* frames sent by `xmit` from a held-output file */
 };
 
 enum dp_drop {
@@ -61,6 +62,7 @@ enum dp_mode { MODE_HA, MODE_PLAIN };
 
 struct dp_epoch {
 	uint64_t epoch;
+	uint64_t start_cnt;  /* cumulative enqueue count when it opened */
 	uint64_t end_cnt;    /* cumulative enqueue count at its close */
 	uint64_t release_at; /* auto-epoch ack time in TSC, 0 = waits for release */
 };
@@ -96,9 +98,14 @@ struct dp_unit {
 
 	uint64_t enq_cnt, enq_bytes; /* net of discards, so boundaries stay valid */
 	uint64_t open_start;         /* enq_cnt when the open epoch began */
+	/* Packets that left the buffer: sent, or freed by a retire. A retire can
+	 * free packets queued behind released ones, so deq_cnt counts rather than
+	 * marks the ring head; what holds is that the ring has
+	 * enq_cnt - deq_cnt - stage_n packets, and that a closed epoch starting at
+	 * count s begins at ring offset s - deq_cnt - stage_n. */
 	uint64_t deq_cnt, deq_bytes;
 	uint64_t release_limit;
-	uint64_t last_released; /* highest epoch released, 0 = none */
+	uint64_t last_released; /* highest epoch released or retired, 0 = none */
 
 	struct dp_stash to_nf;
 	struct dp_stash to_egress;
@@ -116,6 +123,7 @@ struct dp_unit {
 	uint64_t tx, tx_bytes, released_pkts, released_bytes;
 	uint64_t discarded_pkts, discarded_bytes;
 	uint64_t epochs_closed, epochs_released, epochs_discarded;
+	uint64_t retired_pkts, retired_bytes, epochs_retired;
 	uint64_t bp_k, bp_bytes, bp_ring, nf_stalls, refused_stale;
 	uint64_t hwm_bytes, hwm_pkts;
 	uint64_t mirror_pkts;
@@ -171,9 +179,30 @@ void unit_free_all(struct dp_unit *u, enum dp_drop reason);
 uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained);
 void unit_release_upto(struct dp_unit *u, uint64_t epoch);
 uint64_t unit_discard_from(struct dp_unit *u, uint64_t from, enum dp_drop reason);
+int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64_t *pkts,
+		     uint64_t *bytes);
 void unit_update_bp(struct dp_unit *u);
 void unowned_ports_poll(uint64_t now, int *work);
 uint16_t probe_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now);
+
+/* heldout.c: held output for release at the standby */
+#define HELDOUT_MAGIC "HMGROUT1"
+#define HELDOUT_HDR_LEN 40
+#define HELDOUT_MAX_FILE (256ull << 20)
+#define HELDOUT_MAX_FRAME 65535u
+#define HELDOUT_XMIT_STALL_US 200000
+
+struct heldout_saved {
+	uint64_t count, bytes;
+};
+struct heldout_sent {
+	uint64_t sent, bytes, epoch, term;
+};
+int heldout_create(const char *path, char *err, size_t errlen);
+int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const char *path,
+		 struct heldout_saved *res, char *err, size_t errlen);
+int heldout_xmit(int port, const char *path, int keep_src, struct heldout_sent *res, char *err,
+		 size_t errlen);
 
 /* probes.c */
 int probe_find(const char *peer);

@@ -421,8 +421,8 @@ uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained)
 			break;
 		d += n;
 	}
-	u->closed[(u->closed_head + u->closed_n) % DP_MAX_K] =
-		(struct dp_epoch){.epoch = e, .end_cnt = u->enq_cnt, .release_at = 0};
+	u->closed[(u->closed_head + u->closed_n) % DP_MAX_K] = (struct dp_epoch){
+		.epoch = e, .start_cnt = u->open_start, .end_cnt = u->enq_cnt, .release_at = 0};
 	u->closed_n++;
 	u->open_start = u->enq_cnt;
 	u->cur_epoch = e + 1;
@@ -442,6 +442,83 @@ void unit_release_upto(struct dp_unit *u, uint64_t epoch)
 		u->epochs_released++;
 	}
 	unit_update_bp(u);
+}
+
+static uint64_t free_counted(void **objs, unsigned n)
+{
+	uint64_t bytes = 0;
+	unsigned i;
+
+	for (i = 0; i < n; i++)
+		bytes += ((struct rte_mbuf *)objs[i])->pkt_len;
+	rte_pktmbuf_free_bulk((struct rte_mbuf **)objs, n);
+	return bytes;
+}
+
+/* Off the fast path. Retiring frees, without sending, the closed epochs up to
+ * `epoch`: the standby sent them. They are the oldest closed epochs, so their
+ * packets follow the released ones in the ring. When no released packet is
+ * left in the ring they are at its head; otherwise the ring is taken apart
+ * and put back without them, released packets first. Either way they count
+ * as dequeued and the release limit moves past them, so what the loop still
+ * has to send (release_limit - deq_cnt - stage_n) is unchanged and every
+ * later boundary stays valid. Returns -1, with nothing changed, when memory
+ * runs out or the ring does not hold what the counts say it does. */
+int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64_t *pkts,
+		     uint64_t *bytes)
+{
+	uint64_t pending = u->release_limit - u->deq_cnt - u->stage_n, end, n, b = 0;
+	uint32_t k = 0;
+
+	while (k < u->closed_n && u->closed[(u->closed_head + k) % DP_MAX_K].epoch <= epoch)
+		k++;
+	*epochs = *pkts = *bytes = 0;
+	if (k == 0)
+		return 0;
+	end = u->closed[(u->closed_head + k - 1) % DP_MAX_K].end_cnt;
+	n = end - u->release_limit;
+	if (rte_ring_count(u->buf) < pending + n)
+		return -1; /* the bookkeeping disagrees with the ring; change nothing */
+	if (n && pending == 0) {
+		void *objs[256];
+		uint64_t left = n;
+
+		while (left) {
+			unsigned c = left < 256 ? (unsigned)left : 256;
+
+			rte_ring_dequeue_bulk(u->buf, objs, c, NULL);
+			b += free_counted(objs, c);
+			left -= c;
+		}
+	} else if (n) {
+		unsigned total = rte_ring_count(u->buf);
+		void **objs = malloc((size_t)total * sizeof(void *));
+
+		if (objs == NULL)
+			return -1;
+		if (rte_ring_dequeue_bulk(u->buf, objs, total, NULL) != total) {
+			free(objs);
+			return -1;
+		}
+		b = free_counted(objs + pending, (unsigned)n);
+		memmove(objs + pending, objs + pending + n, (total - pending - n) * sizeof(void *));
+		rte_ring_enqueue_bulk(u->buf, objs, (unsigned)(total - n), NULL);
+		free(objs);
+	}
+	u->deq_cnt += n;
+	u->deq_bytes += b;
+	u->release_limit = end;
+	u->last_released = u->closed[(u->closed_head + k - 1) % DP_MAX_K].epoch;
+	u->closed_head = (u->closed_head + k) % DP_MAX_K;
+	u->closed_n -= k;
+	u->retired_pkts += n;
+	u->retired_bytes += b;
+	u->epochs_retired += k;
+	unit_update_bp(u);
+	*epochs = k;
+	*pkts = n;
+	*bytes = b;
+	return 0;
 }
 
 /* Off the fast path: the ring is a FIFO, so cutting its tail means taking
