@@ -12,14 +12,19 @@ Steps 1-3 and 5 of the protocol run synchronously inside `step()`. The checkpoin
 and shipping (step 6) are asynchronous: each returns at once and completes as a future seen by a
 later `step()`. Shipping that way lets epoch e+1 fill while e ships (I6). Checkpointing that way
 keeps acks flowing while the unit is frozen: an ack for e-1 that arrives during the dump of e is
-released at once instead of after the thaw. That matters beyond latency: between the standby's
-commit and the primary's release, a dead primary takes committed output with it (a gap at the
-sink), so that window must stay short. Releasing during the freeze is allowed: it moves packets
-from the unit's buffer to the egress port and never touches the NF's own port (I2).
+released at once instead of after the thaw. Releasing during the freeze is allowed: it moves
+packets from the unit's buffer to the egress port and never touches the NF's own port (I2).
+
+With release at the standby (`ep.ReleasePoint.STANDBY`, remote standbys) the data plane saves
+each closed epoch's frames to ``<image_root>/<unit>/outputs/``; a Ship hard-links the saved
+output of every epoch it names into the checkpoint's image directory, so it ships (and is
+verified) with the image; the ack's Retire frees the buffers without sending them, and the
+saved files go with the images they belong to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -33,6 +38,7 @@ import attrs
 
 from shim import epoch as ep
 from shim.replication import NackedError, Shipped
+from shim.standby import OUTPUT_PREFIX, output_name
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,11 @@ log = logging.getLogger(__name__)
 class DataPlaneOps(Protocol):
     def pause_ingress(self, unit: str, term: int | None = None) -> Any: ...
     def resume_ingress(self, unit: str, term: int | None = None) -> None: ...
-    def close_epoch(self, unit: str, epoch: int, term: int | None = None) -> Any: ...
+    def close_epoch(
+        self, unit: str, epoch: int, term: int | None = None, save: str | None = None
+    ) -> Any: ...
     def release(self, unit: str, epoch: int, term: int) -> int: ...
+    def retire(self, unit: str, epoch: int, term: int) -> int: ...
     def discard(self, unit: str, from_epoch: int, term: int | None = None) -> int: ...
     def set_mode(self, unit: str, mode: str) -> None: ...
     def stats(self, unit: str | None = None) -> Any: ...
@@ -155,6 +164,10 @@ class PrimaryEngine:
     def image_dir(self, epoch: int) -> Path:
         return self.image_root / f"epoch-{epoch:08d}"
 
+    def output_path(self, epoch: int) -> Path:
+        """Where the data plane saves epoch `epoch`'s held output (release at the standby)."""
+        return self.image_root / "outputs" / output_name(epoch)
+
     def step(self) -> None:
         """Tick, report output and finished ships, and run every command that follows."""
         events: deque[ep.Event] = deque([ep.Tick(self.clock())])
@@ -240,8 +253,24 @@ class PrimaryEngine:
                 self.nf.freeze()
                 self._frozen_at = self.clock()
                 return [ep.Frozen()]
-            case ep.CloseEpoch(epoch=epoch):
-                closed = self.dp.close_epoch(self.unit, epoch, term)
+            case ep.CloseEpoch(epoch=epoch, save_output=save_output):
+                save = None
+                if save_output:
+                    save = self.output_path(epoch)
+                    save.parent.mkdir(exist_ok=True)
+                try:
+                    closed = self.dp.close_epoch(
+                        self.unit, epoch, term, save=None if save is None else str(save)
+                    )
+                except Exception as exc:
+                    if save is None:
+                        raise
+                    # The epoch may be closed without its saved output, and nothing could ever
+                    # release it at the standby: stop here rather than lose it silently.
+                    raise EngineError(
+                        f"unit {self.unit}: epoch {epoch}: could not save its output to {save} "
+                        f"({exc}); free space there (it is on tmpfs) and restart the unit"
+                    ) from exc
                 self._closed_total += int(closed.pkts)
                 return [ep.EpochClosed(epoch, int(closed.pkts))]
             case ep.Checkpoint(epoch=epoch):
@@ -253,7 +282,8 @@ class PrimaryEngine:
             case ep.ResumeIngress():
                 self.dp.resume_ingress(self.unit, term)
                 return [ep.IngressResumed()]
-            case ep.Ship(epoch=epoch, term=t, parent=parent, cut_seq=cut_seq):
+            case ep.Ship(epoch=epoch, term=t, parent=parent, cut_seq=cut_seq, outputs=outputs):
+                self._attach_outputs(epoch, outputs)
                 future = self.shipper.ship_nowait(
                     self.unit,
                     epoch,
@@ -266,8 +296,11 @@ class PrimaryEngine:
                 self._inflight[epoch] = (future, self.clock())
                 self._cut_seqs[epoch] = cut_seq
                 return []
-            case ep.Release(epoch=epoch):
-                self.dp.release(self.unit, epoch, term)
+            case ep.Release(epoch=epoch) | ep.Retire(epoch=epoch):
+                if isinstance(command, ep.Retire):
+                    self.dp.retire(self.unit, epoch, term)
+                else:
+                    self.dp.release(self.unit, epoch, term)
                 self.stats.released_epochs += 1
                 self._committed = epoch
                 if epoch in self._cut_seqs:
@@ -335,8 +368,35 @@ class PrimaryEngine:
         self._ckpt[epoch] = (done - self._frozen_at, done - started, size)
         return ep.CheckpointTaken(epoch, "", size)
 
+    def _attach_outputs(self, epoch: int, outputs: tuple[int, ...]) -> None:
+        """Put the saved output of `outputs` into checkpoint `epoch`'s image, which ships it.
+
+        Hard links on the same tmpfs: nothing is copied, and the content-addressed delta sends
+        an output already shipped with an earlier checkpoint as block references only.
+        """
+        dest = self.image_dir(epoch)
+        for e in outputs:
+            src, link = self.output_path(e), dest / output_name(e)
+            if link.exists():
+                continue  # shipped again (a nack, a new standby): already in place
+            try:
+                link.hardlink_to(src)
+            except FileNotFoundError as exc:
+                raise EngineError(
+                    f"unit {self.unit}: the saved output of epoch {e} ({src}) is gone; it cannot "
+                    "be released at the standby"
+                ) from exc
+
     def _forget_images_before(self, epoch: int) -> None:
-        # Keep the newest committed image: local failover restores from it.
+        # Keep the newest committed image: local failover restores from it. Saved output up to
+        # `epoch` has left (or was freed); the image keeps its own link while it is kept.
         for path in self.image_root.glob("epoch-*"):
             if int(path.name.removeprefix("epoch-")) < epoch:
                 shutil.rmtree(path, ignore_errors=True)
+        outputs = self.image_root / "outputs"
+        if outputs.is_dir():
+            for path in outputs.iterdir():
+                stem = path.name.removeprefix(OUTPUT_PREFIX).removesuffix(".out")
+                with contextlib.suppress(ValueError):
+                    if int(stem) <= epoch:
+                        path.unlink(missing_ok=True)

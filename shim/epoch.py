@@ -42,6 +42,13 @@ Decisions documented here because the design leaves them open:
   failures in a row would block the very cut that could commit them; the byte budget still bounds
   it. Once a later checkpoint is taken the failed epoch no longer counts as waiting output (I5).
   Retries back off per `CheckpointRetry`.
+- **Where output is released** (`PrimaryConfig.release_at`). PRIMARY: Acked(e) commands Release,
+  and the primary's data plane sends the buffers. STANDBY (remote standbys): every CloseEpoch
+  saves the epoch's frames, every Ship names the held epochs up to its own whose saved output
+  rides with it, the standby sends the output it has not sent yet when it commits, and Acked(e)
+  commands Retire: the primary frees its buffers without sending them. A primary that dies after
+  the standby's commit then takes nothing with it: the output is already out, exactly once.
+  Releases the primary makes itself (running unprotected) are still Release.
 - **Standby loss** follows `StandbyLossPolicy`. STALL: Alarm, keep holding, ship nothing and start
   no cut (there is nobody to ship to); the open epoch fills until the byte budget back-pressures.
   RUN_UNPROTECTED: Alarm, Release every closed epoch in order, then SetOutputCommit(False); a cut
@@ -105,7 +112,9 @@ __all__ = [
     "Protection",
     "ProtocolError",
     "Release",
+    "ReleasePoint",
     "ResumeIngress",
+    "Retire",
     "SetBackPressure",
     "SetOutputCommit",
     "Ship",
@@ -236,7 +245,12 @@ class Freeze(Command):
 
 @attrs.frozen
 class CloseEpoch(Command):
+    """Drain the NF's egress into buffer ``epoch`` and close it. With ``save_output`` the data
+    plane also writes the epoch's frames to a file that ships with the checkpoints (release at
+    the standby)."""
+
     epoch: int
+    save_output: bool = False
 
 
 @attrs.frozen
@@ -262,11 +276,22 @@ class Ship(Command):
     term: int
     parent: int | None
     cut_seq: int
+    # Release at the standby: the epochs whose saved output rides with this checkpoint, in
+    # order. Every held epoch up to ``epoch``: the standby sends those it has not sent yet.
+    outputs: tuple[int, ...] = ()
 
 
 @attrs.frozen
 class Release(Command):
     """Put buffer ``epoch`` on the wire. Always issued in epoch order."""
+
+    epoch: int
+
+
+@attrs.frozen
+class Retire(Command):
+    """Free buffer ``epoch`` without sending it: the standby has released its output. Always
+    issued in epoch order."""
 
     epoch: int
 
@@ -315,6 +340,14 @@ class State(enum.Enum):
     THAWING = "thawing"
     RESUMING = "resuming"
     FENCED = "fenced"
+
+
+class ReleasePoint(enum.Enum):
+    """Where committed output leaves: the primary's data plane (after the ack), or the standby's
+    (after its commit, from the output shipped with the checkpoint)."""
+
+    PRIMARY = "primary"
+    STANDBY = "standby"
 
 
 class Protection(enum.Enum):
@@ -372,6 +405,7 @@ class PrimaryConfig:
     standby_loss: StandbyLossPolicy = attrs.field(factory=StandbyLossPolicy)
     retry: CheckpointRetry = attrs.field(factory=CheckpointRetry)
     max_ship_attempts: int = 3
+    release_at: ReleasePoint = ReleasePoint.PRIMARY
 
 
 class PrimaryMachine:
@@ -489,7 +523,8 @@ class PrimaryMachine:
                 self._cut().cut_seq = cut_seq
                 out.append(Freeze())
             case Frozen():
-                out.append(CloseEpoch(self._cut().epoch))
+                save = self.config.release_at is ReleasePoint.STANDBY
+                out.append(CloseEpoch(self._cut().epoch, save_output=save))
             case EpochClosed():
                 self._on_closed(event, out)
             case CheckpointTaken(epoch=epoch):
@@ -585,7 +620,10 @@ class PrimaryMachine:
 
     def _ship(self, held: _Epoch, *, full: bool, out: list[Command]) -> None:
         parent = None if full else self._ship_base
-        out.append(Ship(held.epoch, self._term, parent, held.cut_seq))
+        outputs: tuple[int, ...] = ()
+        if self.config.release_at is ReleasePoint.STANDBY:
+            outputs = tuple(sorted(e for e in self._held if e <= held.epoch))
+        out.append(Ship(held.epoch, self._term, parent, held.cut_seq, outputs))
         held.status = _Held.SHIPPED
         held.shipped_us = self._now
         held.ship_attempts += 1
@@ -622,7 +660,9 @@ class PrimaryMachine:
             return
         sample = CommitSample(held.pause_us, max(0, self._now - held.shipped_us))
         self._policy = observe(self._policy, sample)
-        self._release_upto(event.epoch, out)
+        # Released at the standby: its ack says the output of every epoch up to this one is out.
+        retire = self.config.release_at is ReleasePoint.STANDBY
+        self._release_upto(event.epoch, out, retire=retire)
 
     def _on_nack(self, event: Nacked, out: list[Command]) -> None:
         held = self._check_reply(event, out)
@@ -636,10 +676,10 @@ class PrimaryMachine:
             return
         self._ship(held, full=True, out=out)
 
-    def _release_upto(self, epoch: int, out: list[Command]) -> None:
+    def _release_upto(self, epoch: int, out: list[Command], *, retire: bool = False) -> None:
         for e in [e for e in self._held if e <= epoch]:
             del self._held[e]
-            out.append(Release(e))
+            out.append(Retire(e) if retire else Release(e))
             self._last_released = e
 
     def _standby_lost(self, cause: str, out: list[Command]) -> None:

@@ -54,7 +54,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -81,7 +81,7 @@ from shim.delta import (
     scan,
 )
 from shim.standby import Code
-from shim.store import Checkpoint, Meta, Store, StoreError
+from shim.store import Checkpoint, Meta, Store, StoreError, output_files
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -97,6 +97,7 @@ __all__ = [
     "Nack",
     "NackedError",
     "Receiver",
+    "ReleaseError",
     "ReplicationClient",
     "ReplicationError",
     "ReplicationServer",
@@ -404,7 +405,17 @@ def _machine_for(unit: str, store: Store) -> sm.StandbyMachine:
         store.term,
         None if c is None else sm.CommittedImage(c.epoch, c.term, c.manifest),
         promoted=store.promoted,
+        released=store.released,
     )
+
+
+# Sends one held-output file (`dpdk_vhost.heldout` format) from this host's data plane, in full,
+# or raises.
+Emit = Callable[[str, Path], None]
+
+
+class ReleaseError(Exception):
+    """Held output that rode with a checkpoint could not be sent."""
 
 
 def _event(msg: Message) -> sm.Event | None:
@@ -446,8 +457,9 @@ class Receiver:
     serializes calls.
     """
 
-    def __init__(self, stores: Mapping[str, Store]) -> None:
+    def __init__(self, stores: Mapping[str, Store], *, emit: Emit | None = None) -> None:
         self._stores = dict(stores)
+        self._emit = emit
         self._machines = {unit: _machine_for(unit, s) for unit, s in self._stores.items()}
         self._committed: set[str] = set()
 
@@ -566,6 +578,8 @@ class Receiver:
                         return sm.Verified(epoch, term, ok=False, reason=str(e))
                     self._committed.add(unit)
                     return sm.Verified(epoch, term, ok=True)
+                case sm.ReleaseOutput(term=term, after=after, upto=upto):
+                    self._release_output(unit, store, term, after, upto)
                 case sm.SendAck(unit=u, epoch=epoch, term=term, seq=seq):
                     replies.append(Ack(unit=u, epoch=epoch, term=term, seq=seq))
                 case sm.Reject(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why):
@@ -577,6 +591,25 @@ class Receiver:
                 case sm.Ignored(event=event, reason=why):
                     log.debug("replication: %s ignored: %s", type(event).__name__, why)
         return None
+
+    def _release_output(self, unit: str, store: Store, term: int, after: int, upto: int) -> None:
+        committed = store.committed()
+        if committed is None or (committed.term, committed.epoch) != (term, upto):
+            raise ReleaseError(
+                f"unit {unit}: asked to send the output up to epoch {upto} of term {term}, "
+                f"but the committed checkpoint is {committed}"
+            )
+        files = [path for epoch, path in output_files(committed.path) if after < epoch <= upto]
+        if files and self._emit is None:
+            raise ReleaseError(
+                f"unit {unit}: the checkpoint carries held output to release here, but this "
+                "standby has no data plane to send it from; start the standby with one, or "
+                "protect the unit with release at the primary"
+            )
+        for path in files:
+            assert self._emit is not None
+            self._emit(unit, path)
+        store.record_released(term, upto)
 
     def _restart(self, unit: str) -> None:
         """Start `unit` over from its store's durable state, as a restarted standby would."""
@@ -628,11 +661,12 @@ class ReplicationServer:
         allowed_clients: Iterable[bytes] | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         poll_ms: int = 50,
+        emit: Emit | None = None,
     ) -> None:
         if allowed_clients is not None and secret_key is None:
             raise ValueError("allowed_clients needs CURVE (a secret_key)")
         self._endpoint = endpoint
-        self._receiver = Receiver(stores)
+        self._receiver = Receiver(stores, emit=emit)
         self._secret_key = secret_key
         self._allowed = (
             None if allowed_clients is None else frozenset(map(_binary_key, allowed_clients))

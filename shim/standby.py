@@ -46,10 +46,12 @@ States, and the transition table in words (TRANSITIONS lists the same pairs):
 - RESENDING + Chunk of its transfer: seq checked and counted as above, but nothing is stored.
 - ASSEMBLING + ImageEnd of its transfer: if its seq and counts (begin seq, messages, blocks)
   match what arrived -> COMMITTING (Commit); else IDLE (DropAssembly, Reject sequence).
-- COMMITTING + Verified: ok -> IDLE, the image is the last committed one, SendAck; not ok ->
+- COMMITTING + Verified: ok -> IDLE, the image is the last committed one, ReleaseOutput (see
+  below), SendAck; not ok ->
   IDLE (DropAssembly, Reject verify_failed). Nothing else may happen in COMMITTING: the driver
   reports the outcome of Commit before it handles anything else.
-- RESENDING + ImageEnd of its transfer -> IDLE, SendAck if seq and counts match (else Reject).
+- RESENDING + ImageEnd of its transfer -> IDLE, ReleaseOutput (see below), SendAck if seq and
+  counts match (else Reject).
 - REJECTED: the transfer failed and its sender has the Reject. Its remaining chunks are Ignored
   and its ImageEnd gets the same Reject again -> IDLE.
 - ImageEnd of no open transfer: term check, then Reject (no_transfer). Chunk of no open
@@ -63,6 +65,15 @@ States, and the transition table in words (TRANSITIONS lists the same pairs):
   term (stale_term for a term at or below it; unknown_unit above it: this node is no standby any
   more); Chunks are Ignored. Nothing is ever acked again (I3).
 
+Release at the standby: a primary that releases here ships each epoch's held output inside its
+checkpoints. Before every ack of (epoch, term) above what it has sent, the machine commands
+ReleaseOutput for the epochs not sent yet, and remembers them as sent; a new term starts from
+epoch 0. So each epoch's output leaves once, before the ack that lets the primary free it, and
+a promotion first sends whatever its committed image still carries. The driver records what it
+sent durably (the store's ``released``); a failed send is handled as a crash of the standby
+(the machine is rebuilt from that record, the message nacked), and the primary's resend, which
+finds the image committed (RESENDING), sends it again.
+
 Messages from the network never raise: a bad one is rejected or ignored. ProtocolError is kept
 for the driver's mistakes (an outcome event nothing asked for, anything during COMMITTING).
 """
@@ -70,6 +81,7 @@ for the driver's mistakes (an outcome event nothing asked for, anything during C
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -77,6 +89,22 @@ import attrs
 
 from shim import delta
 from shim.epoch import ProtocolError
+
+# Release at the standby: the held output of epoch e rides in the checkpoint's image directory
+# as a file of this name (the data plane's saved-output format, `dpdk_vhost.heldout`).
+OUTPUT_PREFIX = "hamgr-output-"
+_OUTPUT_RE = re.compile(r"^hamgr-output-(\d{8,})\.out$")
+
+
+def output_name(epoch: int) -> str:
+    return f"{OUTPUT_PREFIX}{epoch:08d}.out"
+
+
+def output_epoch(name: str) -> int | None:
+    """The epoch of a held-output file's name (a path inside the image), or None."""
+    m = _OUTPUT_RE.match(name)
+    return None if m is None else int(m.group(1))
+
 
 __all__ = [
     "TRANSITIONS",
@@ -284,6 +312,18 @@ class SendAck(Command):
 
 
 @attrs.frozen
+class ReleaseOutput(Command):
+    """Send the held output that rode with the committed image of ``term``: the epochs in
+    (``after``, ``upto``], in epoch order, then durably note ``(term, upto)`` as sent. Comes
+    before the ack that tells the primary to free those buffers (release at the standby)."""
+
+    unit: str
+    term: int
+    after: int
+    upto: int
+
+
+@attrs.frozen
 class Reject(Command):
     """Answer message ``seq`` with a refusal. ``term`` is the standby's own."""
 
@@ -411,6 +451,7 @@ class StandbyMachine:
         last_committed: CommittedImage | None = None,
         *,
         promoted: int | None = None,
+        released: tuple[int, int] = (0, 0),
     ) -> None:
         if last_committed is not None and last_committed.term > term:
             raise ValueError(
@@ -423,6 +464,7 @@ class StandbyMachine:
         self._promoted = promoted
         self._state = State.IDLE if promoted is None else State.PROMOTED
         self._committed = last_committed
+        self._released = released
         self._base: delta.Base | None = None
         self._transfer: _Transfer | None = None
 
@@ -442,6 +484,22 @@ class StandbyMachine:
     @property
     def last_committed(self) -> CommittedImage | None:
         return self._committed
+
+    @property
+    def released(self) -> tuple[int, int]:
+        """(term, epoch) up to which the held output shipped here has been sent."""
+        return self._released
+
+    def _release_output(self, term: int, epoch: int, out: list[Command]) -> None:
+        """Send what the committed image carries and has not been sent (each epoch once)."""
+        c = self._committed
+        if c is None or (term, epoch) <= self._released:
+            return
+        after = self._released[1] if self._released[0] == term else 0
+        carried = [output_epoch(f.path) for f in c.manifest.files]
+        if any(e is not None and after < e <= epoch for e in carried):
+            out.append(ReleaseOutput(self.unit, term, after, epoch))
+            self._released = (term, epoch)
 
     @property
     def assembling(self) -> tuple[int, int] | None:
@@ -554,6 +612,11 @@ class StandbyMachine:
         self._term = self._promoted = event.term
         self._state = State.PROMOTED
         out.append(RecordTerm(event.term, promoted=True))
+        # The restored unit continues after the committed image: its output must be out first
+        # (a release that failed at commit time gets its last chance here).
+        c = self._committed
+        if c is not None:
+            self._release_output(c.term, c.epoch, out)
 
     def _on_greeting(self, g: Greeting, out: list[Command]) -> None:
         fenced = self._fenced(g.term)
@@ -667,6 +730,7 @@ class StandbyMachine:
         if self._state is State.RESENDING:
             self._transfer = None
             self._state = State.IDLE
+            self._release_output(end.term, end.epoch, out)
             out.append(SendAck(self.unit, end.epoch, end.term, end.seq))
             return
         t.last_seq = end.seq
@@ -703,4 +767,5 @@ class StandbyMachine:
         assert t.manifest is not None
         self._committed = CommittedImage(t.epoch, t.term, t.manifest)
         self._base = None
+        self._release_output(t.term, t.epoch, out)
         out.append(SendAck(self.unit, t.epoch, t.term, t.last_seq))

@@ -3,7 +3,8 @@ assembled, and the fencing term (DESIGN.md step 6 and invariant I3).
 
 Layout under `root` (tmpfs in production)::
 
-    state.json                  {"term": highest term seen, "promoted": term of promote() or null}
+    state.json                  {"term": highest term seen, "promoted": term of promote() or null,
+                                 "released": [term, epoch] whose held output was sent, or null}
     committed -> checkpoint.<epoch>.<term>     a relative symlink, the only commit pointer
     checkpoint.<epoch>.<term>/  images/ (what restore uses), manifest.bin, meta.json
     assembling.<epoch>/         the same shape, while blocks arrive
@@ -45,6 +46,7 @@ from shim.delta import (
     encode_manifest,
     verify_tree,
 )
+from shim.standby import output_epoch
 
 __all__ = [
     "Checkpoint",
@@ -54,6 +56,7 @@ __all__ = [
     "StaleTermError",
     "Store",
     "StoreError",
+    "output_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,16 @@ _MANIFEST: Final = "manifest.bin"
 _META: Final = "meta.json"
 _CHECKPOINT_RE: Final = re.compile(r"^checkpoint\.(\d+)\.(\d+)$")
 _ASSEMBLING_RE: Final = re.compile(r"^assembling\.\d+$")
+
+
+def output_files(images: Path) -> list[tuple[int, Path]]:
+    """The held-output files in an image directory, as (epoch, path) in epoch order."""
+    found = []
+    for path in images.iterdir():
+        epoch = output_epoch(path.name)
+        if epoch is not None and path.is_file():
+            found.append((epoch, path))
+    return sorted(found)
 
 
 class StoreError(Exception):
@@ -162,6 +175,7 @@ class Store:
         self._fault = fault
         self._term = 0
         self._promoted: int | None = None
+        self._released: tuple[int, int] | None = None
         self._committed: Checkpoint | None = None
         self._base: Base | None = None
         self._assembly: _Assembly | None = None
@@ -181,6 +195,19 @@ class Store:
 
     def committed(self) -> Checkpoint | None:
         return self._committed
+
+    @property
+    def released(self) -> tuple[int, int]:
+        """(term, epoch) up to which the held output shipped here has been sent; (0, 0) if
+        none was."""
+        return (0, 0) if self._released is None else self._released
+
+    def record_released(self, term: int, epoch: int) -> None:
+        """Durably note that the held output up to (`term`, `epoch`) has been sent."""
+        if (term, epoch) <= self.released:
+            return
+        self._released = (term, epoch)
+        self._save_state()
 
     def committed_base(self) -> Base | None:
         """The committed manifest prepared for decoding deltas against it (cached)."""
@@ -231,7 +258,9 @@ class Store:
 
     def _save_state(self) -> None:
         tmp = self.root / (_STATE + ".tmp")
-        data = json.dumps({"term": self._term, "promoted": self._promoted}).encode()
+        released = None if self._released is None else list(self._released)
+        state = {"term": self._term, "promoted": self._promoted, "released": released}
+        data = json.dumps(state).encode()
         _write_file(tmp, data, sync=self._fsync)
         os.replace(tmp, self.root / _STATE)
         if self._fsync:
@@ -244,12 +273,20 @@ class Store:
         try:
             state = json.loads(path.read_bytes())
             term, promoted = state["term"], state["promoted"]
+            released = state.get("released")
             if not isinstance(term, int) or not (promoted is None or isinstance(promoted, int)):
                 raise TypeError("wrong types")
+            if released is not None and not (
+                isinstance(released, list)
+                and len(released) == 2
+                and all(isinstance(v, int) for v in released)
+            ):
+                raise TypeError("released is not [term, epoch]")
         except (ValueError, KeyError, TypeError) as e:
             # Losing the term would let a deposed primary commit again, so refuse to start.
             raise StoreError(f"{path} is unreadable ({e}); fencing state would be lost") from e
         self._term, self._promoted = term, promoted
+        self._released = None if released is None else (released[0], released[1])
 
     # --- assembly ------------------------------------------------------------------------------
 

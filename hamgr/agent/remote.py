@@ -13,12 +13,18 @@ What the agent does, per role of a unit U:
   engine (`hamgr.agent.primary.UnitRunner`) shipping each epoch to the standby's
   `ReplicationServer` over the management network (CURVE, the standby's public key from the
   plan). It probes the standby's data plane; when the standby is confirmed dead it re-protects U
-  onto the first spare: a recovery cut, shipped in full, then the engine goes on there.
+  onto the first spare: a recovery cut, shipped in full, then the engine goes on there. Output
+  is released at the standby (`remote_config`): each checkpoint carries the held output, the
+  standby sends it from its own data plane when it commits, and the ack only frees the buffers.
 - **standby**: holds U's store in this host's ReplicationServer, prepares U's NF netns (same IP,
   MAC, neighbours; the veth end on the host stays out of the data plane), probes the primary, and
   runs a `shim.failover.FailoverMachine` through `shim.remote_failover.RemoteFailover`. The
   steps are `StandbySteps` below.
 - **spare**: holds a store for U, so that U can be re-protected here.
+
+Standbys and spares send the held output of each checkpoint they commit on the data link
+(``xmit``, with the link's own source MAC, so the bridge does not learn the NF's MAC at a host
+that does not run it).
 
 Every host answers ``ping`` on its control endpoint (a zmq ROUTER on the management IP, CURVE);
 that ping is the `Confirm` check of a suspect peer. ``failover`` requests (an operator's
@@ -317,6 +323,17 @@ def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
         s.send(frame.ljust(60, b"\0"))
 
 
+def remote_config(spec: UnitSpec) -> ep.PrimaryConfig:
+    """The unit's epoch configuration with a remote standby: output is released at the standby.
+
+    A primary that releases its own output after the standby's ack takes the output of every
+    epoch the standby committed but it had not yet released with it when its host dies, and the
+    restored unit continues after that output: a gap at the sink. Released by the standby on its
+    own commit, that output is out before anyone could restore past it (docs/failover.md).
+    """
+    return attrs.evolve(primary_config(spec), release_at=ep.ReleasePoint.STANDBY)
+
+
 # --- the unprotected window after a takeover -------------------------------------------------
 
 SEEDING_CAUSE = "re-protection target has no image yet"
@@ -440,6 +457,16 @@ class RemoteAgent:
         assert self.dp is not None
         return self.dp.client()
 
+    def _emit_output(self, unit: str, path: Path) -> None:
+        """Release at the standby: send a committed epoch's held output on the data link.
+
+        Called by the replication server's thread (and by a promotion); a connection of its
+        own, so it never interleaves with another thread's requests.
+        """
+        with self.dp_client() as dp:
+            sent = dp.xmit(FABRIC_PORT, str(path))
+        log.debug("unit %s: released %d frames of epoch %d", unit, sent.sent, sent.epoch)
+
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -460,6 +487,7 @@ class RemoteAgent:
                 stores,
                 secret_key=self.secret,
                 allowed_clients=[p.public_key.encode() for p in plan.peers.values()],
+                emit=self._emit_output,
             )
             self.server.start()
         self.control = ControlEndpoint(
@@ -611,7 +639,7 @@ class RemoteAgent:
         machine = ep.PrimaryMachine(
             role.spec.name,
             role.term,
-            primary_config(role.spec),
+            remote_config(role.spec),
             first_epoch=first_epoch,
             now_us=_now_us(),
         )
@@ -635,7 +663,7 @@ class RemoteAgent:
     ) -> PrimaryEngine:
         """`standby` answered: output commit back on (StandbyBack), an engine on `machine`."""
         unit = role.spec.name
-        for command in seed(machine, primary_config(role.spec), _now_us()):
+        for command in seed(machine, remote_config(role.spec), _now_us()):
             match command:
                 case ep.SetOutputCommit(enabled=enabled):
                     set_mode_retrying(dp, unit, "ha" if enabled else "plain")
@@ -868,7 +896,7 @@ class StandbySteps:
         # No standby holds an image of the unit now: it is attached without output commit
         # (plain), as its machine commands (`unprotected_machine`), until the new standby is
         # seeded (`reprotect`).
-        machine = unprotected_machine(self.unit, term, primary_config(self.spec), _now_us())
+        machine = unprotected_machine(self.unit, term, remote_config(self.spec), _now_us())
         with self.agent.dp_client() as dp:
             try:
                 attach_unit(dp, self.spec, self.names, term=term, paused=True, mode="plain")
