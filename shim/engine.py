@@ -24,7 +24,6 @@ saved files go with the images they belong to.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -38,7 +37,7 @@ import attrs
 
 from shim import epoch as ep
 from shim.replication import NackedError, Shipped
-from shim.standby import OUTPUT_PREFIX, output_name
+from shim.standby import output_epoch, output_name
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +309,7 @@ class PrimaryEngine:
                 return []
             case ep.Discard(from_epoch=from_epoch):
                 self.stats.discarded_pkts += self.dp.discard(self.unit, from_epoch, term)
+                self._forget_outputs(lambda e: e >= from_epoch)
                 return []
             case ep.SetOutputCommit(enabled=enabled):
                 self.dp.set_mode(self.unit, "ha" if enabled else "plain")
@@ -393,10 +393,13 @@ class PrimaryEngine:
         for path in self.image_root.glob("epoch-*"):
             if int(path.name.removeprefix("epoch-")) < epoch:
                 shutil.rmtree(path, ignore_errors=True)
+        self._forget_outputs(lambda e: e <= epoch)
+
+    def _forget_outputs(self, which: Callable[[int], bool]) -> None:
+        """Delete the saved outputs of the epochs `which` selects (released or discarded)."""
         outputs = self.image_root / "outputs"
         if outputs.is_dir():
             for path in outputs.iterdir():
-                stem = path.name.removeprefix(OUTPUT_PREFIX).removesuffix(".out")
-                with contextlib.suppress(ValueError):
-                    if int(stem) <= epoch:
-                        path.unlink(missing_ok=True)
+                e = output_epoch(path.name)
+                if e is not None and which(e):
+                    path.unlink(missing_ok=True)
