@@ -1,23 +1,35 @@
-"""UDP traffic for benchmarks, the demo and tests: a bounded sender and a recording sink.
+"""Traffic for benchmarks, the demo and tests: a bounded UDP sender, a recording UDP sink, and
+a bounded TCP client that keeps one connection.
 
-Run as separate processes (``python -m hamgr.trafgen send|sink ...``, usually under
-``nsenter --net=...``) so that neither competes with the epoch engine for the GIL. Each prints
+Run as separate processes (``python -m hamgr.trafgen send|sink|tcp ...``, usually under
+``nsenter --net=...``) so that none competes with the epoch engine for the GIL. Each prints
 one JSON object as its last stdout line.
 
 Datagram payload from the sender: sender sequence (u64 BE), send time CLOCK_MONOTONIC ns (u64 BE),
 padding. The sequencer NF prepends its own per-flow counter (u64 BE), so the sink reads
 (counter, seq, sent_ns) and stamps its own receive time.
+
+TCP (``tcp``, against the sequencer's ``--tcp-listen``): one connection, request ``n`` is the line
+``"<n>\\n"``, sent every ``--interval-ms`` whether or not earlier ones were answered, and the
+NF answers ``"<conn> <count> <n>\\n"`` (see hamgr/nfs/src/sequencer.c). `TcpLedger` checks every
+answer; the client never reconnects, so a connection that did not survive shows as a reset or
+as answers that stop.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import select
 import signal
 import socket
+import statistics
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import click
@@ -91,9 +103,243 @@ def missing_outside_takeover(records: list[Record], kill_ns: int) -> set[int]:
     return {c for c in missing if not last_old < c < first_new}
 
 
+# -- TCP ------------------------------------------------------------------------------------
+
+TCP_LINE_MAX = 4096  # longer than any answer the sequencer writes
+
+
+@attrs.frozen
+class TcpSummary:
+    """What the TCP client saw of its one connection."""
+
+    connected: bool
+    requests: int  # requests sent
+    answered: int  # requests answered correctly, in order
+    errors: int  # answers that were wrong, repeated, unasked for or unreadable
+    resets: int  # the connection failed: reset, closed by the peer, or a socket error
+    max_stall_ms: float  # longest wait with a request outstanding and no answer coming
+    # Request to answer, over the answered requests. Answers are NF output, held by the data
+    # plane until the epoch that produced them is committed, so these are far above a direct
+    # path's (about 0.1 ms between namespaces).
+    rtt_ms_p50: float | None = None
+    rtt_ms_min: float | None = None
+    conn: int | None = None  # the NF's number for this connection (from its first answer)
+    last_answered_sent_ns: int | None = None  # send time of the last request answered right
+    detail: str = ""  # the first error or the reset's reason
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> TcpSummary:
+        fields = {f.name for f in attrs.fields(TcpSummary)}
+        return TcpSummary(**{k: v for k, v in data.items() if k in fields})
+
+
+def tcp_survived(summary: TcpSummary, after_ns: int) -> bool:
+    """The connection kept working across a takeover at `after_ns` (CLOCK_MONOTONIC ns).
+
+    It was connected and never failed, every answer was right and every request was answered,
+    and requests sent after `after_ns` were answered too: the connection served after the
+    takeover, not only before it.
+    """
+    return (
+        summary.connected
+        and summary.resets == 0
+        and summary.errors == 0
+        and summary.requests > 0
+        and summary.answered == summary.requests
+        and summary.last_answered_sent_ns is not None
+        and summary.last_answered_sent_ns > after_ns
+    )
+
+
+@attrs.define
+class TcpLedger:
+    """Checks the answers of one connection to numbered requests; no I/O, clock passed in.
+
+    Request ``n`` (from `first_seq`) must be answered with ``"<conn> <count> <n>"``, in order,
+    where ``count`` is ``n - first_seq + 1`` (the NF counts the lines of this connection) and
+    ``conn`` never changes. A connection rebuilt behind the client's back would restart
+    ``count`` at 1 and carry another ``conn``; a rollback visible on the connection repeats or
+    skips an answer. Each counts as an error.
+    """
+
+    first_seq: int = 1
+    connected: bool = False
+    closed: bool = False
+    answered: int = 0
+    errors: int = 0
+    resets: int = 0
+    conn: int | None = None
+    detail: str = ""
+    last_answered_sent_ns: int | None = None
+    max_stall_ns: int = 0
+    _next_seq: int = 0
+    _sent: dict[int, int] = attrs.Factory(dict)  # outstanding: seq -> send time, in order
+    _rtts: list[int] = attrs.Factory(list)  # ns, of the requests answered right
+    _last_answer_ns: int = 0
+    _buf: bytes = b""
+
+    def __attrs_post_init__(self) -> None:
+        self._next_seq = self.first_seq
+
+    @property
+    def requests(self) -> int:
+        return self._next_seq - self.first_seq
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._sent)
+
+    def connect(self, now_ns: int) -> None:
+        self.connected = True
+        self._last_answer_ns = now_ns
+
+    def request(self, now_ns: int) -> bytes:
+        """Record the next request as sent at `now_ns`; return its bytes."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._sent[seq] = now_ns
+        return f"{seq}\n".encode()
+
+    def receive(self, data: bytes, now_ns: int) -> None:
+        if self.closed:
+            return
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            self._answer(line, now_ns)
+        if len(self._buf) > TCP_LINE_MAX:
+            self._error(f"an answer longer than {TCP_LINE_MAX} bytes")
+            self._buf = b""
+
+    def reset(self, now_ns: int, reason: str) -> None:
+        """The connection failed; nothing more is read from it."""
+        if self.closed:
+            return
+        self.resets += 1
+        self.closed = True
+        self._note_stall(now_ns)
+        if not self.detail:
+            self.detail = reason
+
+    def summary(self, now_ns: int) -> TcpSummary:
+        self._note_stall(now_ns)
+        return TcpSummary(
+            connected=self.connected,
+            requests=self.requests,
+            answered=self.answered,
+            errors=self.errors,
+            resets=self.resets,
+            max_stall_ms=round(self.max_stall_ns / 1e6, 1),
+            rtt_ms_p50=round(statistics.median(self._rtts) / 1e6, 2) if self._rtts else None,
+            rtt_ms_min=round(min(self._rtts) / 1e6, 2) if self._rtts else None,
+            conn=self.conn,
+            last_answered_sent_ns=self.last_answered_sent_ns,
+            detail=self.detail,
+        )
+
+    def _note_stall(self, now_ns: int) -> None:
+        """The wait so far for the oldest outstanding request, if any."""
+        if self._sent and self.connected:
+            oldest = next(iter(self._sent.values()))
+            self.max_stall_ns = max(self.max_stall_ns, now_ns - max(self._last_answer_ns, oldest))
+
+    def _error(self, what: str) -> None:
+        self.errors += 1
+        if not self.detail:
+            self.detail = what
+
+    def _answer(self, line: bytes, now_ns: int) -> None:
+        try:
+            conn, count, seq = (int(x) for x in line.split(b" "))
+        except ValueError:
+            self._error(f"unreadable answer {line[:80]!r}")
+            return
+        if not self._sent:
+            self._error(f"answer {seq} to no outstanding request")
+            return
+        expected = next(iter(self._sent))
+        if seq != expected:
+            self._error(f"answer {seq} where {expected} was due")
+            self._sent.pop(seq, None)
+            return
+        self._note_stall(now_ns)
+        sent_ns = self._sent.pop(seq)
+        self._last_answer_ns = now_ns
+        if self.conn is None:
+            self.conn = conn
+        if conn != self.conn:
+            self._error(f"answer {seq} came on NF connection {conn}, not {self.conn}")
+        elif count != seq - self.first_seq + 1:
+            self._error(f"answer {seq} counted {count} on its connection")
+        else:
+            self.answered += 1
+            self.last_answered_sent_ns = sent_ns
+            self._rtts.append(now_ns - sent_ns)
+
+
+def run_tcp_client(
+    sock: socket.socket,
+    *,
+    seconds: float,
+    interval_ms: float,
+    drain: float,
+    max_count: int,
+    clock: Callable[[], int] = time.monotonic_ns,
+) -> TcpLedger:
+    """Drive one connected socket: a request every `interval_ms` for `seconds` (at most
+    `max_count`), then up to `drain` more seconds for the outstanding answers. Never
+    reconnects: the first failure ends the run."""
+    ledger = TcpLedger()
+    ledger.connect(clock())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    start = clock()
+    send_until = start + int(seconds * 1e9)
+    hard_end = send_until + int(drain * 1e9)
+    interval = max(1, int(interval_ms * 1e6))
+    next_at = start
+    pending = b""
+    while not ledger.closed:
+        now = clock()
+        sending = now < send_until and ledger.requests < max_count
+        if now >= hard_end or (not sending and not pending and not ledger.outstanding):
+            break
+        if sending and now >= next_at:
+            pending += ledger.request(now)
+            next_at += interval
+        if pending:
+            try:
+                pending = pending[sock.send(pending) :]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                ledger.reset(clock(), f"send: {exc}")
+                break
+        until = min(next_at, hard_end) if sending else hard_end
+        timeout = max(0.0, (until - clock()) / 1e9)
+        readable, _, _ = select.select([sock], [sock] if pending else [], [], timeout)
+        if not readable:
+            continue
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            ledger.reset(clock(), f"recv: {errno.errorcode.get(exc.errno or 0, exc)}")
+            break
+        if not data:
+            ledger.reset(clock(), "closed by the peer")
+            break
+        ledger.receive(data, clock())
+    return ledger
+
+
 @click.group()
 def cli() -> None:
-    """UDP sender and sink for hamgr's benchmarks."""
+    """UDP sender and sink, and a TCP client, for hamgr's benchmarks."""
 
 
 @cli.command()
@@ -213,6 +459,55 @@ def sink(
                 buf.clear()
         f.write(buf)
     click.echo(json.dumps({"received": count}))
+
+
+@cli.command("tcp")
+@click.option("--dest", required=True, help="IP:PORT of the NF's TCP listener.")
+@click.option("--seconds", type=float, required=True, help="Send requests for this long.")
+@click.option("--interval-ms", type=float, default=20.0, show_default=True)
+@click.option(
+    "--drain",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Then wait at most this long for outstanding answers.",
+)
+@click.option("--max-count", type=int, default=100_000, show_default=True)
+@click.option("--connect-timeout", type=float, default=5.0, show_default=True)
+@click.option("--ready", type=click.Path(path_type=Path), help="Touch this file once connected.")
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the summary here.")
+def tcp(
+    *,
+    dest: str,
+    seconds: float,
+    interval_ms: float,
+    drain: float,
+    max_count: int,
+    connect_timeout: float,
+    ready: Path | None,
+    out: Path | None,
+) -> None:
+    """Keep one TCP connection, send numbered requests, check every answer; bounded in time."""
+    host, _, port = dest.rpartition(":")
+    clock = time.monotonic_ns
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=connect_timeout)
+    except OSError as exc:
+        ledger = TcpLedger()
+        ledger.detail = f"connect: {exc}"
+        summary = ledger.summary(clock())
+    else:
+        with sock:
+            if ready is not None:
+                ready.touch()
+            ledger = run_tcp_client(
+                sock, seconds=seconds, interval_ms=interval_ms, drain=drain, max_count=max_count
+            )
+            summary = ledger.summary(clock())
+    text = json.dumps(summary.to_json())
+    if out is not None:
+        out.write_text(text + "\n")
+    click.echo(text)
 
 
 def main() -> None:

@@ -9,12 +9,22 @@
  * --mem-mb N touches N MiB at start; --dirty-pct P rewrites P% of those pages every
  * --dirty-ms MS, so a checkpoint benchmark has a known working set and change rate.
  *
+ * --tcp-listen PORT (optional) also serves TCP on PORT, so one unit carries a UDP flow and a TCP
+ * connection through the same failover. Every line a connection sends is answered on it with
+ * "<conn> <count> <line>\n", where conn is the connection's number among those this NF accepted
+ * and count is the number of lines this connection has sent so far, both from 1. Both live in the
+ * NF's memory, so a client that keeps its socket across a failover sees them continue; a rolled
+ * back or rebuilt connection shows as a repeat, a skip or a new conn. Without the option the NF
+ * opens no TCP socket and its UDP path is unchanged.
+ *
  * Every option may also come from the environment (SEQ_LISTEN, SEQ_DEST, SEQ_MEM_MB,
- * SEQ_DIRTY_PCT, SEQ_DIRTY_MS) because OCI specs carry env more naturally than argv.
+ * SEQ_DIRTY_PCT, SEQ_DIRTY_MS, SEQ_TCP_LISTEN) because OCI specs carry env more naturally than
+ * argv.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -29,6 +39,8 @@
 #define FLOW_SLOTS 4096 /* power of two; open addressing */
 #define MAX_DGRAM 65536
 #define STAMP_LEN 8
+#define TCP_CONNS 16
+#define TCP_LINE_MAX 512
 
 struct flow {
 	uint32_t addr;
@@ -39,6 +51,17 @@ struct flow {
 
 static struct flow flows[FLOW_SLOTS];
 static volatile sig_atomic_t stopping;
+
+struct tcp_conn {
+	int fd; /* -1: free */
+	uint64_t id;
+	uint64_t count;
+	size_t fill;
+	char buf[TCP_LINE_MAX];
+};
+
+static struct tcp_conn conns[TCP_CONNS];
+static uint64_t accepted;
 
 static void on_term(int sig)
 {
@@ -79,6 +102,73 @@ static uint64_t now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+static int tcp_listen(const char *port_s)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return -1;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	struct sockaddr_in a = {.sin_family = AF_INET,
+				.sin_port = htons((uint16_t)atoi(port_s)),
+				.sin_addr.s_addr = htonl(INADDR_ANY)};
+	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(fd, TCP_CONNS) < 0) {
+		close(fd);
+		return -1;
+	}
+	for (int i = 0; i < TCP_CONNS; i++)
+		conns[i].fd = -1;
+	return fd;
+}
+
+static void tcp_accept(int lfd)
+{
+	int fd = accept(lfd, NULL, NULL);
+	if (fd < 0)
+		return;
+	int one = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	for (int i = 0; i < TCP_CONNS; i++)
+		if (conns[i].fd < 0) {
+			conns[i].fd = fd;
+			conns[i].id = ++accepted;
+			conns[i].count = 0;
+			conns[i].fill = 0;
+			return;
+		}
+	close(fd);
+}
+
+/*
+ * Answers every complete line received on `c`; returns -1 when the connection is to be closed:
+ * the peer closed it, a line overflowed the buffer, or an answer did not fit the socket's send
+ * buffer. The last case is a client that does not read its answers; dropping it keeps the UDP
+ * path from ever blocking on a TCP peer.
+ */
+static int tcp_serve(struct tcp_conn *c)
+{
+	ssize_t n = recv(c->fd, c->buf + c->fill, sizeof(c->buf) - c->fill, MSG_DONTWAIT);
+	if (n < 0)
+		return (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+	if (n == 0)
+		return -1;
+	c->fill += (size_t)n;
+	char *start = c->buf;
+	char *nl;
+	while ((nl = memchr(start, '\n', c->fill - (size_t)(start - c->buf))) != NULL) {
+		char reply[TCP_LINE_MAX + 48];
+		int len = snprintf(reply, sizeof(reply), "%llu %llu %.*s\n",
+				   (unsigned long long)c->id, (unsigned long long)++c->count,
+				   (int)(nl - start), start);
+		if (len < 0 || send(c->fd, reply, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) != len)
+			return -1;
+		start = nl + 1;
+	}
+	c->fill -= (size_t)(start - c->buf);
+	memmove(c->buf, start, c->fill);
+	return c->fill == sizeof(c->buf) ? -1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *listen_s = opt(argc, argv, "--listen", "SEQ_LISTEN");
@@ -86,10 +176,11 @@ int main(int argc, char **argv)
 	const char *mem_s = opt(argc, argv, "--mem-mb", "SEQ_MEM_MB");
 	const char *pct_s = opt(argc, argv, "--dirty-pct", "SEQ_DIRTY_PCT");
 	const char *ms_s = opt(argc, argv, "--dirty-ms", "SEQ_DIRTY_MS");
+	const char *tcp_s = opt(argc, argv, "--tcp-listen", "SEQ_TCP_LISTEN");
 
 	if (!listen_s || !dest_s) {
 		fprintf(stderr, "usage: sequencer --listen PORT --dest IP:PORT "
-				"[--mem-mb N --dirty-pct P --dirty-ms MS]\n");
+				"[--mem-mb N --dirty-pct P --dirty-ms MS] [--tcp-listen PORT]\n");
 		return 2;
 	}
 	char dest_ip[64];
@@ -146,6 +237,14 @@ int main(int argc, char **argv)
 		perror("sequencer: bind");
 		return 1;
 	}
+	int lfd = -1;
+	if (tcp_s) {
+		lfd = tcp_listen(tcp_s);
+		if (lfd < 0) {
+			perror("sequencer: tcp listen");
+			return 1;
+		}
+	}
 
 	static unsigned char in[MAX_DGRAM], out[MAX_DGRAM + STAMP_LEN];
 	uint64_t next_dirty = now_ms() + (uint64_t)dirty_ms;
@@ -167,8 +266,22 @@ int main(int argc, char **argv)
 			if (timeout < 0)
 				timeout = 0;
 		}
-		struct pollfd p = {.fd = fd, .events = POLLIN};
-		int r = poll(&p, 1, timeout);
+		/* Slot 0 is the UDP socket; without --tcp-listen it is the only one. */
+		struct pollfd p[2 + TCP_CONNS];
+		int slot[2 + TCP_CONNS];
+		nfds_t np = 0;
+		p[np] = (struct pollfd){.fd = fd, .events = POLLIN};
+		slot[np++] = -1;
+		if (lfd >= 0) {
+			p[np] = (struct pollfd){.fd = lfd, .events = POLLIN};
+			slot[np++] = -1;
+			for (int i = 0; i < TCP_CONNS; i++)
+				if (conns[i].fd >= 0) {
+					p[np] = (struct pollfd){.fd = conns[i].fd, .events = POLLIN};
+					slot[np++] = i;
+				}
+		}
+		int r = poll(p, np, timeout);
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
@@ -176,6 +289,15 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		if (r == 0)
+			continue;
+		for (nfds_t k = 2; k < np; k++)
+			if (p[k].revents && tcp_serve(&conns[slot[k]]) < 0) {
+				close(conns[slot[k]].fd);
+				conns[slot[k]].fd = -1;
+			}
+		if (np > 1 && (p[1].revents & POLLIN))
+			tcp_accept(lfd);
+		if (!p[0].revents)
 			continue;
 		/* Drain what is queued so a burst costs one poll. */
 		for (;;) {
