@@ -53,6 +53,7 @@ from typing import Any, Protocol
 import attrs
 
 from shim import failover as fo
+from shim import netns
 from shim.container import CheckpointImage, Container, RuncBackend
 from shim.engine import PrimaryEngine
 
@@ -375,6 +376,9 @@ class LocalFailover:
     def _fence(self, term: int) -> fo.Event:
         discarded = self.dp.set_term(self.unit, term)
         self.dp.pause_ingress(self.unit, term)
+        # The dead NF's connections still hold the addresses its restored copy reconnects from;
+        # the resets this sends reach the NF port, and the close + discard below drop them.
+        netns.destroy_tcp_sockets(self.netns)
         unit = self.dp.stats(self.unit).units[self.unit]
         open_epoch = int(unit.epoch)
         # Frames the dead NF queued on the NF port after set_term ran would otherwise open the

@@ -244,6 +244,23 @@ def sysctl(netns: str, *settings: str) -> None:
         raise NetnsError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
 
 
+def destroy_tcp_sockets(netns: str) -> None:
+    """Close every TCP socket left in a netns (the kernel's SOCK_DESTROY, through ``ss -K``).
+
+    A killed process's connections linger in the netns (FIN-WAIT while their peer's answers are
+    held), still bound to the addresses a restored copy of the process must reconnect from:
+    CRIU's restore then fails with "Cannot assign requested address". Only for a netns whose
+    every process is dead; the resets the kernel sends for them are the caller's to drop.
+    """
+    argv = ["ip", "netns", "exec", _check_netns_name(netns), "ss", "-K", "-t", "-a", "-n"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if proc.returncode != 0:
+        why = proc.stderr.strip()
+        if "not supported" in why.lower():
+            why += "; closing sockets needs a kernel with CONFIG_INET_DIAG_DESTROY=y"
+        raise NetnsError(f"{' '.join(argv)} failed: {why}")
+
+
 def quiet_host_netns(netns: str) -> None:
     """No IPv6 chatter and no reverse-path filter in a netns whose traffic crosses the data plane.
 

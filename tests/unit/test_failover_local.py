@@ -171,6 +171,8 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     monkeypatch.setattr(lf, "nf_interfaces", lambda pid: {"lo", "hb1n"})
     term_file = lf.TermFile(tmp_path / "state" / "term")
     dp = FakeDp(term_file.path)
+    # The dead NF's lingering TCP sockets are closed in its netns: recorded in the same order.
+    monkeypatch.setattr(lf.netns, "destroy_tcp_sockets", lambda ns: dp.calls.append(("rst", ns)))
     nf = FakeNf.make("hb1-seq", 100)
     first = FakeEngine(1, tmp_path / "images", last_committed=6)
     write_image(first.image_root, 6)
@@ -207,6 +209,8 @@ def test_an_exit_raises_the_term_durably_then_fences_then_restores_then_resumes(
     assert rig.dp.calls == [
         ("set_term", 2, 2),
         ("pause_ingress", 2),
+        # Before the close + discard, which drop the resets that closing them sends.
+        ("rst", NETNS),
         ("close_epoch", 7, 2),
         ("discard", 7, 2),
         ("resume_ingress", 2),
@@ -277,6 +281,7 @@ def test_a_restore_that_returns_after_its_deadline_is_destroyed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lf, "nf_interfaces", lambda pid: {"lo", "hb1n"})
+    monkeypatch.setattr(lf.netns, "destroy_tcp_sockets", lambda ns: None)
     term_file = lf.TermFile(tmp_path / "term")
     dp = FakeDp(term_file.path)
     nf = FakeNf.make("hb1-seq", 100)
