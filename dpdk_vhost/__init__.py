@@ -10,11 +10,12 @@ from dpdk_vhost.client import (
     DataPlaneError,
     DataPlaneUnavailableError,
     EpochClosed,
+    Replayed,
     Retired,
     Xmitted,
 )
 from dpdk_vhost.process import DataPlaneConfig, DataPlaneProcess
-from dpdk_vhost.protocol import PeerDown, PeerUp, Stats, UnitStats
+from dpdk_vhost.protocol import InputLogStats, PeerDown, PeerUp, Stats, UnitStats
 
 __all__ = [
     "Cut",
@@ -25,8 +26,10 @@ __all__ = [
     "DataPlaneProcess",
     "DataPlaneUnavailableError",
     "EpochClosed",
+    "InputLogStats",
     "PeerDown",
     "PeerUp",
+    "Replayed",
     "Retired",
     "Stats",
     "UnitStats",

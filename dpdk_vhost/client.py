@@ -36,6 +36,10 @@ _HINTS = {
     "or write it again with save_epoch",
     "bad_file": "the held-output file is malformed; nothing was sent",
     "tx_timeout": "the port kept refusing frames; the message says how many were sent",
+    "no_such_log": "add_input_log it first (names are case-sensitive)",
+    "not_paused": "pause_ingress the unit before replaying into it",
+    "log_incomplete": "the log lacks an input after the cut (gap, overflow or trim); "
+    "nothing was delivered, and a lossless replay from this cut is impossible",
 }
 
 
@@ -99,6 +103,16 @@ class Xmitted:
     bytes: int
     epoch: int
     term: int
+
+
+@attrs.frozen
+class Replayed:
+    """What ``replay_input_log`` delivered: the seqs of the first and last frame (0 and 0
+    when there was nothing after the cut)."""
+
+    delivered: int
+    first: int
+    last: int
 
 
 class DataPlaneClient:
@@ -242,7 +256,9 @@ class DataPlaneClient:
         epoch: int | None = None,
         mirror: str | None = None,
         tag: int | None = None,
+        paused: bool | None = None,
     ) -> None:
+        """Adds a unit; ``paused=True`` starts it with ingress paused (before a replay)."""
         self.request(
             "add_unit",
             unit=unit,
@@ -257,6 +273,7 @@ class DataPlaneClient:
             epoch=epoch,
             mirror=mirror,
             tag=tag,
+            paused=paused,
         )
 
     def remove_unit(self, unit: str) -> int:
@@ -363,8 +380,52 @@ class DataPlaneClient:
             "unit_auto_epoch", unit=unit, interval_us=interval_us, ack_delay_us=ack_delay_us
         )
 
-    def set_mirror(self, unit: str, port: str | None) -> None:
-        self.request("set_mirror", unit=unit, port=port or "-")
+    def set_mirror(self, unit: str, port: str | None, *, tag: int | None = None) -> None:
+        """Copies every input the unit's NF port accepts to ``port`` (None: stop).
+
+        The copies carry ``tag`` (default: the unit's own tag) and the input's sequence
+        number; a standby's ``add_input_log`` with the same tag logs them.
+        """
+        self.request("set_mirror", unit=unit, port=port or "-", tag=tag)
+
+    def add_input_log(
+        self,
+        name: str,
+        port: str,
+        tag: int,
+        *,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        """Logs the mirror frames with ``tag`` that arrive on ``port``, in sequence order.
+
+        ``capacity`` (frames, default 65536) and ``max_bytes`` (default 64 MiB) bound the
+        log; beyond them the oldest entries are dropped and counted as overflow.
+        """
+        self.request(
+            "add_input_log", name=name, port=port, tag=tag, capacity=capacity, max_bytes=max_bytes
+        )
+
+    def trim_input_log(self, name: str, upto: int) -> int:
+        """Drops the entries with seq <= ``upto`` (a committed cut); returns how many."""
+        return int(self.request("trim_input_log", name=name, upto=upto)["dropped"])
+
+    def replay_input_log(
+        self, name: str, unit: str, after: int, *, term: int | None = None
+    ) -> Replayed:
+        """Delivers the logged inputs with seq > ``after`` to the unit's NF, in order.
+
+        The unit's ingress must be paused (``not_paused``). When the log lacks any seq after
+        ``after`` nothing is delivered (``log_incomplete``, naming the first missing seq).
+        A NF port that keeps refusing fails the call with ``tx_timeout`` after 200 ms; what
+        was delivered by then stays delivered, and the message says the seq to replay after.
+        """
+        f = self.request("replay_input_log", name=name, unit=unit, after=after, term=term)
+        return Replayed(delivered=int(f["delivered"]), first=int(f["first"]), last=int(f["last"]))
+
+    def remove_input_log(self, name: str) -> int:
+        """Removes a log; returns how many entries it still held."""
+        return int(self.request("remove_input_log", name=name)["dropped"])
 
     def add_probe(
         self, peer: str, port: str, *, interval_us: int = 1000, miss: int = 3, term: int = 0

@@ -182,6 +182,11 @@ class PortStats:
     # Frames sent by ``xmit``; 0 when the data plane does not report them.
     xmit_pkts: int = 0
     xmit_bytes: int = 0
+    # Mirror frames taken by an input log on this port, those with a tag no log here
+    # wants, and those too short to carry a mirror header; 0 when not reported.
+    mirror_rx: int = 0
+    mirror_unknown: int = 0
+    mirror_bad: int = 0
 
 
 @attrs.frozen
@@ -232,6 +237,10 @@ class UnitStats:
     retired_pkts: int = 0
     retired_bytes: int = 0
     epochs_retired: int = 0
+    # Inputs delivered by ``replay_input_log`` (also counted in in_seq); 0 when not reported.
+    replayed_pkts: int = 0
+    # The tag the unit's mirror frames carry; None when the data plane does not report it.
+    mirror_tag: int | None = None
 
     @property
     def dropped(self) -> int:
@@ -253,6 +262,35 @@ class ProbeStats:
 
 
 @attrs.frozen
+class InputLogStats:
+    """One input log. first_seq/last_seq are those of the entries held (0 when empty);
+    high_seq is the highest seq logged or trimmed: a frame at or below it is a duplicate.
+    gap_seq is the lowest seq found missing (0 = none), overflow_seq and trim_seq the highest
+    seq dropped by overflow and by trim."""
+
+    name: str
+    port: str
+    tag: int
+    capacity: int
+    max_bytes: int
+    frames: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    high_seq: int
+    received: int
+    gaps: int
+    gap_seq: int
+    duplicates: int
+    too_big: int
+    overflow: int
+    overflow_seq: int
+    trimmed: int
+    trim_seq: int
+    replayed: int
+
+
+@attrs.frozen
 class Stats:
     name: str
     loops: int
@@ -271,6 +309,8 @@ class Stats:
     ports: Mapping[str, PortStats]
     units: Mapping[str, UnitStats]
     probes: Mapping[str, ProbeStats]
+    # Absent from data planes that have no input logs.
+    input_logs: Mapping[str, InputLogStats] = attrs.field(factory=dict)
 
 
 def _group(fields: Mapping[str, str], prefix: str) -> dict[str, dict[str, str]]:
@@ -301,6 +341,7 @@ def _optional_ints(cls: type) -> list[str]:
 _PORT_INTS = _ints(PortStats)
 _UNIT_INTS = _ints(UnitStats)
 _PROBE_INTS = _ints(ProbeStats)
+_LOG_INTS = _ints(InputLogStats)
 _PORT_OPT_INTS = _optional_ints(PortStats)
 _UNIT_OPT_INTS = _optional_ints(UnitStats)
 
@@ -335,6 +376,7 @@ def parse_stats(fields: Mapping[str, str]) -> Stats:
                 paused=f["paused"] == "1",
                 bp=frozenset() if f["bp"] == "none" else frozenset(f["bp"].split(",")),
                 drops=drops,
+                mirror_tag=int(f["mirror_tag"]) if "mirror_tag" in f else None,
                 **{k: int(f[k]) for k in _UNIT_INTS},
                 **_opt(f, _UNIT_OPT_INTS),
             )
@@ -347,11 +389,22 @@ def parse_stats(fields: Mapping[str, str]) -> Stats:
             )
             for name, f in _group(fields, "probe.").items()
         }
+        logs = {
+            name: InputLogStats(name=name, port=f["port"], **{k: int(f[k]) for k in _LOG_INTS})
+            for name, f in _group(fields, "log.").items()
+        }
         g = {
             k: int(fields[k])
             for k in (f.name for f in attrs.fields(Stats))
             if k in fields and k != "name"
         }
-        return Stats(name=fields["name"], ports=ports, units=units, probes=probes, **g)
+        return Stats(
+            name=fields["name"],
+            ports=ports,
+            units=units,
+            probes=probes,
+            input_logs=logs,
+            **g,
+        )
     except (KeyError, ValueError, TypeError) as exc:
         raise ProtocolError(f"malformed stats reply: {exc!r}") from exc

@@ -17,6 +17,11 @@
 #define DEFAULT_BUDGET (64ull << 20)
 #define DEFAULT_RING 32768
 #define MIN_PROBE_US 200
+#define DEFAULT_LOG_CAP 65536
+#define MAX_LOG_CAP (1u << 22)
+#define DEFAULT_LOG_BYTES (64ull << 20)
+#define MIN_LOG_BYTES 4096
+#define MAX_LOG_BYTES (1ull << 30)
 
 static int fail(struct sbuf *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -250,7 +255,7 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 {
 	const char *name = need(r, "unit", out), *wl, *mode, *mir;
 	int wire[DP_MAX_WIRE], n_wire, nf, eg, mirror = -1, slot = -1, i;
-	uint64_t k, budget, ring, term, epoch, tag;
+	uint64_t k, budget, ring, term, epoch, tag, paused;
 	char rname[RTE_RING_NAMESIZE];
 	struct dp_unit *u;
 
@@ -273,6 +278,10 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 		return -1;
 	if (g.ports[nf].owner >= 0 || g.ports[nf].nf_of >= 0)
 		return fail(out, "port_busy NF port %s is already in use", g.ports[nf].name);
+	if (g.ports[nf].n_logs)
+		return fail(out, "port_busy port %s feeds %d input log(s); an NF port's RX is the "
+			    "NF's output, so remove_input_log them first", g.ports[nf].name,
+			    g.ports[nf].n_logs);
 	for (i = 0; i < n_wire; i++)
 		if (wire[i] == nf)
 			return fail(out, "bad_arg the NF port cannot also be a wire port");
@@ -291,8 +300,13 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 	    opt_u64(r, "budget_bytes", &budget, DEFAULT_BUDGET, out) < 0 ||
 	    opt_u64(r, "ring_size", &ring, DEFAULT_RING, out) < 0 ||
 	    opt_u64(r, "term", &term, 0, out) < 0 || opt_u64(r, "epoch", &epoch, 1, out) < 0 ||
-	    opt_u64(r, "tag", &tag, (uint64_t)slot, out) < 0)
+	    opt_u64(r, "tag", &tag, (uint64_t)slot, out) < 0 ||
+	    opt_u64(r, "paused", &paused, 0, out) < 0)
 		return -1;
+	if (tag > UINT32_MAX)
+		return fail(out, "bad_arg tag must be 0..%u", UINT32_MAX);
+	if (paused > 1)
+		return fail(out, "bad_arg paused must be 0 or 1");
 	if (k < 1 || k > DP_MAX_K)
 		return fail(out, "bad_arg k must be 1..%d", DP_MAX_K);
 	if (ring < 64 || ring > (1u << 20) || (ring & (ring - 1)) != 0)
@@ -310,6 +324,8 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 			    rte_strerror(rte_errno));
 	snprintf(u->name, sizeof(u->name), "%s", name);
 	u->tag = (uint32_t)tag;
+	u->mirror_tag = u->tag;
+	u->paused = (int)paused;
 	u->n_wire = n_wire;
 	memcpy(u->wire, wire, sizeof(wire));
 	u->nf = nf;
@@ -640,24 +656,142 @@ static int cmd_auto_epoch(struct ctl_req *r, struct sbuf *out)
 	return 0;
 }
 
+/* tag= sets the tag the mirror frames carry, so that the standby's input log
+ * can be told it up front; without it they carry the unit's own tag. */
 static int cmd_set_mirror(struct ctl_req *r, struct sbuf *out)
 {
 	struct dp_unit *u = need_unit(r, out);
 	const char *p;
-	int idx = -1;
+	uint64_t tag;
+	int idx = -1, has_tag;
 
 	if (u == NULL || (p = need(r, "port", out)) == NULL)
 		return -1;
+	if ((has_tag = req_u64(r, "tag", &tag, out)) < 0)
+		return -1;
+	if (has_tag && tag > UINT32_MAX)
+		return fail(out, "bad_arg tag must be 0..%u", UINT32_MAX);
 	if (strcmp(p, "-") != 0) {
 		idx = port_find(p);
 		if (idx < 0)
 			return fail(out, "no_such_port port %s does not exist", p);
+	} else if (has_tag) {
+		return fail(out, "bad_arg tag= needs a mirror port, not port=-");
 	}
 	if (u->mirror >= 0)
 		g.ports[u->mirror].n_users--;
 	u->mirror = idx;
+	u->mirror_tag = has_tag ? (uint32_t)tag : u->tag;
 	if (idx >= 0)
 		g.ports[idx].n_users++;
+	sb_printf(out, "unit=%s port=%s tag=%u", u->name, idx >= 0 ? g.ports[idx].name : "-",
+		  u->mirror_tag);
+	return 0;
+}
+
+static struct dp_log *need_log(struct ctl_req *r, struct sbuf *out)
+{
+	const char *n = need(r, "name", out);
+	int i;
+
+	if (n == NULL)
+		return NULL;
+	i = inputlog_find(n);
+	if (i < 0) {
+		fail(out, "no_such_log input log %s does not exist; add_input_log it first", n);
+		return NULL;
+	}
+	return &g.logs[i];
+}
+
+static int cmd_add_input_log(struct ctl_req *r, struct sbuf *out)
+{
+	const char *name = need(r, "name", out);
+	uint64_t tag, cap, max_bytes;
+	struct dp_log *lg = NULL;
+	char err[200];
+	int port, i;
+
+	if (name == NULL || need_port(r, "port", &port, out) < 0 ||
+	    need_u64(r, "tag", &tag, out) < 0 ||
+	    opt_u64(r, "capacity", &cap, DEFAULT_LOG_CAP, out) < 0 ||
+	    opt_u64(r, "max_bytes", &max_bytes, DEFAULT_LOG_BYTES, out) < 0)
+		return -1;
+	if (!name_ok(name))
+		return fail(out, "bad_arg log name must be 1-24 of [A-Za-z0-9_-]");
+	if (tag > UINT32_MAX)
+		return fail(out, "bad_arg tag must be 0..%u", UINT32_MAX);
+	if (cap < 1 || cap > MAX_LOG_CAP)
+		return fail(out, "bad_arg capacity must be 1..%u frames", MAX_LOG_CAP);
+	if (max_bytes < MIN_LOG_BYTES || max_bytes > MAX_LOG_BYTES)
+		return fail(out, "bad_arg max_bytes must be %d..%llu", MIN_LOG_BYTES, MAX_LOG_BYTES);
+	if (inputlog_find(name) >= 0)
+		return fail(out, "exists input log %s exists; remove_input_log it first", name);
+	if ((i = inputlog_find_port_tag(port, (uint32_t)tag)) >= 0)
+		return fail(out, "exists input log %s already takes tag %lu on port %s", g.logs[i].name,
+			    (unsigned long)tag, g.ports[port].name);
+	if (g.ports[port].nf_of >= 0)
+		return fail(out, "port_busy port %s is the NF port of unit %s; its RX is the NF's "
+			    "output", g.ports[port].name, g.units[g.ports[port].nf_of].name);
+	for (i = 0; i < DP_MAX_LOGS; i++)
+		if (!g.logs[i].used) {
+			lg = &g.logs[i];
+			break;
+		}
+	if (lg == NULL)
+		return fail(out, "no_space all %d input log slots are used", DP_MAX_LOGS);
+	if (inputlog_create(lg, name, port, (uint32_t)tag, (uint32_t)cap, max_bytes, err,
+			    sizeof(err)) < 0)
+		return fail(out, "%s", err);
+	sb_printf(out, "log=%s port=%s tag=%u capacity=%u max_bytes=%lu", name,
+		  g.ports[port].name, lg->tag, lg->cap, (unsigned long)lg->arena_size);
+	return 0;
+}
+
+static int cmd_remove_input_log(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_log *lg = need_log(r, out);
+	char name[DP_NAME_LEN];
+	uint64_t n;
+
+	if (lg == NULL)
+		return -1;
+	snprintf(name, sizeof(name), "%s", lg->name);
+	n = inputlog_destroy(lg);
+	sb_printf(out, "log=%s dropped=%lu", name, (unsigned long)n);
+	return 0;
+}
+
+static int cmd_trim_input_log(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_log *lg = need_log(r, out);
+	uint64_t upto, n;
+
+	if (lg == NULL || need_u64(r, "upto", &upto, out) < 0)
+		return -1;
+	n = inputlog_trim(lg, upto);
+	sb_printf(out, "log=%s dropped=%lu frames=%u", lg->name, (unsigned long)n, lg->n);
+	return 0;
+}
+
+static int cmd_replay_input_log(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_log *lg = need_log(r, out);
+	struct inputlog_replayed res;
+	struct dp_unit *u;
+	char err[600];
+	uint64_t after;
+
+	if (lg == NULL || (u = need_unit(r, out)) == NULL || need_u64(r, "after", &after, out) < 0 ||
+	    term_check(u, r, 0, out) < 0)
+		return -1;
+	if (!u->paused)
+		return fail(out, "not_paused unit %s takes live input; pause_ingress it first, or live "
+			    "input would interleave with the replay", u->name);
+	if (inputlog_replay(lg, u, after, &res, err, sizeof(err)) < 0)
+		return fail(out, "%s", err);
+	sb_printf(out, "log=%s unit=%s delivered=%lu first=%lu last=%lu", lg->name, u->name,
+		  (unsigned long)res.delivered, (unsigned long)res.first, (unsigned long)res.last);
 	return 0;
 }
 
@@ -700,6 +834,7 @@ static int cmd_add_probe(struct ctl_req *r, struct sbuf *out)
 	pr->last_rx = now;
 	pr->used = 1;
 	g.ports[port].n_probes++;
+	g.ports[port].rx_filters++;
 	sb_printf(out, "peer=%s port=%s interval_us=%lu miss=%lu", peer, g.ports[port].name,
 		  (unsigned long)iv, (unsigned long)miss);
 	return 0;
@@ -716,6 +851,7 @@ static int cmd_remove_probe(struct ctl_req *r, struct sbuf *out)
 	if (i < 0)
 		return fail(out, "no_such_probe no probe to %s", peer);
 	g.ports[g.probes[i].port].n_probes--;
+	g.ports[g.probes[i].port].rx_filters--;
 	memset(&g.probes[i], 0, sizeof(g.probes[i]));
 	return 0;
 }
@@ -748,6 +884,10 @@ static const struct {
 	{"set_term", cmd_set_term},
 	{"unit_auto_epoch", cmd_auto_epoch},
 	{"set_mirror", cmd_set_mirror},
+	{"add_input_log", cmd_add_input_log},
+	{"remove_input_log", cmd_remove_input_log},
+	{"trim_input_log", cmd_trim_input_log},
+	{"replay_input_log", cmd_replay_input_log},
 	{"add_probe", cmd_add_probe},
 	{"remove_probe", cmd_remove_probe},
 };

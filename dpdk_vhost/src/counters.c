@@ -61,13 +61,15 @@ static void port_stats(struct sbuf *b, const struct dp_port *p)
 		  " port.%s.tx=%lu port.%s.rx_bytes=%lu port.%s.tx_bytes=%lu"
 		  " port.%s.rx_missed=%lu port.%s.rx_nombuf=%lu port.%s.tx_errors=%lu"
 		  " port.%s.probe_rx=%lu port.%s.probe_tx=%lu port.%s.probe_bad=%lu"
-		  " port.%s.unowned_drops=%lu port.%s.xmit_pkts=%lu port.%s.xmit_bytes=%lu",
+		  " port.%s.unowned_drops=%lu port.%s.xmit_pkts=%lu port.%s.xmit_bytes=%lu"
+		  " port.%s.mirror_rx=%lu port.%s.mirror_unknown=%lu port.%s.mirror_bad=%lu",
 		  p->name, kind_names[p->kind], p->name, p->port_id, p->name,
 		  link.link_status, p->name, U64(st.ipackets), p->name, U64(st.opackets), p->name,
 		  U64(st.ibytes), p->name, U64(st.obytes), p->name, U64(st.imissed), p->name,
 		  U64(st.rx_nombuf), p->name, U64(st.oerrors), p->name, U64(p->probe_rx), p->name,
 		  U64(p->probe_tx), p->name, U64(p->probe_bad), p->name, U64(p->unowned_drops), p->name,
-		  U64(p->xmit_pkts), p->name, U64(p->xmit_bytes));
+		  U64(p->xmit_pkts), p->name, U64(p->xmit_bytes), p->name, U64(p->mirror_rx),
+		  p->name, U64(p->mirror_unknown), p->name, U64(p->mirror_bad));
 }
 
 static void unit_stats(struct sbuf *b, const struct dp_unit *u)
@@ -80,9 +82,9 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  u->mode == MODE_HA ? "ha" : "plain", n, u->tag, n);
 	for (w = 0; w < u->n_wire; w++)
 		sb_printf(b, "%s%s", w ? "," : "", g.ports[u->wire[w]].name);
-	sb_printf(b, " unit.%s.nf=%s unit.%s.egress=%s unit.%s.mirror=%s", n,
+	sb_printf(b, " unit.%s.nf=%s unit.%s.egress=%s unit.%s.mirror=%s unit.%s.mirror_tag=%u", n,
 		  g.ports[u->nf].name, n, g.ports[u->egress].name, n,
-		  u->mirror >= 0 ? g.ports[u->mirror].name : "-");
+		  u->mirror >= 0 ? g.ports[u->mirror].name : "-", n, u->mirror_tag);
 	bp[0] = '\0';
 	if (u->bp & BP_K)
 		strcat(bp, ",k");
@@ -108,7 +110,8 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  " unit.%s.bp_ring=%lu unit.%s.nf_stalls=%lu unit.%s.refused_stale=%lu"
 		  " unit.%s.hwm_bytes=%lu unit.%s.hwm_pkts=%lu unit.%s.mirror_pkts=%lu"
 		  " unit.%s.stash_to_nf=%u unit.%s.stash_to_egress=%u"
-		  " unit.%s.retired_pkts=%lu unit.%s.retired_bytes=%lu unit.%s.epochs_retired=%lu",
+		  " unit.%s.retired_pkts=%lu unit.%s.retired_bytes=%lu unit.%s.epochs_retired=%lu"
+		  " unit.%s.replayed_pkts=%lu",
 		  n, U64(u->rx_wire), n, U64(u->in_seq), n, U64(u->nf_rx), n, U64(u->nf_rx_bytes),
 		  n, U64(u->tx), n, U64(u->tx_bytes), n, U64(unit_buffered_pkts(u)), n,
 		  U64(unit_buffered_bytes(u)), n, U64(u->release_limit - u->deq_cnt), n,
@@ -118,7 +121,7 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  U64(u->bp_ring), n, U64(u->nf_stalls), n, U64(u->refused_stale), n,
 		  U64(u->hwm_bytes), n, U64(u->hwm_pkts), n, U64(u->mirror_pkts), n, u->to_nf.n,
 		  n, u->to_egress.n, n, U64(u->retired_pkts), n, U64(u->retired_bytes), n,
-		  U64(u->epochs_retired));
+		  U64(u->epochs_retired), n, U64(u->replayed_pkts));
 	for (d = 0; d < DROP__COUNT; d++)
 		sb_printf(b, " unit.%s.drop_%s=%lu", n, drop_names[d], U64(u->drops[d]));
 }
@@ -135,6 +138,26 @@ static void probe_stats(struct sbuf *b, const struct dp_probe *pr)
 		  n, g.ports[pr->port].name, n, states[pr->state], n, U64(pr->interval_us), n,
 		  pr->miss, n, U64(pr->rx), n, U64(pr->tx), n, U64(pr->tx_fail), n, U64(pr->downs),
 		  n, U64(pr->ups));
+}
+
+static void log_stats(struct sbuf *b, const struct dp_log *lg)
+{
+	const char *n = lg->name;
+	uint64_t first = lg->n ? lg->ent[lg->head].seq : 0;
+	uint64_t last = lg->n ? lg->ent[(lg->head + lg->n - 1) % lg->cap].seq : 0;
+
+	sb_printf(b,
+		  " log.%s.port=%s log.%s.tag=%u log.%s.capacity=%u log.%s.max_bytes=%lu"
+		  " log.%s.frames=%u log.%s.bytes=%lu log.%s.first_seq=%lu log.%s.last_seq=%lu"
+		  " log.%s.high_seq=%lu log.%s.received=%lu log.%s.gaps=%lu log.%s.gap_seq=%lu"
+		  " log.%s.duplicates=%lu log.%s.too_big=%lu log.%s.overflow=%lu"
+		  " log.%s.overflow_seq=%lu log.%s.trimmed=%lu log.%s.trim_seq=%lu"
+		  " log.%s.replayed=%lu",
+		  n, g.ports[lg->port].name, n, lg->tag, n, lg->cap, n, U64(lg->arena_size), n,
+		  lg->n, n, U64(lg->bytes), n, U64(first), n, U64(last), n, U64(lg->last), n,
+		  U64(lg->received), n, U64(lg->gaps), n, U64(lg->gap_seq), n, U64(lg->duplicates),
+		  n, U64(lg->too_big), n, U64(lg->overflow), n, U64(lg->overflow_seq), n,
+		  U64(lg->trimmed), n, U64(lg->trim_seq), n, U64(lg->replayed));
 }
 
 void stats_format(struct sbuf *b, const char *only_unit)
@@ -160,4 +183,7 @@ void stats_format(struct sbuf *b, const char *only_unit)
 	for (i = 0; i < DP_MAX_PROBES; i++)
 		if (g.probes[i].used && only_unit == NULL)
 			probe_stats(b, &g.probes[i]);
+	for (i = 0; i < DP_MAX_LOGS; i++)
+		if (g.logs[i].used && only_unit == NULL)
+			log_stats(b, &g.logs[i]);
 }

@@ -16,6 +16,7 @@
 #define DP_MAX_PORTS 32
 #define DP_MAX_UNITS 16
 #define DP_MAX_PROBES 16
+#define DP_MAX_LOGS 16
 #define DP_MAX_WIRE 4
 #define DP_MAX_K 64
 #define DP_NAME_LEN 32
@@ -38,8 +39,12 @@ struct dp_port {
 	int owner;                /* unit whose wire side this is (it polls RX), or -1 */
 	int nf_of;                /* unit whose NF port this is, or -1 */
 	int n_probes;             /* probes sent/received on this port */
+	int n_logs;               /* input logs fed by this port's RX */
+	int rx_filters;           /* n_probes + n_logs: nonzero sends RX through rx_filter */
 	int n_users;              /* units referencing it in any role */
 	uint64_t probe_rx, probe_tx, probe_bad, unowned_drops;
+	/* mirror frames logged, with a tag no log here wants, and too short to parse */
+	uint64_t mirror_rx, mirror_unknown, mirror_bad;
 	uint64_t xmit_pkts, xmit_bytes; /* frames sent by `xmit` from a held-output file */
 };
 
@@ -128,6 +133,10 @@ struct dp_unit {
 	uint64_t hwm_bytes, hwm_pkts;
 	uint64_t mirror_pkts;
 	uint64_t drops[DROP__COUNT];
+
+	/* Last, so the fields above keep the layout the fast path was tuned with. */
+	uint32_t mirror_tag;    /* the tag its mirror frames carry; the unit's tag by default */
+	uint64_t replayed_pkts; /* delivered to the NF by replay_input_log */
 };
 
 struct dp_probe {
@@ -143,6 +152,38 @@ struct dp_probe {
 	uint64_t downs, ups;
 };
 
+/* One logged input: the original frame (the mirror header stripped) sits at
+ * arena[off, off + len). */
+struct dp_log_entry {
+	uint64_t seq;
+	uint32_t off, len;
+};
+
+/* Input log (lossless mode, on the standby): mirror frames with one tag from
+ * one port, in sequence order. Frames are copied out of their mbufs into the
+ * log's own arena, so a long log never drains the mbuf pool that RX (and the
+ * probes) depend on. Entries are a FIFO, the arena a circular byte buffer in
+ * the same order; a frame that does not fit before the arena's end goes to its
+ * start, and the tail it skips stays unused until the oldest entries go. */
+struct dp_log {
+	int used;
+	char name[DP_NAME_LEN];
+	int port;
+	uint32_t tag;
+	uint32_t cap;                /* entries */
+	struct dp_log_entry *ent;
+	uint32_t head, n;
+	uint8_t *arena;
+	uint64_t arena_size, wpos;
+	uint64_t bytes;              /* frame bytes held */
+	int started;                 /* a frame was logged or a trim set `last` */
+	uint64_t last;               /* highest seq logged or trimmed; lower ones are duplicates */
+	uint64_t received, gaps, gap_seq, duplicates, too_big;
+	uint64_t overflow, overflow_seq; /* oldest entries dropped for room, highest seq dropped */
+	uint64_t trimmed, trim_seq;      /* entries dropped by trim, highest `upto` */
+	uint64_t replayed;
+};
+
 struct dp_global {
 	char name[DP_NAME_LEN];
 	struct rte_mempool *pool;
@@ -151,6 +192,7 @@ struct dp_global {
 	struct dp_port ports[DP_MAX_PORTS];
 	struct dp_unit units[DP_MAX_UNITS];
 	struct dp_probe probes[DP_MAX_PROBES];
+	struct dp_log logs[DP_MAX_LOGS];
 	uint64_t idle_sleep_max_us;
 	volatile int quit;
 	/* loop counters */
@@ -183,7 +225,8 @@ int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64
 		     uint64_t *bytes);
 void unit_update_bp(struct dp_unit *u);
 void unowned_ports_poll(uint64_t now, int *work);
-uint16_t probe_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now);
+uint16_t rx_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now,
+		   int *work);
 
 /* heldout.c: held output for release at the standby */
 #define HELDOUT_MAGIC "HMGROUT1"
@@ -203,6 +246,25 @@ int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const cha
 		 struct heldout_saved *res, char *err, size_t errlen);
 int heldout_xmit(int port, const char *path, int keep_src, struct heldout_sent *res, char *err,
 		 size_t errlen);
+struct rte_mbuf *frame_mbuf(const uint8_t *p, uint32_t len);
+
+/* inputlog.c: input logs and replay (lossless mode) */
+#define MIRROR_HDR_LEN (14 + 4 + 8) /* Ethernet header, tag (be32), seq (be64) */
+#define INPUTLOG_REPLAY_STALL_US 200000
+
+struct inputlog_replayed {
+	uint64_t delivered, first, last;
+};
+int inputlog_find(const char *name);
+int inputlog_find_port_tag(int port, uint32_t tag);
+int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag, uint32_t cap,
+		    uint64_t max_bytes, char *err, size_t errlen);
+uint64_t inputlog_destroy(struct dp_log *lg);
+void inputlog_receive(struct dp_port *p, struct rte_mbuf *m, int *work);
+uint64_t inputlog_trim(struct dp_log *lg, uint64_t upto);
+int inputlog_replay(struct dp_log *lg, struct dp_unit *u, uint64_t after,
+		    struct inputlog_replayed *res, char *err, size_t errlen);
+void inputlogs_free_all(void);
 
 /* probes.c */
 int probe_find(const char *peer);

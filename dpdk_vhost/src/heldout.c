@@ -309,7 +309,7 @@ bad:
 }
 
 /* One frame as an mbuf, chained when it is longer than a segment. */
-static struct rte_mbuf *frame_mbuf(const uint8_t *p, uint32_t len)
+struct rte_mbuf *frame_mbuf(const uint8_t *p, uint32_t len)
 {
 	struct rte_mbuf *head = NULL;
 

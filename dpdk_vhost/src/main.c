@@ -222,6 +222,7 @@ int main(int argc, char **argv)
 	for (i = 0; i < DP_MAX_UNITS; i++)
 		if (g.units[i].used)
 			unit_free_all(&g.units[i], DROP_REMOVED);
+	inputlogs_free_all();
 	ports_remove_all();
 	ctl_close();
 	rte_mempool_free(g.pool);

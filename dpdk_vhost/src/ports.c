@@ -141,10 +141,11 @@ int port_remove(int idx, char *err, size_t errlen)
 	struct rte_mbuf *m[DP_BURST];
 	uint16_t n;
 
-	if (p->n_users > 0 || p->n_probes > 0) {
+	if (p->n_users > 0 || p->n_probes > 0 || p->n_logs > 0) {
 		snprintf(err, errlen,
-			 "port_busy port %s is used by %d unit(s) and %d probe(s); remove them first",
-			 p->name, p->n_users, p->n_probes);
+			 "port_busy port %s is used by %d unit(s), %d probe(s) and %d input log(s); "
+			 "remove them first",
+			 p->name, p->n_users, p->n_probes, p->n_logs);
 		return -1;
 	}
 	/* What a loopback still holds would leak with its ring. */
@@ -167,6 +168,7 @@ void ports_remove_all(void)
 		if (g.ports[i].used) {
 			g.ports[i].n_users = 0;
 			g.ports[i].n_probes = 0;
+			g.ports[i].n_logs = 0;
 			port_remove(i, NULL, 0);
 		}
 }

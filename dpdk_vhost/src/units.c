@@ -33,12 +33,10 @@ static inline uint16_t pid_of(int port)
 	return g.ports[port].port_id;
 }
 
-/* Mirror frame: Ethernet header, then the unit tag (be32) and the ingress
- * sequence number (be64), then the original frame. */
-#define MIRROR_HDR_LEN (sizeof(struct rte_ether_hdr) + 4 + 8)
-
-/* Copies are made before the NF port takes the originals, because a vhost TX
- * frees them as soon as they are copied into the guest. */
+/* Mirror frame (MIRROR_HDR_LEN): Ethernet header, then the mirror tag (be32)
+ * and the ingress sequence number (be64), then the original frame. Copies are
+ * made before the NF port takes the originals, because a vhost TX frees them
+ * as soon as they are copied into the guest. */
 static void mirror_prepare(struct dp_unit *u, struct rte_mbuf **pkts, uint16_t n,
 			   struct rte_mbuf **copies)
 {
@@ -47,7 +45,7 @@ static void mirror_prepare(struct dp_unit *u, struct rte_mbuf **pkts, uint16_t n
 	for (i = 0; i < n; i++) {
 		struct rte_mbuf *c = rte_pktmbuf_copy(pkts[i], g.pool, 0, UINT32_MAX);
 		struct rte_ether_hdr *h;
-		rte_be32_t tag = rte_cpu_to_be_32(u->tag);
+		rte_be32_t tag = rte_cpu_to_be_32(u->mirror_tag);
 		rte_be64_t seq = rte_cpu_to_be_64(u->in_seq + 1 + i);
 
 		if (c == NULL) {
@@ -117,16 +115,25 @@ static void stash_put(struct dp_stash *s, struct rte_mbuf **pkts, uint16_t n)
 	s->n = n;
 }
 
-uint16_t probe_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now)
+/* Takes the frames the data plane itself consumes out of a burst: probes on a
+ * port with probes, mirror frames on a port with input logs. Only ports with
+ * either get here (rx_filters), so the others pay one test per burst. Logged
+ * frames count as work; probes do not, so they never keep an idle loop awake. */
+uint16_t rx_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64_t now,
+		   int *work)
 {
+	const rte_be16_t probe = p->n_probes ? rte_cpu_to_be_16(DP_ETHERTYPE_PROBE) : 0;
+	const rte_be16_t mirror = p->n_logs ? rte_cpu_to_be_16(DP_ETHERTYPE_MIRROR) : 0;
 	uint16_t i, k = 0;
 
 	for (i = 0; i < n; i++) {
 		const struct rte_ether_hdr *eth = rte_pktmbuf_mtod(pkts[i], struct rte_ether_hdr *);
+		rte_be16_t type = pkts[i]->data_len >= sizeof(*eth) ? eth->ether_type : 0;
 
-		if (pkts[i]->data_len >= sizeof(*eth) &&
-		    eth->ether_type == rte_cpu_to_be_16(DP_ETHERTYPE_PROBE))
+		if (type != 0 && type == probe)
 			probe_receive(p, pkts[i], now);
+		else if (type != 0 && type == mirror)
+			inputlog_receive(p, pkts[i], work);
 		else
 			pkts[k++] = pkts[i];
 	}
@@ -157,8 +164,8 @@ static void wire_to_nf(struct dp_unit *u, uint64_t now, int *work)
 
 		if (n == 0)
 			continue;
-		if (p->n_probes)
-			n = probe_filter(p, pkts, n, now);
+		if (p->rx_filters)
+			n = rx_filter(p, pkts, n, now, work);
 		if (n == 0)
 			continue;
 		*work = 1;
@@ -614,7 +621,8 @@ void unit_free_all(struct dp_unit *u, enum dp_drop reason)
 }
 
 /* Ports outside any unit are drained so their queues never fill; only probes
- * are consumed, the rest is counted and freed. */
+ * and, on ports with input logs, mirror frames are consumed; the rest is
+ * counted and freed. */
 void unowned_ports_poll(uint64_t now, int *work)
 {
 	struct rte_mbuf *pkts[DP_BURST];
@@ -631,8 +639,8 @@ void unowned_ports_poll(uint64_t now, int *work)
 			continue;
 		/* Probes alone do not count as work: they must not keep an idle
 		 * data plane from sleeping. */
-		if (p->n_probes)
-			n = probe_filter(p, pkts, n, now);
+		if (p->rx_filters)
+			n = rx_filter(p, pkts, n, now, work);
 		if (n == 0)
 			continue;
 		*work = 1;

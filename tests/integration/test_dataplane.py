@@ -26,6 +26,7 @@ from tests.integration.dp_env import (
     have_root_stack,
     parse,
     realtime,
+    sh,
     wait_for,
 )
 
@@ -47,6 +48,7 @@ class Env:
         self.ns = Netns()
         self.raws: list[RawPort] = []
         self.dps: list[DataPlaneHandle] = []
+        self.others: list[Netns] = []
         self.tmp = tmp
         for a in ("w0", "n0", "o0"):
             self.ns.veth(a, a + "p")
@@ -59,10 +61,25 @@ class Env:
         self.raws.append(r)
         return r
 
-    def dataplane(self, name: str = "dpa", cpu: int = 1, **kw: Any) -> DataPlaneClient:
-        h = DataPlaneHandle(name, self.tmp, cpu=cpu, netns=self.ns.name, **kw)
+    def dataplane(
+        self, name: str = "dpa", cpu: int = 1, *, netns: str | None = None, **kw: Any
+    ) -> DataPlaneClient:
+        h = DataPlaneHandle(name, self.tmp, cpu=cpu, netns=netns or self.ns.name, **kw)
         self.dps.append(h)
         return h.client
+
+    def other_host(self, *ifaces: str) -> str:
+        """A second netns (another host's data plane) holding `ifaces`, moved from the test's.
+
+        Two DPDK af_packet users in one netns can also collide on their PACKET_FANOUT group
+        id, which DPDK 22.11 derives from the pid and the ifindex.
+        """
+        other = Netns("hvo")
+        self.others.append(other)
+        for iface in ifaces:
+            sh("ip", "-n", self.ns.name, "link", "set", iface, "netns", other.name)
+            sh("ip", "-n", other.name, "link", "set", iface, "up")
+        return other.name
 
     def close(self) -> None:
         for h in self.dps:
@@ -70,6 +87,8 @@ class Env:
         for r in self.raws:
             r.close()
         self.ns.delete()
+        for ns in self.others:
+            ns.delete()
 
 
 @pytest.fixture
@@ -445,7 +464,7 @@ def test_peer_down_reported_within_miss_intervals_plus_1ms(
     env.ns.veth("p0", "p1")
     # Idle apart from probes, so real-time scheduling costs the shared CPUs nothing.
     a = env.dataplane("hosta", cpu=0, rt_priority=10)
-    b = env.dataplane("hostb", cpu=1, rt_priority=10)
+    b = env.dataplane("hostb", cpu=1, rt_priority=10, netns=env.other_host("p1"))
     a.add_af_packet_port("fab", "p0")
     b.add_af_packet_port("fab", "p1")
     a.subscribe()

@@ -445,7 +445,7 @@ def test_release_at_the_standby_end_to_end(env: Env) -> None:
     the standby sends the file. The sink sees epoch 1 exactly once, in order, from the
     standby, and then epoch 2 released by the primary."""
     primary = env.dataplane("prim", cpu=1)
-    standby = env.dataplane("stby", cpu=0)
+    standby = env.dataplane("stby", cpu=0, netns=env.other_host("x0"))
     for p in ("w0", "o0"):
         primary.add_af_packet_port(p, p)
     primary.add_loopback_port("lb")

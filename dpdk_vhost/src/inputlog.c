@@ -1,0 +1,359 @@
+/* Input logs and replay, for lossless mode (DESIGN.md I7).
+ *
+ * The primary's unit mirrors every input its NF port accepted (units.c,
+ * mirror_prepare). On the standby, an input log takes the mirror frames of one
+ * tag from one port, strips the mirror header and keeps the original frames in
+ * sequence order. The standby trims the log at every checkpoint it commits
+ * (the checkpoint's input cut), and after a failover replays what follows the
+ * restored checkpoint's cut into the restored unit's NF port.
+ *
+ * Receiving runs on the fast path, but only for ports that have a log; trim,
+ * replay and the rest run in command handlers. A replay refuses to deliver
+ * anything unless the log holds every seq after the cut: a hole would be an
+ * input the restored NF silently never sees.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <rte_byteorder.h>
+#include <rte_cycles.h>
+#include <rte_ethdev.h>
+#include <rte_mbuf.h>
+
+#include "dp.h"
+
+int inputlog_find(const char *name)
+{
+	int i;
+
+	for (i = 0; i < DP_MAX_LOGS; i++)
+		if (g.logs[i].used && strcmp(g.logs[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+int inputlog_find_port_tag(int port, uint32_t tag)
+{
+	int i;
+
+	for (i = 0; i < DP_MAX_LOGS; i++)
+		if (g.logs[i].used && g.logs[i].port == port && g.logs[i].tag == tag)
+			return i;
+	return -1;
+}
+
+int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag, uint32_t cap,
+		    uint64_t max_bytes, char *err, size_t errlen)
+{
+	memset(lg, 0, sizeof(*lg));
+	lg->ent = calloc(cap, sizeof(lg->ent[0]));
+	/* Not touched here: the pages are faulted in as frames first reach them. */
+	lg->arena = malloc(max_bytes);
+	if (lg->ent == NULL || lg->arena == NULL) {
+		free(lg->ent);
+		free(lg->arena);
+		lg->ent = NULL;
+		lg->arena = NULL;
+		snprintf(err, errlen, "no_memory cannot allocate %u entries and %lu bytes", cap,
+			 (unsigned long)max_bytes);
+		return -1;
+	}
+	snprintf(lg->name, sizeof(lg->name), "%s", name);
+	lg->port = port;
+	lg->tag = tag;
+	lg->cap = cap;
+	lg->arena_size = max_bytes;
+	lg->used = 1;
+	g.ports[port].n_logs++;
+	g.ports[port].rx_filters++;
+	return 0;
+}
+
+/* Returns how many entries it held. */
+uint64_t inputlog_destroy(struct dp_log *lg)
+{
+	uint64_t n = lg->n;
+
+	g.ports[lg->port].n_logs--;
+	g.ports[lg->port].rx_filters--;
+	free(lg->ent);
+	free(lg->arena);
+	memset(lg, 0, sizeof(*lg));
+	return n;
+}
+
+void inputlogs_free_all(void)
+{
+	int i;
+
+	for (i = 0; i < DP_MAX_LOGS; i++)
+		if (g.logs[i].used)
+			inputlog_destroy(&g.logs[i]);
+}
+
+static inline struct dp_log_entry *entry(struct dp_log *lg, uint32_t k)
+{
+	return &lg->ent[(lg->head + k) % lg->cap];
+}
+
+static void drop_oldest(struct dp_log *lg)
+{
+	struct dp_log_entry *e = entry(lg, 0);
+
+	lg->bytes -= e->len;
+	lg->head = (lg->head + 1) % lg->cap;
+	lg->n--;
+	if (lg->n == 0)
+		lg->wpos = 0;
+}
+
+/* Where a frame of `len` bytes can go in the arena, or -1 when the oldest
+ * entries are in the way. The live bytes run from the oldest entry's offset
+ * (r) to wpos (w), wrapping at the arena's end. */
+static int64_t arena_place(const struct dp_log *lg, uint32_t len)
+{
+	uint64_t r, w = lg->wpos;
+
+	if (lg->n == 0)
+		return len <= lg->arena_size ? 0 : -1;
+	r = lg->ent[lg->head].off;
+	if (w > r) {
+		if (lg->arena_size - w >= len)
+			return (int64_t)w;
+		return r >= len ? 0 : -1;
+	}
+	/* Wrapped (w == r: full). */
+	return r - w >= len ? (int64_t)w : -1;
+}
+
+static void copy_out(uint8_t *dst, const struct rte_mbuf *m, uint32_t off, uint32_t len)
+{
+	const struct rte_mbuf *seg = m;
+
+	while (seg != NULL && off >= seg->data_len) {
+		off -= seg->data_len;
+		seg = seg->next;
+	}
+	while (seg != NULL && len) {
+		uint32_t c = seg->data_len - off < len ? seg->data_len - off : len;
+
+		memcpy(dst, rte_pktmbuf_mtod_offset(seg, const uint8_t *, off), c);
+		dst += c;
+		len -= c;
+		off = 0;
+		seg = seg->next;
+	}
+}
+
+static void log_append(struct dp_log *lg, const struct rte_mbuf *m, uint64_t seq)
+{
+	uint32_t len = m->pkt_len - MIRROR_HDR_LEN;
+	struct dp_log_entry *e;
+	int64_t off;
+
+	if (lg->started && seq <= lg->last) {
+		lg->duplicates++;
+		return;
+	}
+	if (len > lg->arena_size) {
+		/* Left out: the next frame then shows it as a gap. */
+		lg->too_big++;
+		return;
+	}
+	if (lg->started && seq != lg->last + 1) {
+		lg->gaps++;
+		if (lg->gap_seq == 0 || lg->last + 1 < lg->gap_seq)
+			lg->gap_seq = lg->last + 1;
+	}
+	if (lg->n == lg->cap) {
+		lg->overflow++;
+		lg->overflow_seq = entry(lg, 0)->seq;
+		drop_oldest(lg);
+	}
+	while ((off = arena_place(lg, len)) < 0) {
+		lg->overflow++;
+		lg->overflow_seq = entry(lg, 0)->seq;
+		drop_oldest(lg);
+	}
+	copy_out(lg->arena + off, m, MIRROR_HDR_LEN, len);
+	e = entry(lg, lg->n);
+	e->seq = seq;
+	e->off = (uint32_t)off;
+	e->len = len;
+	lg->n++;
+	lg->wpos = (uint64_t)off + len;
+	lg->bytes += len;
+	lg->last = seq;
+	lg->started = 1;
+	lg->received++;
+}
+
+/* A mirror frame (ethertype 0x88B6) from a port that has at least one log.
+ * Always consumes m. */
+void inputlog_receive(struct dp_port *p, struct rte_mbuf *m, int *work)
+{
+	uint8_t hdr[MIRROR_HDR_LEN];
+	const uint8_t *h;
+	rte_be32_t tag;
+	rte_be64_t seq;
+	int i;
+
+	h = rte_pktmbuf_read(m, 0, MIRROR_HDR_LEN, hdr);
+	if (h == NULL || m->pkt_len == MIRROR_HDR_LEN) {
+		p->mirror_bad++;
+		rte_pktmbuf_free(m);
+		return;
+	}
+	memcpy(&tag, h + 14, sizeof(tag));
+	memcpy(&seq, h + 18, sizeof(seq));
+	i = inputlog_find_port_tag((int)(p - g.ports), rte_be_to_cpu_32(tag));
+	if (i < 0) {
+		p->mirror_unknown++;
+	} else {
+		p->mirror_rx++;
+		log_append(&g.logs[i], m, rte_be_to_cpu_64(seq));
+	}
+	*work = 1;
+	rte_pktmbuf_free(m);
+}
+
+uint64_t inputlog_trim(struct dp_log *lg, uint64_t upto)
+{
+	uint64_t n = 0;
+
+	while (lg->n && entry(lg, 0)->seq <= upto) {
+		drop_oldest(lg);
+		n++;
+	}
+	lg->trimmed += n;
+	if (upto > lg->trim_seq)
+		lg->trim_seq = upto;
+	/* Inputs up to the committed cut are in the checkpoint: mirror frames
+	 * for them that are still on their way are not needed any more. */
+	if (!lg->started || upto > lg->last) {
+		lg->last = upto;
+		lg->started = 1;
+	}
+	return n;
+}
+
+/* The logical index of the first entry with a seq above `after` (n if none). */
+static uint32_t first_after(struct dp_log *lg, uint64_t after)
+{
+	uint32_t lo = 0, hi = lg->n;
+
+	while (lo < hi) {
+		uint32_t mid = lo + (hi - lo) / 2;
+
+		if (entry(lg, mid)->seq <= after)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static const char *missing_reason(const struct dp_log *lg, uint64_t seq, char *buf, size_t len)
+{
+	if (seq <= lg->overflow_seq)
+		snprintf(buf, len, "dropped by overflow, which dropped up to seq %lu (capacity=%u "
+			 "max_bytes=%lu)", (unsigned long)lg->overflow_seq, lg->cap,
+			 (unsigned long)lg->arena_size);
+	else if (seq <= lg->trim_seq)
+		snprintf(buf, len, "trimmed (trim_input_log upto=%lu)", (unsigned long)lg->trim_seq);
+	else
+		snprintf(buf, len, "never logged: a gap in the mirror stream");
+	return buf;
+}
+
+/* Delivers the logged frames with seq > after to u's NF port, in order, before
+ * it returns; ingress must be paused. Nothing is delivered unless the log holds
+ * every seq from after+1 to its last. A port that refuses frames is retried
+ * until it has refused for INPUTLOG_REPLAY_STALL_US in all; what was delivered
+ * by then stays delivered and counted, and the error says up to which seq. */
+int inputlog_replay(struct dp_log *lg, struct dp_unit *u, uint64_t after,
+		    struct inputlog_replayed *res, char *err, size_t errlen)
+{
+	const uint64_t stall_max = dp_us_to_tsc(INPUTLOG_REPLAY_STALL_US);
+	const uint16_t pid = g.ports[u->nf].port_id;
+	uint32_t start = first_after(lg, after), k;
+	uint64_t expect = after + 1, stalled = 0, done = 0;
+	char why[200];
+	int ret = 0;
+
+	memset(res, 0, sizeof(*res));
+	for (k = start; k < lg->n; k++, expect++)
+		if (entry(lg, k)->seq != expect)
+			break;
+	/* With no entry after `after`, entries after it can still have been
+	 * dropped: by a trim above it, or by overflow (then later ones are held,
+	 * and the scan finds the hole). */
+	if (k < lg->n || (start == lg->n && (after < lg->trim_seq || after < lg->overflow_seq))) {
+		snprintf(err, errlen, "log_incomplete log %s cannot replay after seq %lu: seq %lu is "
+			 "missing (%s); nothing was delivered", lg->name, (unsigned long)after,
+			 (unsigned long)expect, missing_reason(lg, expect, why, sizeof(why)));
+		return -1;
+	}
+	k = start;
+	while (k < lg->n && ret == 0) {
+		struct rte_mbuf *m[DP_BURST];
+		uint16_t n = 0, sent = 0;
+		int short_of_mbufs = 0;
+
+		while (n < DP_BURST && k + n < lg->n) {
+			const struct dp_log_entry *e = entry(lg, k + n);
+
+			m[n] = frame_mbuf(lg->arena + e->off, e->len);
+			if (m[n] == NULL) {
+				short_of_mbufs = 1;
+				break;
+			}
+			n++;
+		}
+		while (sent < n) {
+			uint16_t s = rte_eth_tx_burst(pid, 0, m + sent, (uint16_t)(n - sent));
+			uint64_t t;
+
+			sent += s;
+			if (sent == n)
+				break;
+			if (stalled >= stall_max) {
+				rte_pktmbuf_free_bulk(m + sent, n - sent);
+				ret = -1;
+				break;
+			}
+			t = rte_rdtsc();
+			rte_delay_us_sleep(20);
+			stalled += rte_rdtsc() - t;
+		}
+		if (sent) {
+			if (done == 0)
+				res->first = entry(lg, k)->seq;
+			res->last = entry(lg, k + sent - 1)->seq;
+			done += sent;
+			k += sent;
+		}
+		if (ret < 0)
+			snprintf(err, errlen, "tx_timeout NF port %s of unit %s took %lu of %u frames "
+				 "(up to seq %lu), then refused the rest for %d ms; replay again with "
+				 "after=%lu", g.ports[u->nf].name, u->name, (unsigned long)done,
+				 lg->n - start, (unsigned long)(done ? res->last : after),
+				 INPUTLOG_REPLAY_STALL_US / 1000,
+				 (unsigned long)(done ? res->last : after));
+		else if (short_of_mbufs) {
+			snprintf(err, errlen, "no_mbuf unit %s took %lu of %u frames (up to seq %lu), "
+				 "then the mbuf pool ran dry; replay again with after=%lu", u->name,
+				 (unsigned long)done, lg->n - start,
+				 (unsigned long)(done ? res->last : after),
+				 (unsigned long)(done ? res->last : after));
+			ret = -1;
+		}
+	}
+	/* Counted as input the NF port accepted, so the next cut includes them. */
+	u->in_seq += done;
+	u->replayed_pkts += done;
+	lg->replayed += done;
+	res->delivered = done;
+	return ret;
+}
