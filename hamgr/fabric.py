@@ -21,7 +21,9 @@ takeover. All neighbours are static: an ARP reply of the NF would be held in an 
 The sink has its own address, so the NF's output and the client's input never share a MAC.
 
 `kill_host` SIGKILLs every process of a host at once (agent and its children, data plane, NFs:
-the PIDs are in the agent's ``status.json``) and takes its two fabric links down. `close`
+the PIDs are in the agent's ``status.json``) and takes its two fabric links down. `partition`
+cuts two live hosts apart (every frame between their links is dropped in the bridge, by an
+nftables ``bridge`` table in the fabric netns) and `heal` joins them again. `close`
 removes everything, by PID and by name: processes, containers, namespaces, cgroups, hugepage
 files, tmpfs directories. Addresses are from 198.18.0.0/15 only.
 """
@@ -65,6 +67,7 @@ REPL_PORT = 7200
 UNIT = "seq0"
 HOSTS = ("A", "B", "C")
 START_TIMEOUT_S = 60.0
+PARTITION_TABLE = "hamgr_partition"
 
 
 def sequencer_spec(unit: str = UNIT, *, epoch_ms: int = 50, image: str = "sequencer") -> str:
@@ -181,6 +184,7 @@ class Fabric(Testbed):
     epoch_ms: int = 50
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
+    _partition_table: bool = False
 
     @property
     def br(self) -> str:
@@ -362,6 +366,70 @@ class Fabric(Testbed):
                 h.proc.wait(5)
         return h.killed_us
 
+    def _bridge_ports(self, letter: str) -> tuple[str, str]:
+        """The bridge's ends of a host's data and management links."""
+        return f"{self.prefix}bd{letter}", f"{self.prefix}bm{letter}"
+
+    def _partition_elements(self, a: str, b: str) -> str:
+        pairs = [
+            (x, y)
+            for one, other in ((a, b), (b, a))
+            for x in self._bridge_ports(one)
+            for y in self._bridge_ports(other)
+        ]
+        return "{ " + ", ".join(f'"{x}" . "{y}"' for x, y in pairs) + " }"
+
+    def partition(self, a: str, b: str) -> int:
+        """Drop every frame between hosts `a` and `b` (both links, both ways), nothing else.
+
+        An nftables ``bridge`` table in the fabric netns drops frames whose (in port, out port)
+        pair is in its set, flooded frames included (the forward hook sees each copy with its
+        own out port). Both hosts keep reaching the client, the sink and the third host.
+        The table lives in the fabric netns, so `close` removes it with the netns. Returns the
+        CLOCK_MONOTONIC time of the cut, in microseconds.
+        """
+        if a == b or a not in self.hosts or b not in self.hosts:
+            raise ValueError(f"a partition is between two hosts of {sorted(self.hosts)}")
+        if not self._partition_table:
+            self._nft(
+                f"add table bridge {PARTITION_TABLE}\n"
+                f"add set bridge {PARTITION_TABLE} pairs {{ type ifname . ifname; }}\n"
+                f"add chain bridge {PARTITION_TABLE} cut "
+                "{ type filter hook forward priority 0; policy accept; }\n"
+                f"add rule bridge {PARTITION_TABLE} cut iifname . oifname @pairs drop\n"
+            )
+            self._partition_table = True
+        self._nft(f"add element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
+        return time.monotonic_ns() // 1000
+
+    def heal(self, a: str, b: str) -> int:
+        """Undo `partition(a, b)`; returns the CLOCK_MONOTONIC time of the heal, in µs."""
+        if not self._partition_table:
+            raise ValueError("no partition to heal")
+        self._nft(f"delete element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
+        return time.monotonic_ns() // 1000
+
+    def partitioned(self) -> set[tuple[str, str]]:
+        """The (in port, out port) pairs the fabric drops now."""
+        if not self._partition_table:
+            return set()
+        out = subprocess.run(
+            self.in_ns(self.br, ["nft", "-j", "list", "set", "bridge", PARTITION_TABLE, "pairs"]),
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        pairs: set[tuple[str, str]] = set()
+        for item in json.loads(out)["nftables"]:
+            for elem in item.get("set", {}).get("elem", []):
+                x, y = elem["concat"]
+                pairs.add((x, y))
+        return pairs
+
+    def _nft(self, script: str) -> None:
+        subprocess.run(
+            self.in_ns(self.br, ["nft", "-f", "-"]),
+            input=script, capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+
     # -- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -395,7 +463,9 @@ class Fabric(Testbed):
         for h in self.hosts.values():
             remove_cgroup(UnitNames(h.name, UNIT).cgroup_parent, timeout=2.0)
             shutil.rmtree(h.runtime, ignore_errors=True)
+        # The partition table lives in the fabric netns and goes with it.
         for ns in reversed(self.made):
             with contextlib.suppress(netns.NetnsError):
                 netns.delete_netns(ns)
         self.made.clear()
+        self._partition_table = False

@@ -46,7 +46,14 @@ only in lossless mode (I7), SURVEYING only when a new standby must be chosen (re
 standby known); a local failover keeps its standby.
 
 1. `RaiseTerm(term)`: durable before anything else, so that a crash of this agent mid-way never
-   reuses the term. The new term is one above any term this machine ever issued.
+   reuses the term. The new term is one above any term this machine ever issued. A remote
+   takeover also **claims** the term at the unit's spares (`TermRecorded.claims`, one `Claim`
+   per spare; see `judge_claims`): a spare grants only if it holds no commit newer than the
+   image this node will restore. A refusal means the old primary re-protected itself there
+   first, so it is alive and protected: this node **stands down** (`Alarm`, `Report(ABORTED)`
+   naming the spare and its commit, back to WATCHING the same incarnation, nothing restored).
+   So does a node that no spare answered (an isolated standby must not promote). Without spares
+   (`claims == ()`) or without claims at all (`None`, a local failover) the attempt goes on.
 2. `FenceDataPlane(term)`: set_term on the taking-over side's data plane. Its buffered output of
    the old term is discarded and never released (I3, I4), and it refuses the old term's commands.
 3. `LocateImage(term)`: the last committed checkpoint: the standby store's promotion at `term`
@@ -71,15 +78,17 @@ destroying a serving unit because no standby is free would turn a degraded state
 
 How this fits with `shim.epoch.PrimaryMachine` (the old primary's side). This machine never
 talks to the old primary: fencing is by term. The old primary learns of the new term from its
-agent (`TermRaised`), or from the standby store, which after promotion refuses its transfers with
-a higher term (`Nacked`); either makes its machine FENCED, which discards everything unreleased.
-Until then it cannot release anything either, because releases follow acks and the promoted
-store never acks again (I3). A partitioned old primary therefore holds its output; with
-`StandbyLossAction.RUN_UNPROTECTED` it would instead release without commits, and a failover
-during that partition breaks I4 (two copies both emitting). The DISPUTED verdict prevents that
-failover when the agents still reach each other; units that need I4 under a full partition must
-use STALL. On one host (local failover) the old and new engines share the data plane, whose
-set_term makes it refuse the old engine's commands and drop its buffers.
+agent (`TermRaised`), or from a store that refuses its transfers with a higher term (`Nacked`):
+the promoted standby's, or a spare's that granted this node's claim; either makes its machine
+FENCED, which discards everything unreleased. Until then it cannot release anything either,
+because releases follow acks and neither the promoted store nor a spare that recorded the new
+term ever acks the old term again (I3). The one release a remote primary makes itself, after
+re-protecting onto a spare (a recovery cut committed there), is what the claim orders: either
+that commit lands first and this node stands down, or the claim lands first and the commit is
+refused. A partitioned old primary therefore holds its output. `StandbyLossAction.RUN_UNPROTECTED`
+would release without commits, so a remote agent refuses it (docs/failover.md, "Partitions").
+On one host (local failover) the old and new engines share the data plane, whose set_term makes
+it refuse the old engine's commands and drop its buffers.
 
 Any other (state, event) pair raises ProtocolError: it is a bug in the driver.
 """
@@ -105,6 +114,8 @@ __all__ = [
     "Announce",
     "Announced",
     "AttachPorts",
+    "Claim",
+    "ClaimVerdict",
     "Command",
     "Completion",
     "Confirm",
@@ -151,6 +162,7 @@ __all__ = [
     "TermRecorded",
     "Tick",
     "Unquiesce",
+    "judge_claims",
 ]
 
 
@@ -255,9 +267,31 @@ class Quiesced(Completion):
     epoch: int
 
 
+class ClaimVerdict(enum.Enum):
+    """What one spare answered to this node's claim of a new term."""
+
+    GRANTED = "granted"  # the spare recorded the term
+    REFUSED = "refused"  # the spare answered no (a newer commit, or a higher term)
+    NO_ANSWER = "no-answer"  # unreachable, or no answer in time
+
+
+@attrs.frozen
+class Claim:
+    """One spare's answer to the term claim. `committed`: the (term, epoch) of the spare's
+    newer commit that refused it, when that was the reason."""
+
+    spare: str
+    verdict: ClaimVerdict
+    detail: str = ""
+    committed: tuple[int, int] | None = None
+
+
 @attrs.frozen
 class TermRecorded(Completion):
-    pass
+    """The term is durable. `claims`: the spares' answers to the term claim of a remote takeover
+    (one per spare; empty when the unit has no spare); None when no claim was made."""
+
+    claims: tuple[Claim, ...] | None = None
 
 
 @attrs.frozen
@@ -518,6 +552,37 @@ class FailoverConfig:
     standby_mem_bytes: int = 0
 
 
+def judge_claims(claims: tuple[Claim, ...] | None) -> str | None:
+    """Why this node must stand down instead of taking over, or None to go on.
+
+    - No claim made (None) or no spare configured (()): go on. Without a spare nothing can tell
+      a dead primary from a partitioned one (docs/failover.md, "Partitions").
+    - Any refusal: stand down. A spare refuses only when it holds a commit newer than the image
+      this node would restore (the old primary re-protected itself there first, so it is alive
+      and protected), or when it has seen a higher term (someone else took the unit over).
+    - No grant at all: stand down. A standby that reaches no spare may be the isolated side of a
+      partition, and an isolated standby must not promote.
+    """
+    if not claims:
+        return None
+    for c in claims:
+        if c.verdict is ClaimVerdict.REFUSED:
+            if c.committed is not None:
+                t, e = c.committed
+                return (
+                    f"stand down: {c.spare} holds a newer commit (term {t}, epoch {e}) "
+                    "from the old primary"
+                )
+            return f"stand down: {c.spare} refused the term claim: {c.detail}"
+    if not any(c.verdict is ClaimVerdict.GRANTED for c in claims):
+        answers = "; ".join(f"{c.spare}: {c.detail or c.verdict.value}" for c in claims)
+        return (
+            f"stand down: no spare granted the term claim ({answers}); an isolated standby "
+            "must not promote"
+        )
+    return None
+
+
 # --- the machine ----------------------------------------------------------------------------
 
 
@@ -540,7 +605,8 @@ class State(enum.Enum):
 
 # The sequence, one completion event per step state, in order. A state missing from an attempt's
 # plan is skipped: its successor is the next state of the plan. REPROTECTING leads back to
-# WATCHING, with the restored copy as the watched incarnation.
+# WATCHING, with the restored copy as the watched incarnation. A TermRecorded whose claims
+# `judge_claims` refuses leads back to WATCHING instead, with the same incarnation (stand down).
 TRANSITIONS: Mapping[State, Mapping[type[Event], State]] = MappingProxyType(
     {
         State.WATCHING: {},
@@ -952,8 +1018,11 @@ class FailoverMachine:
         match event:
             case Quiesced():
                 pass
-            case TermRecorded():
-                pass
+            case TermRecorded(claims=claims):
+                refused = judge_claims(claims)
+                if refused is not None:
+                    self._stand_down(a, refused, out)
+                    return
             case DataPlaneFenced():
                 pass
             case ImageLocated():
@@ -1024,6 +1093,21 @@ class FailoverMachine:
         self._failure = cause
         self._attempt = None
         self._state = State.FAILED
+
+    def _stand_down(self, a: _Attempt, reason: str, out: list[Command]) -> None:
+        """The claim was refused: no takeover. Nothing but the term was touched, and the term
+        stays spent (the next attempt uses a higher one); the same incarnation is watched."""
+        where = f"peer {self._peer}" if self._peer is not None else f"pid {self._pid}"
+        out.append(
+            Alarm(
+                f"unit {self.unit}: {reason}; no takeover at term {a.term}, the unit stays with "
+                f"{where} at term {self._term} (trigger: {a.cause})"
+            )
+        )
+        out.append(Report(self.unit, Status.ABORTED, a.term, reason, self._now - a.started_us))
+        self._attempt = None
+        self._suspicion = None
+        self._state = State.WATCHING
 
     def _complete(self, a: _Attempt, unprotected: str | None, out: list[Command]) -> None:
         assert a.restored_pid is not None

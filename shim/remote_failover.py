@@ -8,7 +8,10 @@ bounded by the step's `timeout_us`:
 - `PeerDown` comes from this host's data plane (``peer_down`` of the primary's data plane, with
   its CLOCK_MONOTONIC timestamps). `Confirm` asks the primary's agent over the management
   network; no answer within the window counts as dead.
-- `RaiseTerm` writes the term durably (fsync) before anything else.
+- `RaiseTerm` writes the term durably (fsync) before anything else, then claims it at the
+  unit's spares (a compare-and-set against their committed image, `shim.standby`) and reports
+  their answers in `TermRecorded.claims`; the machine stands down if a spare refused or none
+  granted (`shim.failover.judge_claims`), before anything is restored.
 - `FenceDataPlane`: the unit does not exist in this data plane yet; the step makes sure of it
   (a leftover unit of an earlier attempt is removed, its output dropped).
 - `LocateImage`: ``ReplicationServer.promote(unit, term)``: the store refuses the old primary from
@@ -57,7 +60,11 @@ class RemoteSteps(Protocol):
         """True if `peer`'s agent answered within `timeout_s`."""
         ...
 
-    def raise_term(self, term: int) -> None: ...
+    def raise_term(self, term: int) -> tuple[fo.Claim, ...] | None:
+        """Record `term` durably, then claim it at the unit's spares: one `Claim` per spare
+        (empty without spares); None if no claim is made."""
+        ...
+
     def fence(self, term: int) -> tuple[int, int]:
         """Returns (discarded packets, the open epoch the unit will start at)."""
         ...
@@ -92,6 +99,8 @@ class RemoteRecord:
     image_epoch: int | None = None
     cut_seq: int | None = None
     new_pid: int | None = None
+    # The spares' answers to the term claim, "<spare>: <verdict>[: detail]".
+    claims: list[str] = attrs.Factory(list)
     steps_us: dict[str, int] = attrs.Factory(dict)
     resumed_us: int | None = None
     finished_us: int | None = None
@@ -255,6 +264,11 @@ class RemoteFailover:
         if rec is not None:
             rec.steps_us[command.step.value] = self.clock() - started
             match result:
+                case fo.TermRecorded(claims=claims) if claims:
+                    rec.claims = [
+                        f"{c.spare}: {c.verdict.value}" + (f": {c.detail}" if c.detail else "")
+                        for c in claims
+                    ]
                 case fo.ImageLocated(epoch=epoch, cut_seq=cut_seq):
                     rec.image_epoch, rec.cut_seq = epoch, cut_seq
                 case fo.Restored(pid=pid):
@@ -271,8 +285,7 @@ class RemoteFailover:
         s, term = self.steps, command.term
         match command:
             case fo.RaiseTerm():
-                s.raise_term(term)
-                return fo.TermRecorded(term)
+                return fo.TermRecorded(term, s.raise_term(term))
             case fo.FenceDataPlane():
                 discarded, open_epoch = s.fence(term)
                 return fo.DataPlaneFenced(term, discarded, open_epoch)

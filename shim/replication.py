@@ -22,7 +22,7 @@ a transfer. `crc` is present exactly when payload frames follow. Types and their
 ==========  =========  ===================================================  ==================
 type        direction  extra header fields                                  payload frames
 ==========  =========  ===================================================  ==================
-hello       P -> S     -                                                    -
+hello       P -> S     claim (optional): [term, epoch] (a term claim)      -
 status      S -> P     committed: null | {epoch, term, id (hex)}            -
 heartbeat   both       - (the standby answers with its highest term)        -
 begin       P -> S     base: base epoch or null, meta: {str: int|str}       manifest
@@ -30,8 +30,14 @@ blocks      P -> S     n: number of blocks                                  inde
 end         P -> S     first: seq of begin, messages: blocks messages sent,  -
                        blocks: blocks sent
 ack         S -> P     - (term is the committed term)                       -
-nack        S -> P     code, reason (term is the standby's highest term)    -
+nack        S -> P     code, reason (term is the standby's highest term);   -
+                       committed: [term, epoch] (newer_commit only)
 ==========  =========  ===================================================  ==================
+
+A hello with ``claim`` is a standby taking the unit over at ``term``, claiming that term at a
+spare before it restores anything: the spare grants it (a status, and the term is recorded) only
+if its own committed image is at most the claim's (term, epoch) of the image the claimant will
+restore, and refuses it otherwise (nack newer_commit, recording nothing). See `shim.standby`.
 
 `manifest` is `delta.encode_manifest`; `index` is n entries of (16-byte block digest, u32 LE
 length); `data` is the n blocks back to back. A block's digest is its own checksum and the
@@ -141,9 +147,25 @@ class Message:
     seq: int = attrs.field(validator=_COUNT)
 
 
+def _check_claim(_inst: object, _attr: object, value: tuple[int, int] | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise ValueError(f"a claim is (term, epoch), not {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 63:
+            raise ValueError(f"a claim is (term, epoch) of non-negative integers, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Hello(Message):
-    """The primary announces itself and its term; the standby answers with `Status`."""
+    """The primary announces itself and its term; the standby answers with `Status`.
+
+    With `claim` = (term, epoch) the sender is a standby taking over at `term`, and the
+    (term, epoch) is the committed image it will restore (module doc).
+    """
+
+    claim: tuple[int, int] | None = attrs.field(default=None, validator=_check_claim)
 
 
 @attrs.frozen(kw_only=True)
@@ -194,6 +216,8 @@ class Ack(Message):
 class Nack(Message):
     code: Code
     reason: str
+    # newer_commit: the (term, epoch) of the committed image that refused the claim.
+    committed: tuple[int, int] | None = attrs.field(default=None, validator=_check_claim)
 
 
 _TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
@@ -255,6 +279,8 @@ def encode(msg: Message) -> list[bytes]:
     }
     payloads: list[bytes] = []
     match msg:
+        case Hello() if msg.claim is not None:
+            header["claim"] = list(msg.claim)
         case Status():
             header["committed"] = (
                 None
@@ -281,6 +307,8 @@ def encode(msg: Message) -> list[bytes]:
             header.update(first=msg.first_seq, messages=msg.messages, blocks=msg.blocks)
         case Nack():
             header.update(code=str(msg.code), reason=msg.reason)
+            if msg.committed is not None:
+                header["committed"] = list(msg.committed)
     if payloads:
         header["crc"] = [zlib.crc32(p) for p in payloads]
     return [json.dumps(header, separators=(",", ":")).encode(), *payloads]
@@ -297,6 +325,19 @@ def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
 
 def _optional_int(header: Mapping[str, Any], key: str) -> int | None:
     return None if header.get(key) is None else int(_field(header, key, int))
+
+
+def _optional_pair(header: Mapping[str, Any], key: str) -> tuple[int, int] | None:
+    """An optional [term, epoch] field: absent or null is None; anything else must be exact."""
+    value = header.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise WireError(Code.BAD_MESSAGE, f"field {key!r} is not [term, epoch]", header)
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 63:
+            raise WireError(Code.BAD_MESSAGE, f"field {key!r} is not [term, epoch]", header)
+    return int(value[0]), int(value[1])
 
 
 def _decode_blocks(header: Mapping[str, Any], index: bytes, data: bytes) -> Batch:
@@ -346,6 +387,8 @@ def decode(frames: Sequence[bytes]) -> Message:
                 raise WireError(Code.BAD_CHECKSUM, f"frame {i} of {kind} fails its crc", header)
     try:
         match kind:
+            case "hello":
+                return Hello(unit=unit, **ids, claim=_optional_pair(header, "claim"))
             case "status":
                 c = header.get("committed")
                 if c is None:
@@ -387,6 +430,7 @@ def decode(frames: Sequence[bytes]) -> Message:
                     **ids,
                     code=Code(_field(header, "code", str)),
                     reason=_field(header, "reason", str),
+                    committed=_optional_pair(header, "committed"),
                 )
             case _:
                 return _TYPES[kind](unit=unit, **ids)
@@ -421,7 +465,9 @@ class ReleaseError(Exception):
 def _event(msg: Message) -> sm.Event | None:
     """The machine's event for a message a standby receives; None for any other message."""
     match msg:
-        case Hello() | Heartbeat():
+        case Hello():
+            return sm.Greeting(msg.unit, msg.epoch, msg.term, msg.seq, msg.claim)
+        case Heartbeat():
             return sm.Greeting(msg.unit, msg.epoch, msg.term, msg.seq)
         case Begin():
             return sm.Manifest(msg.unit, msg.epoch, msg.term, msg.seq, msg.manifest, msg.meta)
@@ -584,7 +630,15 @@ class Receiver:
                     replies.append(Ack(unit=u, epoch=epoch, term=term, seq=seq))
                 case sm.Reject(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why):
                     replies.append(
-                        Nack(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why)
+                        Nack(
+                            unit=u,
+                            epoch=epoch,
+                            term=term,
+                            seq=seq,
+                            code=code,
+                            reason=why,
+                            committed=command.committed,
+                        )
                     )
                 case sm.SendStatus():
                     replies.append(_status(command, msg))
@@ -874,6 +928,10 @@ class ReplicationClient:
 
     CURVE: pass `server_key` (the standby's public key) and optionally `keypair` (public,
     secret); a keypair is generated if only `server_key` is given.
+
+    `tcp_maxrt_ms` bounds how long the kernel retransmits unacknowledged data before it drops
+    the connection and its queue (``ZMQ_TCP_MAXRT``), so that a request cannot arrive much
+    later than its timeout said it failed.
     """
 
     def __init__(
@@ -884,9 +942,11 @@ class ReplicationClient:
         keypair: tuple[bytes, bytes] | None = None,
         batch_bytes: int = BATCH_BYTES,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        tcp_maxrt_ms: int | None = None,
     ) -> None:
         if batch_bytes < BLOCK_SIZE:
             raise ValueError("batch_bytes must hold at least one block")
+        self._tcp_maxrt_ms = tcp_maxrt_ms
         self._endpoint = endpoint
         self._server_key = server_key
         self._keypair = keypair
@@ -972,16 +1032,34 @@ class ReplicationClient:
             )
         )
 
-    def hello(self, unit: str, term: int, *, timeout: float = 5.0) -> Status:
+    def hello(
+        self,
+        unit: str,
+        term: int,
+        *,
+        claim: tuple[int, int] | None = None,
+        timeout: float = 5.0,
+    ) -> Status:
         """Announce `term`; learn the standby's term and committed checkpoint.
 
         If the standby's committed checkpoint is not the base this link remembers, the base is
         forgotten and the next ship is full. Raises `NackedError` if `term` is stale.
-        """
-        return self._call(self._hello(unit, term, timeout)).result()
 
-    async def async_hello(self, unit: str, term: int, *, timeout: float = 5.0) -> Status:
-        return await asyncio.wrap_future(self._call(self._hello(unit, term, timeout)))
+        `claim` = (term, epoch) of the committed image this node will restore: a standby taking
+        the unit over claims `term` at a spare (module doc). Refused, it raises `NackedError`
+        with code newer_commit and the spare's committed (term, epoch) in `nack.committed`.
+        """
+        return self._call(self._hello(unit, term, timeout, claim)).result()
+
+    async def async_hello(
+        self,
+        unit: str,
+        term: int,
+        *,
+        claim: tuple[int, int] | None = None,
+        timeout: float = 5.0,
+    ) -> Status:
+        return await asyncio.wrap_future(self._call(self._hello(unit, term, timeout, claim)))
 
     def heartbeat(self, unit: str, term: int, *, timeout: float = 5.0) -> Heartbeat:
         return self._call(self._heartbeat(unit, term, timeout)).result()
@@ -1053,6 +1131,11 @@ class ReplicationClient:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, max(4, (64 << 20) // self._batch_bytes))
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        if self._tcp_maxrt_ms is not None:
+            # The kernel drops the connection, and what it still queues, once sent data stays
+            # unacknowledged this long: a message cannot reach the standby long after its
+            # sender gave up on it (a term claim after a partition heals).
+            sock.setsockopt(zmq.TCP_MAXRT, self._tcp_maxrt_ms)
         if self._server_key is not None:
             public, secret = self._keypair or zmq.curve_keypair()
             sock.setsockopt(zmq.CURVE_SERVERKEY, self._server_key)
@@ -1136,10 +1219,12 @@ class ReplicationClient:
             raise NackedError(reply)
         return reply
 
-    async def _hello(self, unit: str, term: int, timeout: float) -> Status:
+    async def _hello(
+        self, unit: str, term: int, timeout: float, claim: tuple[int, int] | None = None
+    ) -> Status:
         link = self._link(unit)
         reply = await self._request(
-            Hello(unit=unit, epoch=0, term=term, seq=link.next_seq()), timeout
+            Hello(unit=unit, epoch=0, term=term, seq=link.next_seq(), claim=claim), timeout
         )
         assert isinstance(reply, Status)
         if link.base is not None and reply.manifest_id != link.base.id:

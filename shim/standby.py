@@ -32,6 +32,15 @@ States, and the transition table in words (TRANSITIONS lists the same pairs):
   transfer of the lower one (DropAssembly of its image, no reply: its sender is deposed) and is
   recorded (RecordTerm). Chunks only count inside their own transfer, whose term is current.
 - Greeting (hello, heartbeat) -> same state, SendStatus; or IDLE if a higher term ended a transfer.
+- A Greeting with a ``claim`` (a standby about to take over claims its new term here, naming the
+  (term, epoch) of the image it will restore): a compare-and-set. After the term check it is
+  granted only if this node's committed image is at most that (term, epoch), or there is none:
+  then it is a Greeting like any other (RecordTerm of the higher term, which also ends a lower
+  term's transfer, so the old primary's later ships here get stale_term; SendStatus). If the
+  committed image is newer, the old primary committed here after the claimant's image, so it is
+  alive and protected: Reject (newer_commit, naming the committed (term, epoch)), and nothing is
+  recorded, not even the term. A claim whose term is not above its image's term is
+  bad_message.
 - Manifest that passes the term check: the transfer in progress is superseded (DropAssembly; its
   end will find no transfer, one assembly at a time), then
   - the committed (epoch, term) again -> RESENDING: the ack was lost; nothing is stored;
@@ -152,6 +161,8 @@ class Code(enum.StrEnum):
     VERIFY_FAILED = "verify_failed"
     STORE_ERROR = "store_error"
     INTERNAL = "internal"
+    # A term claim refused: this node committed an image newer than the claimant's.
+    NEWER_COMMIT = "newer_commit"
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -164,12 +175,17 @@ class Event:
 
 @attrs.frozen
 class Greeting(Event):
-    """A hello or a heartbeat: the primary announces its term and asks for the standby's state."""
+    """A hello or a heartbeat: the primary announces its term and asks for the standby's state.
+
+    ``claim`` (hello only): the sender is a standby taking the unit over at ``term``, and names
+    the (term, epoch) of the committed image it will restore; see the module docstring.
+    """
 
     unit: str
     epoch: int
     term: int
     seq: int
+    claim: tuple[int, int] | None = None
 
 
 @attrs.frozen
@@ -325,7 +341,8 @@ class ReleaseOutput(Command):
 
 @attrs.frozen
 class Reject(Command):
-    """Answer message ``seq`` with a refusal. ``term`` is the standby's own."""
+    """Answer message ``seq`` with a refusal. ``term`` is the standby's own. ``committed`` is the
+    (term, epoch) of the committed image that refused a claim (newer_commit only)."""
 
     unit: str
     epoch: int
@@ -333,6 +350,7 @@ class Reject(Command):
     seq: int
     code: Code
     reason: str
+    committed: tuple[int, int] | None = None
 
 
 @attrs.frozen
@@ -623,6 +641,8 @@ class StandbyMachine:
         if fenced is not None:
             out.append(self._reject(g, *fenced))
             return
+        if g.claim is not None and self._refuse_claim(g, g.claim, out):
+            return
         self._observe(g.term, out)
         c = self._committed
         base = self._committed_base()
@@ -636,6 +656,26 @@ class StandbyMachine:
                 None if base is None else base.id,
             )
         )
+
+    def _refuse_claim(self, g: Greeting, claim: tuple[int, int], out: list[Command]) -> bool:
+        """The compare-and-set of a term claim: True if refused (and the Reject is out)."""
+        image_term, image_epoch = claim
+        if g.term <= image_term:
+            why = f"claim of term {g.term} for an image of term {image_term}: not a new term"
+            out.append(self._reject(g, Code.BAD_MESSAGE, why))
+            return True
+        c = self._committed
+        if c is None or (c.term, c.epoch) <= claim:
+            return False
+        why = (
+            f"committed epoch {c.epoch} of term {c.term} is newer than the claimant's image "
+            f"(epoch {image_epoch} of term {image_term}): its primary committed here after that "
+            f"image, so it is alive and protected"
+        )
+        out.append(
+            attrs.evolve(self._reject(g, Code.NEWER_COMMIT, why), committed=(c.term, c.epoch))
+        )
+        return True
 
     def _on_manifest(self, m: Manifest, out: list[Command]) -> None:
         fenced = self._fenced(m.term)

@@ -15,7 +15,10 @@ engine must neither release output that no checkpoint covers nor leave it held f
 3. If closed epochs are still held, one recovery cut commits them: pause, freeze, close the
    open epoch E, dump, thaw, resume, ship in full, and release up to E on the ack (cumulative:
    checkpoint E covers every earlier epoch). This is the epoch protocol run once by hand; the
-   NF pauses for one cut, as at any epoch boundary.
+   NF pauses for one cut, as at any epoch boundary. This local release is the only one a
+   primary with a remote standby makes, and it waits for the commit: if the old standby took
+   the unit over meanwhile and claimed its term at this spare first, the ship is refused
+   (``NackedError``, stale_term, the higher term) and nothing is released; the caller fences.
 4. The new machine starts at the data plane's open epoch with the unit's term, and the engine's
    count of closed packets starts from the data plane's counters, so it sees exactly the output
    of the open epoch as waiting (I5: an idle unit still takes no checkpoints).
@@ -180,13 +183,25 @@ def take_over(
     return TakeOver(epoch + 1, closed_total, released, epoch)
 
 
+def _not_watched(_unit: str) -> None:
+    return None
+
+
 @attrs.define
 class Observed:
-    """What a runner reports to the agent, beyond its snapshot."""
+    """What a runner reports to the agent, beyond its snapshot.
+
+    `on_fenced` is called once, from the runner's thread, when the epoch machine became FENCED
+    (a standby answered with a higher term: this primary is deposed). The machine has commanded
+    Discard of everything unreleased by then and ignores everything from now on; the agent
+    decides what happens to the unit (hamgr.agent.remote: ``on_fenced``). The callback runs on
+    the runner's thread, so it must not stop the runner itself.
+    """
 
     on_commit: Callable[[str, int, float], None]
     on_alarm: Callable[[str, str], None]
     on_pause: Callable[[str, float], None]
+    on_fenced: Callable[[str], None] = _not_watched
 
 
 class UnitRunner:
@@ -219,6 +234,7 @@ class UnitRunner:
         self.errors = 0
         self.nf_died = False
         self.failed = False
+        self.fenced = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {}
@@ -241,6 +257,14 @@ class UnitRunner:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("unit %s: the epoch loop did not stop within %s s", self.unit, timeout)
+        else:
+            # The engine dumps on a thread of its own: wait for a dump in progress, so that
+            # nothing else (a take-over's recovery cut) checkpoints the NF at the same time. A
+            # CRIU service worker does not show up in `_wait_for_orphan_dumps`.
+            try:
+                self.engine.close()
+            except Exception:
+                log.exception("unit %s: waiting for the engine's dump failed", self.unit)
         self.shipper.close()
         self.dp.close()
 
@@ -270,6 +294,11 @@ class UnitRunner:
                     break
                 continue
             self._observe()
+            if not self.fenced and self.engine.machine.state is ep.State.FENCED:
+                # Deposed; the machine discarded what it held and ignores everything from now on.
+                self.fenced = True
+                self._refresh()
+                self.observed.on_fenced(self.unit)
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY_S:
                 last_stats = now

@@ -16,10 +16,15 @@ What the agent does, per role of a unit U:
   onto the first spare: a recovery cut, shipped in full, then the engine goes on there. Output
   is released at the standby (`remote_config`): each checkpoint carries the held output, the
   standby sends it from its own data plane when it commits, and the ack only frees the buffers.
+  While the standby is lost and not replaced it tries again every `RECHECK_S` (spares, then the
+  lost standby). A reply with a higher term (its re-protection refused with stale_term, or its
+  engine fenced by a standby's reply) means it was deposed: the unit's ``on_fenced`` policy
+  ("stop": held output discarded, NF stopped, unit removed; event ``fenced``).
 - **standby**: holds U's store in this host's ReplicationServer, prepares U's NF netns (same IP,
   MAC, neighbours; the veth end on the host stays out of the data plane), probes the primary, and
   runs a `shim.failover.FailoverMachine` through `shim.remote_failover.RemoteFailover`. The
-  steps are `StandbySteps` below.
+  steps are `StandbySteps` below. Before it restores anything, it claims the new term at U's
+  spares (`StandbySteps.raise_term`); a refusal, or no spare answering, makes it stand down.
 - **spare**: holds a store for U, so that U can be re-protected here.
 
 Standbys and spares send the held output of each checkpoint they commit on the data link
@@ -37,6 +42,7 @@ so the testbed can kill the host at once, and ``events.jsonl``: one JSON object 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -71,16 +77,31 @@ from shim.container import Container, RuncBackend
 from shim.engine import PrimaryEngine
 from shim.local_failover import TermFile
 from shim.remote_failover import RemoteFailover
-from shim.replication import ReplicationClient, ReplicationServer
+from shim.replication import NackedError, ReplicationClient, ReplicationServer
 from shim.store import Store
 
-__all__ = ["HostPlan", "PeerPlan", "RemoteAgent", "UnitPlan", "ping", "request"]
+__all__ = ["HostPlan", "PeerPlan", "PlanError", "RemoteAgent", "UnitPlan", "ping", "request"]
 
 log = logging.getLogger(__name__)
 
 FABRIC_PORT = "fab"
 SURVEY_PING_S = 0.05
 ETH_P_ARP = 0x0806
+# A term claim waits this long for each spare (in parallel), at most half the raise-term step's
+# timeout; the claim link's kernel gives up on unacknowledged data soon after (TCP_MAXRT), so a
+# claim held up by a partition is dropped instead of reaching the spare after the standby gave
+# up on it.
+CLAIM_TIMEOUT_S = 0.5
+CLAIM_MAXRT_MS = 600
+# The same bound on a primary's replication link: when a partition cuts it, what the kernel
+# still holds of a transfer (up to a whole checkpoint) is dropped with the connection instead
+# of reaching a standby that stood down after the partition heals. That standby would commit
+# it and send its output, which this primary's recovery cut may already have released. A
+# live standby acknowledges at the TCP level within milliseconds, however busy its agent is.
+SHIP_MAXRT_MS = 2000
+# How often a primary whose standby is lost and not replaced tries again (its spares, then the
+# lost standby): when a link heals it re-protects, or learns the higher term and is fenced.
+RECHECK_S = 1.0
 
 
 @attrs.frozen
@@ -99,13 +120,41 @@ class PeerPlan:
         return f"tcp://{self.mgmt_ip}:{self.repl_port}"
 
 
+class PlanError(ValueError):
+    """A plan this agent refuses to run; the message says why and what to use instead."""
+
+
+def _check_spec(_inst: object, _attr: object, value: str) -> None:
+    if loads(value).protection.on_standby_loss == StandbyLossAction.RUN_UNPROTECTED.value:
+        raise PlanError(
+            'on_standby_loss = "run-unprotected" is refused with a remote standby: a primary '
+            "cannot tell a dead standby from a partitioned one, and a partitioned standby takes "
+            "the unit over (with a spare's grant) while this primary would release output no "
+            'standby committed: duplicates at the sink. Use "stall" (docs/failover.md, '
+            '"Partitions").'
+        )
+
+
+def _check_on_fenced(_inst: object, _attr: object, value: str) -> None:
+    if value == "standby":
+        raise PlanError(
+            'on_fenced = "standby" (a deposed primary becomes a spare for the new primary) is '
+            'not implemented; use "stop"'
+        )
+    if value != "stop":
+        raise PlanError(f'on_fenced must be "stop", not {value!r}')
+
+
 @attrs.frozen
 class UnitPlan:
-    spec: str  # the unit spec, TOML
+    spec: str = attrs.field(validator=_check_spec)  # the unit spec, TOML
     role: str  # primary | standby | spare
     primary: str = ""
     standby: str = ""
     spares: tuple[str, ...] = attrs.field(default=())
+    # What a primary does once it learns of a higher term (it was deposed): "stop" discards its
+    # held output, stops the NF and removes the unit from its data plane.
+    on_fenced: str = attrs.field(default="stop", validator=_check_on_fenced)
 
 
 @attrs.frozen
@@ -399,6 +448,9 @@ class PrimaryRole:
     # "unprotected" while no standby holds an image (after a takeover, until the new standby's
     # first ack); "protected" after.
     protection: str = "protected"
+    # The standby confirmed lost and not replaced yet: RECHECK_S retries its re-protection.
+    lost_standby: str | None = None
+    on_fenced: str = "stop"
 
 
 class RemoteAgent:
@@ -426,6 +478,9 @@ class RemoteAgent:
         self.control: ControlEndpoint | None = None
         self._stop = threading.Event()
         self._watching: dict[str, str] = {}  # peer -> unit whose standby it is (primary side)
+        # Units whose epoch machine a standby fenced (from the runners' threads).
+        self._fenced: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._recheck_at = 0.0
         # Peers whose probes arrived at least once: silence from a peer that never spoke is
         # a peer still starting, not a failure.
         self._seen: set[str] = set()
@@ -438,9 +493,9 @@ class RemoteAgent:
             self._events.write(line + "\n")
 
     def write_status(self, ready: bool = True) -> None:
-        nfs = {u: r.nf.pid for u, r in self.primaries.items()}
+        nfs = {u: r.nf.pid for u, r in list(self.primaries.items())}
         for u, s in self.steps.items():
-            nfs.update({f"{u}-t{t}": c.pid for t, c in s.restored.items()})
+            nfs.update({f"{u}-t{t}": c.pid for t, c in list(s.restored.items())})
         status = {
             "host": self.host,
             "agent_pid": os.getpid(),
@@ -515,7 +570,6 @@ class RemoteAgent:
                 miss=self.plan.probe_miss,
                 term=1,
             )
-        steps = StandbySteps(self, spec, names, list(u.spares))
         config = fo.FailoverConfig(
             detection=DetectionPolicy(
                 interval_us=self.plan.probe_interval_us,
@@ -523,6 +577,8 @@ class RemoteAgent:
                 confirm_window_us=self.plan.confirm_window_us,
             )
         )
+        claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
+        steps = StandbySteps(self, spec, names, list(u.spares), claim_timeout_s=claim_s)
         machine = fo.FailoverMachine(spec.name, 1, config, peer=u.primary, now_us=_now_us())
         self.steps[spec.name] = steps
         self.drivers[spec.name] = RemoteFailover(machine, steps, on_report=self._on_report)
@@ -547,17 +603,20 @@ class RemoteAgent:
             )
         )
         nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
-        role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares))
+        role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares), on_fenced=u.on_fenced)
         self.primaries[spec.name] = role
         self.write_status(ready=False)
         self.protect(role, u.standby, first=True)
 
     # -- the primary side ----------------------------------------------------------------
 
-    def _shipper(self, standby: str) -> ReplicationClient:
+    def _shipper(self, standby: str, *, tcp_maxrt_ms: int | None = None) -> ReplicationClient:
         p = self.plan.peers[standby]
         return ReplicationClient(
-            p.replication, server_key=p.public_key.encode(), keypair=(self.public, self.secret)
+            p.replication,
+            server_key=p.public_key.encode(),
+            keypair=(self.public, self.secret),
+            tcp_maxrt_ms=tcp_maxrt_ms,
         )
 
     def protect(
@@ -576,7 +635,7 @@ class RemoteAgent:
         """
         unit, term = role.spec.name, role.term
         dp = self.dp_client()
-        shipper = self._shipper(standby)
+        shipper = self._shipper(standby, tcp_maxrt_ms=SHIP_MAXRT_MS)
         try:
             shipper.hello(unit, term, timeout=5.0)
             if unprotected is not None:
@@ -704,7 +763,7 @@ class RemoteAgent:
         def on_alarm(unit: str, reason: str) -> None:
             self.event("alarm", unit=unit, reason=reason)
 
-        return Observed(on_commit, on_alarm, lambda _u, _s: None)
+        return Observed(on_commit, on_alarm, lambda _u, _s: None, on_fenced=self._fenced.put)
 
     def _standby_lost(self, peer: str, down: PeerDown) -> None:
         unit = self._watching.get(peer)
@@ -715,24 +774,136 @@ class RemoteAgent:
             self.event("standby_disputed", unit=unit, standby=peer)
             return
         self.event("standby_lost", unit=unit, standby=peer, last_rx_us=down.last_rx_mono_us)
-        for spare in role.spares:
-            if spare == peer or not self.links.ping(spare, SURVEY_PING_S):
+        role.lost_standby = peer
+        self._recheck_at = time.monotonic() + RECHECK_S
+        if not self._reprotect(role, [s for s in role.spares if s != peer]):
+            self.event("alarm", unit=unit, reason="standby lost and no spare answers; stalled")
+
+    def _reprotect(self, role: PrimaryRole, candidates: list[str]) -> bool:
+        """Re-protect `role` onto the first candidate that answers: a recovery cut, shipped in
+        full, released here on its commit (`take_over`), then the engine goes on there.
+
+        True once re-protected, or once fenced: a candidate that answers with a higher term
+        (stale_term: a standby took the unit over and claimed its term there first) deposes
+        this primary, and nothing it holds may leave (`_fence`). False if no candidate did.
+        """
+        unit = role.spec.name
+        for candidate in candidates:
+            if not self.links.ping(candidate, SURVEY_PING_S):
                 continue
             if role.runner is not None:
                 role.runner.stop(drain_seconds=0)
                 role.runner = None
-            with self.dp_client() as c, contextlib.suppress(DataPlaneError):
-                c.remove_probe(peer)
-            self._watching.pop(peer, None)
-            role.spares = [s for s in role.spares if s != spare]
+            lost = role.lost_standby
+            if lost is not None:
+                with self.dp_client() as c, contextlib.suppress(DataPlaneError):
+                    c.remove_probe(lost)
+                self._watching.pop(lost, None)
             try:
-                self.protect(role, spare, first=False)
-            except Exception as exc:
-                self.event("alarm", unit=unit, reason=f"re-protection on {spare} failed: {exc}")
+                self.protect(role, candidate, first=False)
+            except NackedError as exc:
+                if exc.nack.term > role.term:
+                    self._fence(
+                        role,
+                        exc.nack.term,
+                        f"{candidate} refused term {role.term}: {exc.nack.code}: {exc.nack.reason}",
+                    )
+                    return True
+                self.event("alarm", unit=unit, reason=f"re-protection on {candidate}: {exc}")
                 continue
-            self.event("reprotected", unit=unit, standby=spare, term=role.term)
+            except Exception as exc:
+                self.event("alarm", unit=unit, reason=f"re-protection on {candidate}: {exc}")
+                continue
+            role.spares = [s for s in role.spares if s != candidate]
+            role.lost_standby = None
+            self.event("reprotected", unit=unit, standby=candidate, term=role.term)
+            return True
+        return False
+
+    def _recheck(self) -> None:
+        """Retry the re-protection of every unit whose standby is lost and not replaced.
+
+        Its spares first, then the lost standby itself: whichever answers again after a
+        partition heals either takes the unit (if no one took it over) or answers with the
+        higher term that fences this primary.
+        """
+        for role in list(self.primaries.values()):
+            lost = role.lost_standby
+            if lost is None:
+                continue
+            self._reprotect(role, [s for s in role.spares if s != lost] + [lost])
+
+    # -- fencing (this primary was deposed) ----------------------------------------------
+
+    def _deposed(self, unit: str) -> None:
+        """A runner's epoch machine was fenced by a standby's reply with a higher term."""
+        role = self.primaries.get(unit)
+        if role is None or role.runner is None:
             return
-        self.event("alarm", unit=unit, reason="standby lost and no spare answers; stalled")
+        term: int | None = None
+        try:
+            role.runner.shipper.hello(unit, role.term, timeout=0.5)
+        except NackedError as exc:
+            term = exc.nack.term if exc.nack.term > role.term else None
+        except Exception:
+            log.warning("unit %s: could not learn the term that fenced it", unit)
+        self._fence(role, term, f"{role.standby} answered with a higher term")
+
+    def _fence(self, role: PrimaryRole, term: int | None, cause: str) -> None:
+        """This primary is deposed (a higher term exists): the unit's ``on_fenced`` policy.
+
+        "stop": stop the epoch loop; set the data plane's term to the new one, which drops
+        everything it holds for the unit and refuses the old term's commands from then on
+        (I3: nothing held may leave, because the new primary restores from a commit that does
+        not include it); stop the NF; remove the unit and its port from the data plane. The
+        event ``fenced`` carries the term and the data plane's last counters of the unit.
+        """
+        unit = role.spec.name
+        if role.runner is not None:
+            role.runner.stop(drain_seconds=0)
+            role.runner = None
+        counters: dict[str, Any] = {}
+        with self.dp_client() as dp:
+            try:
+                stats = dp.stats(unit).units.get(unit)
+                if stats is not None:
+                    counters = {
+                        "released_pkts": int(stats.released_pkts),
+                        "retired_pkts": int(stats.retired_pkts),
+                        "held_pkts": int(stats.buffered_pkts) - int(stats.releasable_pkts),
+                    }
+                    new_term = max(int(stats.term), role.term) + 1 if term is None else term
+                    discarded = dp.set_term(unit, new_term) if new_term > int(stats.term) else 0
+                    counters["discarded_pkts"] = discarded
+            except DataPlaneError:
+                # Removing the unit below drops whatever it still holds all the same.
+                log.exception("unit %s: fencing the data plane's unit failed", unit)
+        try:
+            role.nf.destroy()  # its state is worthless now: the new primary restored its own
+        except Exception:
+            log.exception("unit %s: stopping the deposed NF (pid %d) failed", unit, role.nf.pid)
+        with self.dp_client() as dp:
+            with contextlib.suppress(DataPlaneError):
+                dp.remove_unit(unit)
+            with contextlib.suppress(DataPlaneError):
+                dp.remove_port(role.names.nf_port)
+            for peer in {role.standby, role.lost_standby} - {None, ""}:
+                assert peer is not None
+                with contextlib.suppress(DataPlaneError):
+                    dp.remove_probe(peer)
+                self._watching.pop(peer, None)
+        del self.primaries[unit]
+        self.write_status()
+        self.event(
+            "fenced",
+            unit=unit,
+            term=term,
+            own_term=role.term,
+            cause=cause,
+            policy=role.on_fenced,
+            nf_pid=role.nf.pid,
+            **counters,
+        )
 
     # -- events --------------------------------------------------------------------------
 
@@ -769,7 +940,7 @@ class RemoteAgent:
                         "nf_pid": r.nf.pid,
                         "protection": r.protection,
                     }
-                    for u, r in self.primaries.items()
+                    for u, r in list(self.primaries.items())
                 }
                 for u, st in self.steps.items():
                     if u not in prim and st.unprotected:
@@ -827,6 +998,15 @@ class RemoteAgent:
                         )
                 for driver in self.drivers.values():
                     driver.tick()
+                while True:
+                    try:
+                        fenced = self._fenced.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._deposed(fenced)
+                if time.monotonic() >= self._recheck_at:
+                    self._recheck_at = time.monotonic() + RECHECK_S
+                    self._recheck()
 
     def stop(self) -> None:
         self._stop.set()
@@ -837,6 +1017,8 @@ class RemoteAgent:
                 role.runner.stop(drain_seconds=0)
         for d in self.drivers.values():
             d.close()
+        for steps in self.steps.values():
+            steps.close()
         if self.control is not None:
             self.control.close()
         if self.server is not None:
@@ -849,7 +1031,13 @@ class StandbySteps:
     """The failover steps on a standby host (`shim.remote_failover.RemoteSteps`)."""
 
     def __init__(
-        self, agent: RemoteAgent, spec: UnitSpec, names: UnitNames, spares: list[str]
+        self,
+        agent: RemoteAgent,
+        spec: UnitSpec,
+        names: UnitNames,
+        spares: list[str],
+        *,
+        claim_timeout_s: float = CLAIM_TIMEOUT_S,
     ) -> None:
         self.agent = agent
         self.spec = spec
@@ -857,6 +1045,12 @@ class StandbySteps:
         self.spares = spares
         self.unit = spec.name
         self.term_file = TermFile(agent.plan.work / "terms" / self.unit)
+        self.claim_timeout_s = claim_timeout_s
+        # One replication link per spare for the term claim, connected now: its CURVE
+        # handshake is not on the takeover's path.
+        self._claim_links = {
+            s: agent._shipper(s, tcp_maxrt_ms=CLAIM_MAXRT_MS) for s in dict.fromkeys(spares)
+        }
         self.restored: dict[int, Container] = {}
         # term -> the new primary's epoch machine, born standby-lost (output not committed)
         # until `reprotect` seeds the new standby.
@@ -865,8 +1059,57 @@ class StandbySteps:
     def confirm(self, peer: str, timeout_s: float) -> bool:
         return self.agent.links.ping(peer, timeout_s)
 
-    def raise_term(self, term: int) -> None:
+    def close(self) -> None:
+        for link in self._claim_links.values():
+            link.close()
+
+    def raise_term(self, term: int) -> tuple[fo.Claim, ...]:
+        """Write `term` durably, then claim it at every spare of the unit, in parallel.
+
+        The claim names the (term, epoch) of the image this node will restore, its store's
+        committed checkpoint: a spare grants it only if it holds nothing newer (`shim.standby`),
+        and then refuses the old primary's term from now on. The machine judges the answers
+        (`shim.failover.judge_claims`): a refusal or no grant at all and this node stands down.
+        The image restored later may be newer than the claim (the store can still commit), never
+        older, which is what the claim guarantees against.
+        """
         self.term_file.write(term)
+        if not self._claim_links:
+            self.agent.event("claims", unit=self.unit, term=term, image=None, claims=[])
+            return ()
+        server = self.agent.server
+        assert server is not None
+        cp = server.committed(self.unit)
+        if cp is None:
+            raise RuntimeError(f"the store of {self.unit} holds no committed checkpoint")
+        image = (cp.term, cp.epoch)
+        with concurrent.futures.ThreadPoolExecutor(len(self._claim_links)) as pool:
+            futures = [pool.submit(self._claim, s, term, image) for s in self._claim_links]
+            claims = tuple(f.result() for f in futures)
+        self.agent.event(
+            "claims",
+            unit=self.unit,
+            term=term,
+            image=list(image),
+            claims=[
+                {"spare": c.spare, "verdict": c.verdict.value, "detail": c.detail} for c in claims
+            ],
+        )
+        return claims
+
+    def _claim(self, spare: str, term: int, image: tuple[int, int]) -> fo.Claim:
+        link = self._claim_links[spare]
+        try:
+            link.hello(self.unit, term, claim=image, timeout=self.claim_timeout_s)
+        except NackedError as exc:
+            n = exc.nack
+            return fo.Claim(spare, fo.ClaimVerdict.REFUSED, f"{n.code}: {n.reason}", n.committed)
+        except TimeoutError:
+            why = f"no answer within {self.claim_timeout_s * 1000:g} ms"
+            return fo.Claim(spare, fo.ClaimVerdict.NO_ANSWER, why)
+        except Exception as exc:
+            return fo.Claim(spare, fo.ClaimVerdict.NO_ANSWER, f"{type(exc).__name__}: {exc}")
+        return fo.Claim(spare, fo.ClaimVerdict.GRANTED)
 
     def fence(self, term: int) -> tuple[int, int]:
         discarded = 0

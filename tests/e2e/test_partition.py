@@ -1,0 +1,253 @@
+"""Partitions on the three-host testbed (`hamgr.fabric`): both sides alive, a link cut.
+
+The sequencer runs on A (standby B, spare C) under a bounded UDP stream. `Fabric.partition`
+drops every frame between two hosts' links in the bridge and nothing else; `Fabric.heal` undoes
+it. What the sink saw must be one legal execution (I4): no duplicate, no gap in the NF's counter.
+
+- A|B: B takes over at term 2 after its term claim at C is granted, and re-protects onto C. A
+  gets no acks, so it releases nothing; its own re-protection onto C meets term 2 there and A is
+  fenced (held output discarded, NF stopped, unit removed from its data plane).
+- B isolated (A|B and B|C): B's claim reaches no spare, so B stands down and restores nothing;
+  A re-protects onto C. Once B reaches C again, an operator's failover request on B is refused
+  by C, which holds A's newer commit: B stands down again. A never notices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpdk_vhost.client import DataPlaneClient
+from dpdk_vhost.protocol import Stats
+from hamgr.bench.failover import finish_traffic, start_traffic
+from hamgr.fabric import Fabric
+from hamgr.trafgen import check_sequence, read_records
+
+pytestmark = [
+    pytest.mark.root,
+]
+
+PPS = 500
+
+
+def _dp_stats(fab: Fabric, letter: str) -> Stats:
+    with DataPlaneClient(str(fab.hosts[letter].work / "dataplane" / "dp.sock")) as dp:
+        return dp.stats()
+
+
+_CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0).close()
+except ConnectionRefusedError:
+    pass  # an answer all the same
+except OSError:
+    sys.exit(1)
+"""
+
+
+def _reaches(fab: Fabric, src: str, dst: str) -> bool:
+    """Whether host `src` reaches host `dst`'s management address (a TCP connect, 1 s)."""
+    h = fab.hosts[dst]
+    argv = [sys.executable, "-c", _CONNECT, h.mgmt_ip, h.control.rsplit(":", 1)[1]]
+    run = fab.in_ns(fab.hosts[src].ns, argv)
+    return subprocess.run(run, check=False, capture_output=True, timeout=20).returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        return "zombie (gone)"
+
+
+def test_partition_primary_standby_takes_over_old_primary_is_fenced(tmp_path: Path) -> None:
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        c = fab.hosts["C"].name
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(1.0)
+            a_nf = fab.hosts["A"].status()["nf_pids"]["seq0"]
+            cut_us = fab.partition("A", "B")
+            assert {(x, y) for x, y in fab.partitioned()} == {
+                (f"{fab.prefix}b{p}{s}", f"{fab.prefix}b{q}{t}")
+                for s, t in (("A", "B"), ("B", "A"))
+                for p in "dm"
+                for q in "dm"
+            }
+            rec = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
+            fenced = fab.wait_event("A", "fenced", timeout=30, after_us=cut_us)
+            protected = fab.wait_event("B", "protected", timeout=30, after_us=cut_us)
+            a_during = _dp_stats(fab, "A")
+            cut_off = (_reaches(fab, "B", "A"), _reaches(fab, "A", "B"))
+            around = (_reaches(fab, "A", "C"), _reaches(fab, "B", "C"))
+            heal_us = fab.heal("A", "B")
+            assert fab.partitioned() == set()
+            healed = _reaches(fab, "B", "A")
+            time.sleep(1.0)
+            a_after = _dp_stats(fab, "A")
+            status_a = fab.request("A", {"type": "status"})
+            status_b = fab.request("B", {"type": "status"})
+        finally:
+            finish_traffic(sink, sender)
+        records = read_records(out)
+        check = check_sequence(records)
+        claims = fab.hosts["B"].events("claims")
+        print(f"{check}; record {rec}; fenced {fenced}; claims {claims}")
+        # The partition cut A and B apart, and nothing else; the heal joined them again.
+        assert cut_off == (False, False)
+        assert around == (True, True)
+        assert healed
+        # B took over at term 2, once, after C granted the claim...
+        assert rec["status"] == "finished", rec
+        assert rec["term"] == 2
+        assert rec["claims"] == [f"{c}: granted"]
+        assert [e["status"] for e in fab.hosts["B"].events("failover")] == ["running", "finished"]
+        assert protected["standby"] == c
+        assert status_b["primary"]["seq0"]["protection"] == "protected"
+        assert status_b["primary"]["seq0"]["term"] == 2
+        # ...and A, whose re-protection met term 2 at C, is fenced: nothing it held went out.
+        assert fenced["term"] == 2
+        assert fenced["own_term"] == 1
+        assert c in fenced["cause"]
+        assert fenced["released_pkts"] == 0
+        assert fenced["nf_pid"] == a_nf
+        assert not _alive(a_nf), f"A's NF {a_nf} still runs: {_state(a_nf)}"
+        assert "seq0" not in a_during.units
+        assert "seq0" not in a_after.units
+        assert status_a["primary"] == {}
+        # A's data plane never put NF output on the wire: released at the standby, then fenced.
+        assert a_after.ports["fab"].xmit_pkts == 0
+        assert not fab.hosts["A"].events("reprotected")
+        # The sink: output before the cut, during the partition (B) and after the heal (B).
+        assert [r for r in records if r.recv_ns > protected["mono_us"] * 1000]
+        assert [r for r in records if r.recv_ns > heal_us * 1000], "no output after the heal"
+        assert check.duplicates == 0
+        assert check.gaps == 0
+        assert check.reordered == 0
+
+
+def test_isolated_standby_stands_down_and_a_newer_commit_refuses_its_claim(
+    tmp_path: Path,
+) -> None:
+    """The cut comes while the unit is idle (a first stream ended, every commit acked). With
+    output in flight, a cut between B's commit of an epoch and A's receipt of the ack leaves A
+    releasing in its recovery cut what B already sent (docs/failover.md, "Partitions", what is
+    left); that window is not what this test is about."""
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        c = fab.hosts["C"].name
+        first = tmp_path / "first"
+        first.mkdir()
+        sink, sender, out1 = start_traffic(fab, first, seconds=2.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+        finally:
+            finish_traffic(sink, sender)  # the sink leaves after 2 s without traffic
+        second = tmp_path / "second"
+        second.mkdir()
+        cut_us = fab.partition("B", "C")
+        fab.partition("A", "B")
+        sink, sender, out2 = start_traffic(fab, second, seconds=7.0, pps=PPS)
+        try:
+            isolated = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
+            moved = fab.wait_event("A", "reprotected", timeout=30, after_us=cut_us)
+            fab.wait_event("A", "protected", timeout=10, after_us=cut_us, standby=c)
+            # B reaches C again (A still cut off): C now holds A's commits, newer than B's.
+            healed_us = fab.heal("B", "C")
+            time.sleep(1.0)
+            reply = fab.request("B", {"type": "failover", "unit": "seq0", "term": 1})
+            assert reply["queued"] is True
+            refused = fab.wait_event("B", "failover_record", timeout=30, after_us=healed_us)
+            status_b = fab.request("B", {"type": "status"})
+            fab.heal("A", "B")
+            time.sleep(0.5)
+            status_a = fab.request("A", {"type": "status"})
+        finally:
+            finish_traffic(sink, sender)
+        # The NF numbers each flow (source address and port) on its own: one check per stream.
+        before, records = read_records(out1), read_records(out2)
+        check = check_sequence(records)
+        print(f"{check_sequence(before)}, {check}; isolated {isolated}; refused {refused}")
+        # Isolated: no grant, no takeover, nothing restored.
+        assert isolated["status"] == "aborted", isolated
+        assert isolated["term"] == 2
+        assert isolated["detail"].startswith("stand down: no spare granted the term claim")
+        assert isolated["new_pid"] is None
+        assert len(isolated["claims"]) == 1
+        assert isolated["claims"][0].startswith(f"{c}: no-answer")
+        # C committed A's epochs after the cut: B's claim against them is refused, naming them.
+        assert refused["status"] == "aborted", refused
+        assert refused["term"] == 3
+        assert refused["detail"].startswith(f"stand down: {c} holds a newer commit (term 1, epoch")
+        assert refused["detail"].endswith("from the old primary")
+        assert refused["new_pid"] is None
+        # B stayed A's standby in its own eyes and runs nothing; A stays primary at term 1.
+        assert fab.hosts["B"].status()["nf_pids"] == {}
+        assert status_b["standby"]["seq0"] == {"state": "watching", "term": 1}
+        assert status_b["primary"] == {}
+        assert moved["standby"] == c
+        assert status_a["primary"]["seq0"]["term"] == 1
+        assert status_a["primary"]["seq0"]["standby"] == c
+        assert status_a["primary"]["seq0"]["protection"] == "protected"
+        assert not fab.hosts["A"].events("fenced")
+        # Output went on through A, protected by C, before and after B|C healed.
+        first_check = check_sequence(before)
+        assert first_check.received > 0
+        assert (first_check.duplicates, first_check.gaps, first_check.reordered) == (0, 0, 0)
+        assert [r for r in records if r.recv_ns > healed_us * 1000], "no output after the heal"
+        assert check.duplicates == 0
+        assert check.gaps == 0
+        assert check.reordered == 0
+
+
+def test_a_takeover_of_a_live_primary_fences_it_through_its_own_engine(tmp_path: Path) -> None:
+    """No partition: an operator fails the unit over to B while A runs and reaches everyone. A
+    learns the higher term from B's promoted store, which refuses A's next ship; A's epoch
+    machine is fenced, and the agent stops the unit there (`Observed.on_fenced`)."""
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        c = fab.hosts["C"].name
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=6.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(1.0)
+            asked_us = time.monotonic_ns() // 1000
+            reply = fab.request("B", {"type": "failover", "unit": "seq0", "term": 1})
+            assert reply["queued"] is True
+            rec = fab.wait_event("B", "failover_record", timeout=30, after_us=asked_us)
+            fenced = fab.wait_event("A", "fenced", timeout=30, after_us=asked_us)
+            fab.wait_event("B", "protected", timeout=30, after_us=asked_us)
+            a_after = _dp_stats(fab, "A")
+        finally:
+            finish_traffic(sink, sender)
+        check = check_sequence(read_records(out))
+        print(f"{check}; record {rec}; fenced {fenced}")
+        assert rec["status"] == "finished", rec
+        assert rec["term"] == 2
+        assert rec["claims"] == [f"{c}: granted"]
+        assert fenced["term"] == 2
+        assert fenced["cause"] == f"{fab.hosts['B'].name} answered with a higher term"
+        assert fenced["released_pkts"] == 0
+        assert not _alive(fenced["nf_pid"])
+        assert "seq0" not in a_after.units
+        assert a_after.ports["fab"].xmit_pkts == 0
+        assert not fab.hosts["A"].events("standby_lost")
+        assert check.duplicates == 0
+        assert check.gaps == 0
+        assert check.reordered == 0
