@@ -526,11 +526,87 @@ def unprotect(unit: str, state_dir: Path, timeout: float, as_json: bool) -> None
         click.echo(json.dumps({"ok": True, **result}))
 
 
+@cli.command()
+@click.argument("unit")
+@click.option(
+    "--planned/--now",
+    default=True,
+    show_default=True,
+    help="--planned: a switchover with no input loss (a last checkpoint of the running copy, "
+    "committed, then restored). --now: stop the running copy and restore the last committed "
+    "checkpoint, as after a crash (its output since that commit is dropped).",
+)
+@click.option(
+    "--term",
+    type=click.IntRange(min=1),
+    help="The unit's term as you saw it (`hamgr status`); a request whose term is no longer "
+    "current is refused, so a retry cannot fail the unit over twice. Default: the current one.",
+)
+@click.option(
+    "--lossless",
+    is_flag=True,
+    help="Ask for input replay (lossless mode); refused by this agent.",
+)
+@click.option("--reason", help="Why, for the agent's log and events.")
+@_state_dir_option
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@_json_option
+def failover(  # noqa: PLR0917 - one parameter per click option
+    unit: str,
+    planned: bool,
+    term: int | None,
+    lossless: bool,
+    reason: str | None,
+    state_dir: Path,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Fail UNIT over to a restored copy on this host, and print the attempt's record.
+
+    Exits 0 when the failover finished; 1 when the agent refused it (unknown unit, a failover
+    already running, a stale --term, --lossless) or the attempt failed or was aborted (the
+    record says why; an aborted switchover leaves the running copy as it was).
+    """
+    result = _call(
+        state_dir.absolute(),
+        as_json,
+        lambda c: c.failover(
+            unit, planned=planned, term=term, lossless=lossless, reason=reason, timeout=timeout
+        ),
+        timeout=timeout,
+    )
+    ok = result.get("status") == "finished"
+    kind = "switchover" if result.get("planned") else "failover"
+    steps = ", ".join(f"{k} {v:g}" for k, v in (result.get("steps_ms") or {}).items())
+    _say(
+        f"{unit}: {kind} {result.get('status')} at term {result.get('term')} in "
+        f"{result.get('elapsed_ms')} ms (NF pid {result.get('old_pid')} -> "
+        f"{result.get('new_pid')}); steps ms: {steps or '-'}"
+    )
+    if not ok:
+        _say(f"{unit}: {result.get('detail')}")
+    if as_json:
+        click.echo(json.dumps({"ok": ok, **result}))
+    else:
+        click.echo(f"{unit} term {result.get('term')} pid {_cell(result.get('new_pid'))}")
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
 _PROTECTION_COLOURS = {"protected": "green", "stalled": "yellow", "unprotected": "red"}
 
 
 def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def _last_failover(record: Any) -> str:
+    """`finished t2 312ms` for a failover record (status, term, detection to resumed input)."""
+    if not isinstance(record, dict):
+        return "-"
+    took = record.get("outage_ms") or record.get("elapsed_ms")
+    return f"{record.get('status')} t{record.get('term')}" + (
+        f" {took:.0f}ms" if isinstance(took, int | float) else ""
+    )
 
 
 @cli.command()
@@ -556,6 +632,8 @@ def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
         "HELD_PKTS",
         "HELD_BYTES",
         "NF_PID",
+        "FAILOVERS",
+        "LAST_FAILOVER",
     )
     rows = [
         (
@@ -570,6 +648,8 @@ def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
             _cell(u.get("buffered_pkts")),
             _cell(u.get("buffered_bytes")),
             _cell(u.get("nf_pid")),
+            _cell(u.get("failovers")),
+            _last_failover(u.get("last_failover")) if u["role"] == "primary" else "-",
         )
         for u in data["units"]
     ]

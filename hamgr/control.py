@@ -19,6 +19,11 @@ status         unit?: unit name                                host, units: [uni
 protect        spec: unit spec (`UnitSpec.to_json`),           unit, role, term, protection
                source?: str (file name, for messages)
 unprotect      unit: unit name                                 unit, removed: bool
+failover       unit: unit name, planned?: bool (default true;  unit, status, term, old_term,
+               false: stop the copy, restore the last          old_pid, new_pid, elapsed_ms,
+               commit), term?: int (the term the operator      outage_ms, steps_ms, ... (the
+               saw; default the current), lossless?: bool,     attempt's record, whatever its
+               reason?: str                                    status)
 events         seconds: number in (0, 86400],                  a stream: ``event`` messages, then
                kinds?: [str] (all when absent)                 ``end`` with {events: count}
 shutdown       teardown?: bool (also stop units and the        stopping: true
@@ -62,6 +67,7 @@ __all__ = [
     "ControlServer",
     "ControlTimeoutError",
     "Events",
+    "Failover",
     "Ping",
     "Protect",
     "Reply",
@@ -169,6 +175,17 @@ class _Fields:
             raise self.fail(field, f"must be in ({low:g}, {high:g}], got {value}")
         return float(value)
 
+    def integer(self, field: str, *, low: int, high: int) -> int | None:
+        """An optional integer in [low, high]."""
+        value = self._get(field, False)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field, f"must be an integer, got {_describe(value)}")
+        if not low <= value <= high:
+            raise self.fail(field, f"must be in [{low}, {high}], got {value}")
+        return value
+
     def boolean(self, field: str, *, default: bool) -> bool:
         value = self._get(field, False)
         if value is None:
@@ -229,6 +246,15 @@ class Unprotect(Request):
 
 
 @attrs.frozen
+class Failover(Request):
+    unit: str = ""
+    planned: bool = True
+    term: int | None = None
+    lossless: bool = False
+    reason: str | None = None
+
+
+@attrs.frozen
 class Events(Request):
     seconds: float = 1.0
     kinds: tuple[str, ...] | None = None
@@ -259,6 +285,19 @@ def _unprotect(f: _Fields, rid: str) -> Request:
     return Unprotect(rid, unit)
 
 
+def _failover(f: _Fields, rid: str) -> Request:
+    unit = f.string("unit", pattern=_UNIT)
+    assert unit is not None
+    return Failover(
+        rid,
+        unit,
+        planned=f.boolean("planned", default=True),
+        term=f.integer("term", low=1, high=2**62),
+        lossless=f.boolean("lossless", default=False),
+        reason=f.string("reason", required=False, max_len=256),
+    )
+
+
 def _events(f: _Fields, rid: str) -> Request:
     seconds = f.number("seconds", low=0, high=MAX_EVENT_SECONDS)
     assert seconds is not None
@@ -274,6 +313,7 @@ REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "status": _status,
     "protect": _protect,
     "unprotect": _unprotect,
+    "failover": _failover,
     "events": _events,
     "shutdown": _shutdown,
 }
@@ -282,6 +322,7 @@ _REQUEST_NAMES: Final = {
     Status: "status",
     Protect: "protect",
     Unprotect: "unprotect",
+    Failover: "failover",
     Events: "events",
     Shutdown: "shutdown",
 }
@@ -803,6 +844,19 @@ class ControlClient:
 
     def unprotect(self, unit: str, *, timeout: float = 60.0) -> Mapping[str, Any]:
         return self.call(Unprotect(self.new_id(), unit), timeout=timeout)
+
+    def failover(
+        self,
+        unit: str,
+        *,
+        planned: bool = True,
+        term: int | None = None,
+        lossless: bool = False,
+        reason: str | None = None,
+        timeout: float = 120.0,
+    ) -> Mapping[str, Any]:
+        request = Failover(self.new_id(), unit, planned, term, lossless, reason)
+        return self.call(request, timeout=timeout)
 
     def events(
         self, seconds: float, kinds: tuple[str, ...] | None = None

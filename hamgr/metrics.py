@@ -8,7 +8,8 @@ Per unit (label ``unit``; ``role`` where a unit has a primary and a standby on o
   checkpoint (counted by the data plane too, so it survives agent restarts);
 - ``hamgr_buffered_packets``, ``hamgr_buffered_bytes``: output held for the unit right now;
 - ``hamgr_checkpoint_pause_seconds``: histogram of the pause of each cut (freeze to thaw);
-- ``hamgr_failover_seconds``: histogram of failovers (none happen in this agent yet);
+- ``hamgr_failover_seconds``: histogram of local failovers (their outage, as the failover
+  record measures it);
 - ``hamgr_term``: the unit's fencing term;
 - ``hamgr_protected``: 1 while the unit is protected, 0 when stalled or unprotected.
 

@@ -32,6 +32,40 @@ order, each timed against its deadline:
 - On failure the cleanup commands destroy the restored copy and keep the data plane fenced:
   the unit is down, never half-started, and nothing of the dead NF is ever released.
 
+**Operator requests** (`FailoverRequested`, `request`). Unplanned (``planned=False``): the
+running copy is stopped at the fence (SIGKILL, after the term is durable), then the sequence
+goes on as after a crash: the output it produced since the last commit is discarded, and the
+unit restarts from the last committed image. Planned (a switchover with no input loss), the
+`Quiesce` step before the term is raised:
+
+1. the engine is stepped until nothing is in flight (``PrimaryEngine.drain``): no cut, dump or
+   ship of its own is left to race the last cut;
+2. ``pause_ingress``: from here on inputs wait in the wire port's queue, for the restored copy;
+3. the NF gets a moment to read what was delivered to its sockets (CRIU drops UDP receive
+   queues), then it is frozen;
+4. the open epoch is closed (its output drained into the buffer), the frozen NF is dumped into
+   that epoch's image and shipped to the standby (a delta on the engine's own link), and on the
+   ack every closed epoch is released: the image covers every input the NF was given and every
+   output it made, and all of that output is out;
+5. the NF is killed (it is still frozen; nothing it did after the cut exists).
+
+The sequence then raises the term, fences (nothing is left to discard), restores that very
+image and resumes ingress: the inputs queued since step 2 reach the restored copy, in order.
+A quiesce that fails or passes its deadline aborts the switchover (`Unquiesce`): the NF is
+thawed and ingress resumed at the unchanged term, and if the last epoch was already closed in
+the data plane (behind the engine's back) a fresh engine takes the unit over from the next
+epoch, whose first release also lets the closed one out (releases are cumulative). An engine
+that failed while settling may be stuck in the middle of a cut: the next `step` raises that
+failure, so the owner recovers it as any failed step (the agent rebuilds it from the data
+plane's state, `hamgr.agent.primary.take_over`). A copy that is already dead by then is left
+alone, ingress stays paused, and the next step reports its exit: an unplanned failover restores
+the last committed image (which is the quiesced one if the ship was acked).
+
+**Owner hooks** (`FailoverHooks`): the driver tells its owner (the agent) of each report, of a
+restored copy before it gets any traffic (to record it durably), and of each container it
+destroyed, so the owner's records never name a container that no longer exists, nor miss one
+that does. The term is kept by a `TermStore` (a `TermFile` by default).
+
 Lossless mode (input replay) is not supported locally: it needs the cut sequence of the committed
 image and a local input log, which the engine does not keep (see docs/failover.md).
 """
@@ -43,6 +77,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import threading
 import time
 from collections import deque
@@ -59,11 +94,13 @@ from shim.engine import PrimaryEngine
 
 __all__ = [
     "EngineFactory",
+    "FailoverHooks",
     "FailoverRecord",
     "LocalDataPlane",
     "LocalFailover",
     "LocalFailoverError",
     "TermFile",
+    "TermStore",
     "nf_interfaces",
 ]
 
@@ -84,6 +121,7 @@ class LocalDataPlane(Protocol):
     def resume_ingress(self, unit: str, term: int | None = None) -> None: ...
     def close_epoch(self, unit: str, epoch: int, term: int | None = None) -> Any: ...
     def discard(self, unit: str, from_epoch: int, term: int | None = None) -> int: ...
+    def release(self, unit: str, epoch: int, term: int) -> int: ...
     def stats(self, unit: str | None = None) -> Any: ...
 
 
@@ -100,6 +138,14 @@ class EngineFactory(Protocol):
     def __call__(
         self, term: int, first_epoch: int, nf: Container, nf_rx_base: int
     ) -> PrimaryEngine: ...
+
+
+class TermStore(Protocol):
+    """Where the unit's term is kept durably. `write` must be on stable storage when it returns
+    and must refuse a term below the recorded one."""
+
+    def read(self) -> int | None: ...
+    def write(self, term: int) -> None: ...
 
 
 @attrs.frozen
@@ -142,7 +188,11 @@ class FailoverRecord:
 
     term: int
     old_pid: int
-    exited_us: int  # when the pidfd polled readable
+    exited_us: int  # when the pidfd polled readable, or the operator's request came
+    old_term: int = 0
+    planned: bool = False
+    cause: str = ""
+    quiesced_epoch: int | None = None  # planned: the epoch of the last cut of the old copy
     new_pid: int | None = None
     restored_epoch: int | None = None
     discarded_pkts: int = 0
@@ -152,11 +202,69 @@ class FailoverRecord:
     first_commit_us: int | None = None  # the new engine released its first epoch
     status: fo.Status = fo.Status.RUNNING
     detail: str = ""
+    elapsed_us: int = 0  # the machine's count, from the trigger to the final report
 
     @property
     def outage_us(self) -> int | None:
-        """From the death's detection to the restored NF receiving input again."""
+        """From the death's detection (or the request) to the restored NF receiving input."""
         return None if self.resumed_us is None else self.resumed_us - self.exited_us
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as plain JSON values (milliseconds), for events, replies and the agent's
+        history."""
+
+        def ms(us: int | None) -> float | None:
+            return None if us is None else round(us / 1000, 3)
+
+        return {
+            "term": self.term,
+            "old_term": self.old_term,
+            "planned": self.planned,
+            "cause": self.cause,
+            "status": self.status.value,
+            "detail": self.detail,
+            "old_pid": self.old_pid,
+            "new_pid": self.new_pid,
+            "restored_epoch": self.restored_epoch,
+            "quiesced_epoch": self.quiesced_epoch,
+            "discarded_pkts": self.discarded_pkts,
+            "elapsed_ms": ms(self.elapsed_us),
+            "outage_ms": ms(self.outage_us),
+            "steps_ms": {k: ms(v) for k, v in self.steps_us.items()},
+        }
+
+
+def _ignore(*_args: object) -> None:
+    return None
+
+
+@attrs.define
+class FailoverHooks:
+    """What the driver tells its owner, synchronously, on the driver's thread (`destroyed` also
+    on a reaper thread). A hook that raises fails the step it runs in (`restored`: the copy is
+    then destroyed, never left unrecorded)."""
+
+    # Every `fo.Report` (running, finished, error, aborted), with the record it concerns.
+    report: Callable[[fo.Report, FailoverRecord | None], None] = _ignore
+    # A restored copy exists (term, container); it has received nothing yet.
+    restored: Callable[[int, Container], None] = _ignore
+    # A container the driver held is gone: reaped, or destroyed by a failed attempt's cleanup.
+    destroyed: Callable[[Container], None] = _ignore
+    # A new engine protects the running copy (after a failover, or after an aborted quiesce).
+    protected: Callable[[int, Container, PrimaryEngine], None] = _ignore
+
+
+@attrs.define
+class _Quiescing:
+    """How far a quiesce got, so that `Unquiesce` undoes exactly that."""
+
+    paused: bool = False
+    frozen: bool = False
+    closed: int | None = None  # the epoch closed in the data plane behind the engine's back
+    nf_rx: int = 0  # the data plane's NF output count right after that close
+    released: bool = False
+    killed: bool = False
+    engine_error: Exception | None = None  # settling the engine failed: it may be mid-cut
 
 
 def nf_interfaces(pid: int) -> set[str]:
@@ -181,10 +289,11 @@ class LocalFailover:
         nf: Container,
         engine: PrimaryEngine,
         protect: EngineFactory,
-        term_file: TermFile,
+        term_file: TermStore,
         standby: str = "standby",
         config: fo.FailoverConfig | None = None,
         clock: Callable[[], int] = _now_us,
+        hooks: FailoverHooks | None = None,
     ) -> None:
         config = config or fo.FailoverConfig()
         if config.lossless:
@@ -195,8 +304,9 @@ class LocalFailover:
         term = engine.machine.term
         recorded = term_file.read()
         if recorded is not None and recorded > term:
+            where = getattr(term_file, "path", "the term store")
             raise LocalFailoverError(
-                f"unit {unit}: {term_file.path} records term {recorded}, the engine runs at "
+                f"unit {unit}: {where} records term {recorded}, the engine runs at "
                 f"{term}; an older incarnation must not be protected again"
             )
         if recorded != term:
@@ -212,18 +322,24 @@ class LocalFailover:
         )
         self.records: list[FailoverRecord] = []
         self.alarms: list[str] = []
+        self.hooks = hooks or FailoverHooks()
+        self.last_ignored: str | None = None
         self._base_name = _GENERATION.sub("", nf.name)
         self._protect = protect
         self._engine: PrimaryEngine | None = engine
         self._containers: dict[int, Container] = {nf.pid: nf}
         self._restored: dict[int, Container] = {}
         self._committed: Path | None = None
+        self._committed_epoch = -1
         self._reported: set[int] = set()
         self._reapers: list[threading.Thread] = []
         self._poller = self._watch(nf)
         self._record: FailoverRecord | None = None
         self._open_epoch = 0
         self._nf_rx_base = 0
+        self._quiescing: _Quiescing | None = None
+        # An engine step that failed inside a quiesce, re-raised by the next `step` (see there).
+        self._engine_error: Exception | None = None
         self._note_commit(engine)
 
     # -- public --------------------------------------------------------------------------
@@ -245,17 +361,59 @@ class LocalFailover:
         """Every container handle the driver still holds, for a caller's cleanup."""
         return [*self._containers.values(), *self._restored.values()]
 
+    @property
+    def in_progress(self) -> bool:
+        return self.machine.state in fo.IN_PROGRESS
+
+    def replace_engine(self, engine: PrimaryEngine) -> None:
+        """Protect the watched copy with `engine` from now on (the caller rebuilt it after a
+        failed step); the old one is never stepped again."""
+        if engine.machine.term != self.machine.term:
+            raise LocalFailoverError(
+                f"unit {self.unit}: the new engine runs at term {engine.machine.term}, the unit "
+                f"at {self.machine.term}"
+            )
+        self._engine = engine
+        self._note_commit(engine)
+
+    def request(
+        self, reason: str, *, planned: bool, term: int | None = None
+    ) -> FailoverRecord | str:
+        """An operator's failover, carried out before this returns.
+
+        `term` is the unit's term as the operator saw it (default: the current one), so a retried
+        request cannot fail the unit over twice. Returns the attempt's record, or why the machine
+        ignored the request (a failover in progress, a stale term).
+        """
+        before = len(self.records)
+        self.last_ignored = None
+        self.feed(
+            fo.FailoverRequested(reason, planned, self.machine.term if term is None else term)
+        )
+        if len(self.records) > before:
+            return self.records[before]
+        return (
+            self.last_ignored
+            or f"the request started no failover (state {self.machine.state.value})"
+        )
+
     def step(self, wait: float = 0.0002) -> None:
         """Step the engine once, then wait up to `wait` seconds for the NF's death.
 
         A death already visible is acted on before the engine steps again: a cut of a dead NF
-        only fails, and costs time the failover needs.
+        only fails, and costs time the failover needs. An engine error that ended a switchover
+        (while settling the engine) is raised here, once, for the caller's recovery.
         """
         nf = self.nf
         if nf.pid in self._reported:
             time.sleep(wait)
             self.feed(fo.Tick(self.clock()))
             return
+        if self._engine_error is not None and not nf.exited():
+            exc, self._engine_error = self._engine_error, None
+            raise LocalFailoverError(
+                f"unit {self.unit}: the epoch engine failed during an aborted switchover: {exc}"
+            ) from exc
         engine = self._engine
         died = nf.exited()
         if not died and engine is not None and self.machine.state is fo.State.WATCHING:
@@ -308,8 +466,11 @@ class LocalFailover:
 
     def _note_commit(self, engine: PrimaryEngine) -> None:
         committed = engine.last_committed
-        if committed is None:
+        if committed is None or committed < self._committed_epoch:
+            # Epochs only grow (the data plane numbers them across incarnations): an engine
+            # that has not caught up with a newer commit (a quiesce's last cut) changes nothing.
             return
+        self._committed_epoch = committed
         self._committed = engine.image_dir(committed)
         rec = self.records[-1] if self.records else None
         if rec is not None and rec.first_commit_us is None and rec.protected_us is not None:
@@ -332,8 +493,19 @@ class LocalFailover:
     def _run_step(self, command: fo.StepCommand) -> fo.Event:
         term = command.term
         match command:
+            case fo.Quiesce(timeout_us=timeout_us):
+                self._begin_record(term, planned=True)
+                if self._record is not None:
+                    self._record.planned = True
+                epoch = self._quiesce(timeout_us / 1e6)
+                if self._record is not None:
+                    self._record.quiesced_epoch = epoch
+                return fo.Quiesced(term, epoch)
             case fo.RaiseTerm():
-                self._begin_record(term)
+                self._begin_record(term, planned=False)
+                if self._engine is not None:
+                    self._note_commit(self._engine)
+                self._engine = None  # the replaced copy's engine is never stepped again
                 self.term_file.write(term)
                 return fo.TermRecorded(term)
             case fo.FenceDataPlane():
@@ -347,6 +519,7 @@ class LocalFailover:
                 self._restored[term] = restored
                 if self._record is not None:
                     self._record.new_pid = restored.pid
+                self.hooks.restored(term, restored)
                 return fo.Restored(term, restored.pid)
             case fo.AttachPorts():
                 self._check_ports(term)
@@ -360,20 +533,117 @@ class LocalFailover:
                 self._reprotect(term)
                 return fo.Reprotected(term, standby)
         raise LocalFailoverError(
-            f"unit {self.unit}: step {command.step.value} has no local meaning (a planned "
-            "switchover, an announcement, an input replay or a host survey)"
+            f"unit {self.unit}: step {command.step.value} has no local meaning (an "
+            "announcement, an input replay or a host survey)"
         )
 
-    def _begin_record(self, term: int) -> None:
+    def _begin_record(self, term: int, *, planned: bool) -> None:
+        if self._record is not None and self._record.term == term:
+            return  # begun by the attempt's report
         pid = self.machine.pid
         assert pid is not None
-        if self._engine is not None:
-            self._note_commit(self._engine)
-        self._engine = None  # the dead NF's engine is never stepped again
-        self._record = FailoverRecord(term=term, old_pid=pid, exited_us=self.clock())
+        self._record = FailoverRecord(
+            term=term,
+            old_pid=pid,
+            exited_us=self.clock(),
+            old_term=self.machine.term,
+            planned=planned,
+        )
         self.records.append(self._record)
 
+    def _quiesce(self, budget_s: float) -> int:
+        """The planned switchover's last cut (module doc); returns its epoch. The NF is dead
+        when this returns, and every output it made is released."""
+        deadline = time.monotonic() + budget_s
+        engine, nf, term = self._engine, self.nf, self.machine.term
+        if engine is None:
+            raise LocalFailoverError("no epoch engine protects the unit; nothing to quiesce")
+        if nf.exited():
+            raise LocalFailoverError(f"the NF (pid {nf.pid}) already exited")
+        q = self._quiescing = _Quiescing()
+        # Half the budget at most to settle, so the cut and its ship keep the rest.
+        try:
+            settled = engine.drain(timeout=budget_s / 2)
+        except Exception as exc:
+            q.engine_error = exc
+            raise
+        if not settled:
+            raise LocalFailoverError(
+                f"the epoch engine did not settle within {budget_s / 2:g} s (a cut or a ship "
+                "stayed in flight)"
+            )
+        self._note_commit(engine)
+        cut = int(self.dp.pause_ingress(self.unit, term).cut)
+        q.paused = True
+        drained = getattr(nf, "wait_rx_drained", None)
+        if drained is not None:
+            result = drained(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            if not result.drained:
+                raise LocalFailoverError(
+                    f"the NF left {result.pending_bytes} bytes unread in its sockets; a "
+                    "checkpoint now would lose those inputs"
+                )
+        nf.freeze()
+        q.frozen = True
+        epoch = int(self.dp.stats(self.unit).units[self.unit].epoch)
+        self.dp.close_epoch(self.unit, epoch, term)
+        q.closed = epoch
+        q.nf_rx = int(self.dp.stats(self.unit).units[self.unit].nf_rx)
+        dest = engine.image_dir(epoch)
+        shutil.rmtree(dest, ignore_errors=True)
+        nf.checkpoint(epoch, dest)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LocalFailoverError("no time left to ship the last checkpoint")
+        shipped = engine.shipper.ship_nowait(
+            self.unit, epoch, term, dest, meta={"cut_seq": cut, "quiesce": 1}, timeout=left
+        )
+        shipped.result(timeout=left + 1.0)
+        # Committed: the image is the unit's newest committed state from here on, whatever
+        # happens next (a failure below still restores it, and loses nothing).
+        self._committed, self._committed_epoch = dest, epoch
+        self.dp.release(self.unit, epoch, term)
+        q.released = True
+        nf.kill()
+        q.killed = True
+        return epoch
+
+    def _unquiesce(self, term: int) -> None:
+        """An aborted switchover: the watched copy runs on at `term` (module doc)."""
+        q, self._quiescing = self._quiescing, None
+        nf = self.nf
+        if q is None or nf.exited():
+            # Dead (killed at the end of the quiesce, or on its own): its exit is reported at
+            # the next step; ingress stays paused until a restored copy is attached.
+            log.warning(
+                "unit %s: switchover aborted with the NF gone; it will be restored", self.unit
+            )
+            return
+        if q.frozen:
+            with contextlib.suppress(Exception):
+                nf.thaw()
+        with contextlib.suppress(Exception):
+            self.dp.resume_ingress(self.unit, term)
+        if q.engine_error is not None:
+            # The engine failed while settling, possibly in the middle of a cut: the owner's
+            # recovery for a failed step (rebuild it from the data plane's state) applies.
+            self._engine_error = q.engine_error
+            return
+        if q.closed is None:
+            return  # the engine's view of the data plane still holds
+        engine = self._protect(term, q.closed + 1, nf, q.nf_rx)
+        old, self._engine = self._engine, engine
+        if old is not None:
+            self._note_commit(old)
+        self.hooks.protected(term, nf, engine)
+
     def _fence(self, term: int) -> fo.Event:
+        old = self.nf
+        if not old.exited():
+            # An operator's unplanned failover: the copy still runs and is stopped now that the
+            # new term is durable; what it produced since the last commit dies below.
+            log.info("unit %s: stopping the running copy (pid %d)", self.unit, old.pid)
+            old.kill()
         discarded = self.dp.set_term(self.unit, term)
         self.dp.pause_ingress(self.unit, term)
         # The dead NF's connections still hold the addresses its restored copy reconnects from;
@@ -423,6 +693,7 @@ class LocalFailover:
         self._engine = engine
         if self._record is not None:
             self._record.protected_us = self.clock()
+        self.hooks.protected(term, nf, engine)
 
     def _run_other(self, command: fo.Command) -> None:
         match command:
@@ -430,14 +701,20 @@ class LocalFailover:
                 old = self._containers.pop(pid, None)
                 if old is not None:
                     t = threading.Thread(
-                        target=self._destroy, args=(old,), name=f"reap-{pid}", daemon=True
+                        target=self._destroy,
+                        args=(old, self.hooks.destroyed),
+                        name=f"reap-{pid}",
+                        daemon=True,
                     )
                     t.start()
                     self._reapers.append(t)
             case fo.DestroyRestored(term=term):
                 restored = self._restored.pop(term, None)
                 if restored is not None:
-                    self._destroy(restored)
+                    self._destroy(restored, self.hooks.destroyed)
+            case fo.Unquiesce():
+                # The command names the aborted attempt's term; the copy runs on at its own.
+                self._unquiesce(self.machine.term)
             case fo.DetachPorts(term=term):
                 with contextlib.suppress(Exception):
                     self.dp.pause_ingress(self.unit, term)
@@ -449,18 +726,43 @@ class LocalFailover:
                 self.alarms.append(reason)
             case fo.Report(status=status, detail=detail):
                 log.info("unit %s: failover %s: %s", self.unit, status.value, detail)
-                if self._record is not None and status is not fo.Status.RUNNING:
-                    self._record.status = status
-                    self._record.detail = detail
+                if status is fo.Status.RUNNING:
+                    # The machine has entered the attempt's first step by now: QUIESCING for a
+                    # planned switchover.
+                    self._begin_record(
+                        command.term, planned=self.machine.state is fo.State.QUIESCING
+                    )
+                    if self._record is not None:
+                        self._record.cause = detail
+                rec = self._record
+                if rec is not None and status is not fo.Status.RUNNING:
+                    rec.status = status
+                    rec.detail = detail
+                    rec.elapsed_us = command.elapsed_us
                     self._record = None
+                if status is not fo.Status.RUNNING:
+                    self._quiescing = None
+                self._tell(command, rec)
             case fo.Ignored(event=event, reason=reason):
                 log.debug("unit %s: ignored %r: %s", self.unit, event, reason)
+                self.last_ignored = reason
             case _:
                 log.info("unit %s: %r has no local meaning", self.unit, command)
 
+    def _tell(self, report: fo.Report, rec: FailoverRecord | None) -> None:
+        try:
+            self.hooks.report(report, rec)
+        except Exception:
+            log.exception("unit %s: the report hook failed", self.unit)
+
     @staticmethod
-    def _destroy(c: Container) -> None:
+    def _destroy(c: Container, destroyed: Callable[[Container], None] = _ignore) -> None:
         try:
             c.destroy()
         except Exception as exc:
             log.warning("destroying container %s (pid %d) failed: %s", c.name, c.pid, exc)
+            return
+        try:
+            destroyed(c)
+        except Exception:
+            log.exception("the hook for destroyed container %s failed", c.name)

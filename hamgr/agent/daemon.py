@@ -8,7 +8,9 @@ Threads, and what each may block on:
   events at once from snapshots; hands protect and unprotect to the worker.
 - **hamgr-worker**: protect and unprotect, one at a time (container start, netns and data-plane
   setup take hundreds of milliseconds; one at a time also means no two operations race on a unit).
-- **unit-U**: one per primary unit, stepping its epoch engine (`hamgr.agent.primary`).
+- **unit-U**: one per primary unit, stepping its epoch engine and watching its NF's pidfd
+  (`hamgr.agent.local.LocalRunner`): an NF that dies is restored from the last committed local
+  image on this thread, and operator failovers (`hamgr failover`) are carried out here too.
 - the replication servers (one per standby unit) and clients (one per primary unit).
 
 systemd: READY=1 once every unit is re-adopted and the control socket listens; WATCHDOG=1 only
@@ -17,7 +19,7 @@ instead of shown `active` (the Masakari lesson). With ``KillMode=process`` a res
 data plane and the NFs running, and the new agent adopts them (`hamgr.agent.primary.take_over`).
 
 This milestone's limits: the standby of a unit is always this same agent (a local standby, in
-the same process: it covers an agent crash and NF-level rollback, not a host failure), and
+the same process: it covers an agent crash and an NF's death, not a host failure), and
 lossless mode is refused.
 """
 
@@ -41,14 +43,14 @@ import attrs
 
 from dpdk_vhost.client import DataPlaneClient
 from hamgr import control, keys
-from hamgr.agent import unitnet
+from hamgr.agent import local, unitnet
 from hamgr.agent.config import AgentConfig
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.events import EventBus
+from hamgr.agent.local import LocalRunner
 from hamgr.agent.primary import (
     Observed,
     TakeOver,
-    UnitRunner,
     counters,
     primary_config,
     take_over,
@@ -58,9 +60,11 @@ from hamgr.agent.state import StateDB, UnitRow
 from hamgr.metrics import AgentMetrics
 from hamgr.unitspec import SpecError, UnitSpec
 from shim import epoch as ep
+from shim import failover as fo
 from shim import netns
 from shim.container import Container, RuncBackend
 from shim.engine import PrimaryEngine
+from shim.local_failover import FailoverHooks, FailoverRecord
 from shim.replication import ReplicationClient, ReplicationServer
 from shim.store import Store
 
@@ -73,6 +77,8 @@ PERSIST_EVERY_S = 0.5
 CONTROL_STALL_S = 5.0
 # A unit's step includes its checkpoint (CRIU may take up to 30 s before it times out).
 UNIT_STALL_S = 45.0
+# A failover runs inside one step; its steps' deadlines add up to about 80 s at worst.
+FAILOVER_STALL_S = 120.0
 UNPROTECT_DRAIN_S = 5.0
 STOP_DRAIN_S = 2.0
 
@@ -113,9 +119,9 @@ class StandbyRole:
 class UnitRuntime:
     spec: UnitSpec
     names: unitnet.UnitNames
-    nf: Container | None = None
+    nf: Container | None = None  # the running incarnation (replaced by each failover)
     standby: StandbyRole | None = None
-    runner: UnitRunner | None = None
+    runner: LocalRunner | None = None
 
     def stop(self, drain_seconds: float) -> None:
         if self.runner is not None:
@@ -341,7 +347,8 @@ class Agent:
                 continue  # reported as an error in status; restarting the agent cannot fix it
             if not runner.alive():
                 return f"the epoch loop of {runner.unit} died"
-            if now - runner.last_step > UNIT_STALL_S:
+            limit = UNIT_STALL_S if runner.failing_over is None else FAILOVER_STALL_S
+            if now - runner.last_step > limit:
                 return (
                     f"the epoch loop of {runner.unit} is stuck for {now - runner.last_step:.0f} s"
                 )
@@ -392,19 +399,21 @@ class Agent:
                 if (role.unit, role.role) in seen or role.unit not in rows:
                     continue
                 row = rows[role.unit]
-                units.append(
-                    {
-                        "unit": role.unit,
-                        "role": role.role,
-                        "peer": role.peer,
-                        "term": role.term,
-                        "state": row.state,
-                        "protection": "stalled" if role.role == "primary" else None,
-                        "last_committed": role.last_committed,
-                        "commits_total": role.commits_total,
-                        "error": row.error,
-                    }
-                )
+                entry: dict[str, Any] = {
+                    "unit": role.unit,
+                    "role": role.role,
+                    "peer": role.peer,
+                    "term": role.term,
+                    "state": row.state,
+                    "protection": "stalled" if role.role == "primary" else None,
+                    "last_committed": role.last_committed,
+                    "commits_total": role.commits_total,
+                    "error": row.error,
+                }
+                if role.role == "primary":
+                    count, last = self.db.failover_summary(role.unit)
+                    entry.update(failovers=count, last_failover=last)
+                units.append(entry)
         units.sort(key=lambda u: (u["unit"], u["role"]))
         c = self.control
         return {
@@ -433,6 +442,8 @@ class Agent:
                 responder.result({**self._ping(), **snap})
             case control.Events(seconds=seconds, kinds=kinds):
                 self.bus.subscribe(responder, seconds, kinds)
+            case control.Failover():
+                self._failover(request, responder)
             case control.Protect() | control.Unprotect():
                 if self._stop.is_set():
                     responder.error("busy", "the agent is stopping")
@@ -556,7 +567,7 @@ class Agent:
             except BaseException:
                 engine_dp.close()
                 raise
-            rt.runner = self._run_primary(rt, engine, engine_dp, commits_base=0)
+            rt.runner = self._run_local(rt, engine, engine_dp, commits_base=0)
             self.db.set_unit_state(unit, "running")
         except Exception as exc:
             log.exception("protect %s failed at: %s", unit, step, extra={"unit": unit})
@@ -636,8 +647,10 @@ class Agent:
         term: int,
         first_epoch: int,
         closed_total: int,
+        nf: Container | None = None,
     ) -> PrimaryEngine:
-        assert rt.nf is not None
+        nf = nf or rt.nf
+        assert nf is not None
         unit = rt.spec.name
         machine = ep.PrimaryMachine(
             unit,
@@ -650,17 +663,18 @@ class Agent:
             unit,
             machine,
             dp,
-            rt.nf,
+            nf,
             shipper,
             image_root=self.images_root,
             nf_rx_base=closed_total,
         )
 
     def _take_over(
-        self, rt: UnitRuntime, dp: DataPlaneClient, term: int
+        self, rt: UnitRuntime, dp: DataPlaneClient, term: int, nf: Container | None = None
     ) -> tuple[PrimaryEngine, TakeOver]:
         """A fresh engine for a unit whose data plane already ran epochs (primary.take_over)."""
-        assert rt.nf is not None
+        nf = nf or rt.nf
+        assert nf is not None
         assert rt.standby is not None
         unit = rt.spec.name
         shipper = self._shipper(rt)
@@ -668,7 +682,7 @@ class Agent:
             committed = rt.standby.server.committed(unit)
             handover = take_over(
                 dp,
-                rt.nf,
+                nf,
                 shipper,
                 unit=unit,
                 term=term,
@@ -685,30 +699,158 @@ class Agent:
                 term=term,
                 first_epoch=handover.first_epoch,
                 closed_total=handover.closed_total,
+                nf=nf,
             )
         except BaseException:
             shipper.close()
             raise
         return engine, handover
 
-    def _run_primary(
+    def _run_local(
         self, rt: UnitRuntime, engine: PrimaryEngine, dp: DataPlaneClient, *, commits_base: int
-    ) -> UnitRunner:
+    ) -> LocalRunner:
+        """The unit's loop: its engine, stepped through local failover (hamgr.agent.local)."""
+        assert self.db is not None
         assert rt.nf is not None
-        term = engine.machine.term
-        runner = UnitRunner(
-            rt.spec.name,
-            engine,
-            dp,
-            rt.nf,
-            engine.shipper,  # type: ignore[arg-type]
-            commits_base=commits_base,
+        unit = rt.spec.name
+
+        def protect(term: int, first_epoch: int, nf: Container, nf_rx_base: int) -> PrimaryEngine:
+            # A fresh link that announces the term first: the standby then refuses late
+            # transfers of the replaced incarnation (I3).
+            shipper = self._shipper(rt)
+            try:
+                shipper.hello(unit, term, timeout=2.0)
+                nf.prepare_checkpoint()
+                return self._new_engine(
+                    rt,
+                    dp,
+                    shipper,
+                    term=term,
+                    first_epoch=first_epoch,
+                    closed_total=nf_rx_base,
+                    nf=nf,
+                )
+            except BaseException:
+                shipper.close()
+                raise
+
+        count, last = self.db.failover_summary(unit)
+        runner = LocalRunner(
+            unit,
+            dp=dp,
+            backend=self.backend,
+            nf=rt.nf,
+            engine=engine,
+            protect=protect,
+            term_store=local.DbTermStore(self.db, unit),
+            rebuild=lambda client, nf, term: self._take_over(rt, client, term, nf)[0],
             observed=self._observed(),
+            hooks=self._failover_hooks(rt),
             standby=self.host,
-            rebuild=lambda client: self._take_over(rt, client, term)[0],
+            commits_base=commits_base,
+            failovers=count,
+            last_failover=dict(last) if last is not None else None,
         )
         runner.start()
         return runner
+
+    def _failover_hooks(self, rt: UnitRuntime) -> FailoverHooks:
+        """What a unit's failover changes in the agent's records (on the unit's thread)."""
+        assert self.db is not None
+        db = self.db
+        unit = rt.spec.name
+
+        def restored(term: int, nf: Container) -> None:
+            # Before it gets traffic: an agent that dies from here on removes it, or adopts it.
+            local.record_container(db, unit, nf)
+
+        def destroyed(nf: Container) -> None:
+            db.remove_resource(unit, "container", nf.name)
+
+        def protected(term: int, nf: Container, engine: PrimaryEngine) -> None:
+            rt.nf = nf
+
+        def report(rep: fo.Report, rec: FailoverRecord | None) -> None:
+            status = local.STATUS_NAMES[rep.status]
+            data = {} if rec is None else rec.to_json()
+            data.update(status=status, term=rep.term, detail=rep.detail)
+            self.bus.publish("failover", unit=unit, **data)
+            if rep.status is fo.Status.RUNNING:
+                log.warning("failover started: %s", rep.detail, extra={"unit": unit})
+                return
+            db.add_failover(unit, rep.term, status, data)
+            if rep.status is fo.Status.FINISHED:
+                db.set_unit_state(unit, "running")
+                if self.metrics is not None and rec is not None and rec.outage_us is not None:
+                    self.metrics.failover.labels(unit).observe(rec.outage_us / 1e6)
+                log.info(
+                    "failover finished",
+                    extra={"unit": unit, "term": rep.term, "nf_pid": data.get("new_pid")},
+                )
+            elif rep.status is fo.Status.ERROR:
+                reason = f"failover to term {rep.term} failed, the unit is down: {rep.detail}"
+                db.set_unit_state(unit, "error", reason)
+                self.bus.publish("error", unit=unit, reason=reason)
+                log.error(reason, extra={"unit": unit})
+            else:
+                log.warning("failover aborted: %s", rep.detail, extra={"unit": unit})
+
+        return FailoverHooks(
+            report=report, restored=restored, destroyed=destroyed, protected=protected
+        )
+
+    def _failover(self, request: control.Failover, responder: control.Responder) -> None:
+        """An operator's failover (control thread: hands it to the unit's own thread)."""
+        assert self.db is not None
+        unit = request.unit
+        if self._stop.is_set():
+            responder.error("busy", "the agent is stopping")
+            return
+        if request.lossless:
+            responder.error(
+                "unsupported",
+                "failover.lossless: an unplanned failover without input loss needs the inputs "
+                "since the last commit replayed (lossless mode, I7), which this agent does not "
+                "do yet; a planned switchover (the default) already loses no input",
+            )
+            return
+        with self._units_lock:
+            rt = self.units.get(unit)
+        runner = rt.runner if rt is not None else None
+        if runner is None:
+            row = self.db.unit(unit)
+            if row is None:
+                responder.error("no_such_unit", f"no unit {unit} on {self.host}")
+            else:
+                responder.error(
+                    "failed",
+                    f"unit {unit} is {row.state} ({row.error or 'no reason recorded'}) and has "
+                    "no running copy to fail over; `hamgr unprotect` it",
+                )
+            return
+        if runner.failed or not runner.alive():
+            responder.error(
+                "failed",
+                f"unit {unit}: its loop stopped ({runner.error}); `hamgr unprotect` it",
+            )
+            return
+        running = runner.failing_over
+        if running is not None or runner.pending:
+            what = f"to term {running} is already running" if running else "is already requested"
+            responder.error(
+                "busy",
+                f"a failover of {unit} {what}; the unit fails over once at a time, so this "
+                "request is ignored",
+            )
+            return
+        kind = "planned switchover" if request.planned else "failover"
+        reason = request.reason or f"operator's {kind} ({responder.peer_key or 'local'})"
+        # The term the request is about is fixed now: a request that waits behind another one
+        # (or a retry) then names a replaced incarnation, and the machine ignores it.
+        term = request.term if request.term is not None else runner.term
+        runner.request_failover(
+            local.FailoverRequest(reason, request.planned, term, responder.result, responder.error)
+        )
 
     def _unprotect(self, request: control.Unprotect, responder: control.Responder) -> None:
         assert self.db is not None
@@ -730,15 +872,23 @@ class Agent:
         assert self.db is not None
         assert self.dp is not None
         self.db.set_unit_state(unit, "stopping")
+        handles: list[Container] = []
         if rt is not None:
+            runner = rt.runner
             rt.stop(drain_seconds=UNPROTECT_DRAIN_S)
+            # After the stop: a failover that was running has finished, its reaping too.
+            if runner is not None:
+                handles = runner.handles()
+            elif rt.nf is not None:
+                handles = [rt.nf]
+        # A unit that failed over has several containers recorded (the restored one, and a
+        # replaced one whose reaping had not finished): each goes with its own handle.
+        problems = local.destroy_containers(self.db, self.backend, unit, handles)
         dp: DataPlaneClient | None = None
         with contextlib.suppress(Exception):
             dp = self.dp.client()
         try:
-            problems = unitnet.teardown(
-                self.db, unit, dp=dp, backend=self.backend, nf=rt.nf if rt else None
-            )
+            problems += unitnet.teardown(self.db, unit, dp=dp, backend=self.backend)
         finally:
             if dp is not None:
                 dp.close()
@@ -771,7 +921,8 @@ class Agent:
                 log.error(
                     "unit %s could not be adopted: %s", row.name, msg, extra={"unit": row.name}
                 )
-                self.db.set_unit_state(row.name, "error", f"adoption failed: {msg}")
+                before = f" (it was in error before: {row.error})" if row.error else ""
+                self.db.set_unit_state(row.name, "error", f"adoption failed: {msg}{before}")
                 self.bus.publish("error", unit=row.name, reason=msg)
                 continue
             with self._units_lock:
@@ -784,18 +935,23 @@ class Agent:
         spec = UnitSpec.from_json(row.spec, source=f"state.db unit {row.name}")
         unit = spec.name
         rt = UnitRuntime(spec, unitnet.UnitNames(self.host, unit))
-        containers = self.db.resources(unit, "container")
-        if not containers:
+        newest = local.newest_container(self.db, unit)
+        if newest is None:
             raise RuntimeError("no container was recorded for it")
         role = self.db.role(unit, "primary")
         if role is None:
             raise RuntimeError("no primary role was recorded for it")
-        rt.nf = unitnet.adopt_container(self.backend, containers[0])
+        # Replaced incarnations whose reaping the dead agent did not finish.
+        for stale in local.stale_containers(self.db, unit):
+            log.info("unit %s: removing replaced container %s", unit, stale.name)
+            unitnet.destroy_container(self.backend, stale, None)
+            self.db.remove_resource(unit, "container", stale.name)
+        rt.nf = unitnet.adopt_container(self.backend, newest)
         rt.standby = self._start_standby(unit)
         dp = self.dp.client()
         try:
             engine, handover = self._take_over(rt, dp, role.term)
-            rt.runner = self._run_primary(rt, engine, dp, commits_base=role.commits_total)
+            rt.runner = self._run_local(rt, engine, dp, commits_base=role.commits_total)
         except BaseException:
             dp.close()
             rt.stop(drain_seconds=0)

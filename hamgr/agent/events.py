@@ -2,8 +2,9 @@
 
 Events are small JSON objects ``{"ts": unix seconds, "kind": KIND, ...}``. Kinds: ``agent_start``,
 ``agent_stop``, ``protect``, ``unprotect``, ``adopt``, ``rollback``, ``commit``, ``alarm``,
-``error``, ``auth_refused``, ``bad_request``. Subscribers are `hamgr.control` responders; each
-subscription ends after its `seconds` with an ``end`` message.
+``failover`` (status running, then finished, failed or aborted), ``error``, ``auth_refused``,
+``bad_request``. Subscribers are `hamgr.control` responders; each subscription ends after its
+`seconds` with an ``end`` message.
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ Schema (version 1)::
         PRIMARY KEY (unit, kind, name); kind: netns | veth | dp_port | dp_unit | standby |
         container, in the order they were made
     dataplane(id = 1, pid, start_ticks, ctl_path, file_prefix, log_path, started_at)
+    failovers(seq, unit, term, status, record JSON, at)
+        one row per failover attempt that ended (status: finished | failed | aborted); removed
+        with its unit. Added to version 1 as a new table: an older agent ignores it.
+
+A unit that failed over has the restored container (``<name>-t<term>``) recorded after the one
+it replaced; the replaced one is forgotten once it is reaped.
 
 Writes are transactions in WAL mode with synchronous=FULL: a row the agent acted on is on disk
 before the action is reported. One connection serves every thread, behind a lock.
@@ -37,6 +43,7 @@ import attrs
 __all__ = [
     "SCHEMA_VERSION",
     "DataPlaneRow",
+    "FailoverRow",
     "Resource",
     "RoleRow",
     "StateDB",
@@ -85,6 +92,14 @@ CREATE TABLE IF NOT EXISTS dataplane (
     log_path TEXT NOT NULL,
     started_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS failovers (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    unit TEXT NOT NULL REFERENCES units(name) ON DELETE CASCADE,
+    term INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL DEFAULT '{}',
+    at REAL NOT NULL
+);
 """
 
 
@@ -118,6 +133,15 @@ class Resource:
     kind: str
     name: str
     detail: Mapping[str, Any]
+
+
+@attrs.frozen
+class FailoverRow:
+    unit: str
+    term: int
+    status: str
+    record: Mapping[str, Any]
+    at: float
 
 
 @attrs.frozen
@@ -300,6 +324,35 @@ class StateDB:
             sql += " WHERE " + " AND ".join(where)
         rows = self._query(sql + " ORDER BY seq", tuple(args))
         return [Resource(u, k, n, json.loads(d)) for u, k, n, d in rows]
+
+    # --- failovers ---
+
+    def add_failover(
+        self, unit: str, term: int, status: str, record: Mapping[str, Any] | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO failovers(unit, term, status, record, at) VALUES (?, ?, ?, ?, ?)",
+                (unit, term, status, json.dumps(dict(record or {}), sort_keys=True), time.time()),
+            )
+
+    def failovers(self, unit: str) -> list[FailoverRow]:
+        """Oldest first."""
+        rows = self._query(
+            "SELECT unit, term, status, record, at FROM failovers WHERE unit = ? ORDER BY seq",
+            (unit,),
+        )
+        return [FailoverRow(u, t, st, json.loads(r), at) for u, t, st, r, at in rows]
+
+    def failover_summary(self, unit: str) -> tuple[int, Mapping[str, Any] | None]:
+        """How many failovers of `unit` finished, and the record of the last attempt."""
+        count = self._query(
+            "SELECT COUNT(*) FROM failovers WHERE unit = ? AND status = 'finished'", (unit,)
+        )[0][0]
+        last = self._query(
+            "SELECT record FROM failovers WHERE unit = ? ORDER BY seq DESC LIMIT 1", (unit,)
+        )
+        return int(count), (json.loads(last[0][0]) if last else None)
 
     # --- the data plane ---
 

@@ -196,7 +196,7 @@ def adopt_container(backend: RuncBackend, res: Resource) -> Container:
     )
 
 
-def _destroy_container(backend: RuncBackend, res: Resource, handle: Container | None) -> None:
+def destroy_container(backend: RuncBackend, res: Resource, handle: Container | None) -> None:
     if handle is None:
         try:
             handle = adopt_container(backend, res)
@@ -257,7 +257,7 @@ def _remove(
 ) -> None:
     match res.kind:
         case "container":
-            _destroy_container(backend, res, nf)
+            destroy_container(backend, res, nf)
         case "standby":
             shutil.rmtree(res.detail["root"], ignore_errors=True)
         case "images":

@@ -542,30 +542,3 @@ def test_a_stalled_data_plane_is_survived_in_process(agent: AgentHarness, tmp_pa
     assert p["nf_pid"] == result["nf_pid"]
     assert p["state"] == "running", p
     assert p["protection"] == "protected"
-
-
-def test_a_dead_nf_is_reported_and_the_agent_stays_healthy(
-    agent: AgentHarness, tmp_path: Path
-) -> None:
-    result = _protect(agent, tmp_path)
-    sender = UdpSender.open(agent.bed.cl, NF_PORT)
-    try:
-        sender.start_stream(interval=0.005, max_count=600, max_seconds=3.0)
-        _wait(lambda: (_role(_status(agent), "primary")["commits_total"] or 0) >= 2, 20, "commits")
-        os.kill(result["nf_pid"], signal.SIGKILL)
-        p = _wait(
-            lambda: (p := _role(_status(agent), "primary"))["state"] == "error" and p,
-            30,
-            "the unit to show the NF's death",
-        )
-    finally:
-        sender.close()
-    assert p["protection"] == "stalled"
-    assert "died" in (p["error"] or "")
-    alarms = [
-        json.loads(ln) for ln in agent.log().splitlines() if '"alarm: ' in ln and "died" in ln
-    ]
-    assert alarms
-    assert _status(agent)["pid"]  # still serving
-    agent.hamgr("unprotect", UNIT)
-    assert _status(agent)["units"] == []
