@@ -20,6 +20,9 @@ primary, and in a prepared netns on the standby whose veth stays out of the data
 takeover. All neighbours are static: an ARP reply of the NF would be held in an epoch buffer.
 The sink has its own address, so the NF's output and the client's input never share a MAC.
 
+With ``lossless=True`` the unit is protected in lossless mode (DESIGN.md I7): A mirrors its
+inputs on its data link, so the data links get an MTU 26 bytes above any input (1600).
+
 `kill_host` SIGKILLs every process of a host at once (agent and its children, data plane, NFs:
 the PIDs are in the agent's ``status.json``) and takes its two fabric links down. `partition`
 cuts two live hosts apart (every frame between their links is dropped in the bridge, by an
@@ -68,9 +71,14 @@ UNIT = "seq0"
 HOSTS = ("A", "B", "C")
 START_TIMEOUT_S = 60.0
 PARTITION_TABLE = "hamgr_partition"
+# A lossless unit's primary mirrors each input with a 26-byte header (docs/dataplane.md, "Input
+# mirror"): the data links carry frames that much longer than the largest input.
+LOSSLESS_DATA_MTU = 1600
 
 
-def sequencer_spec(unit: str = UNIT, *, epoch_ms: int = 50, image: str = "sequencer") -> str:
+def sequencer_spec(
+    unit: str = UNIT, *, epoch_ms: int = 50, image: str = "sequencer", lossless: bool = False
+) -> str:
     return f"""\
 name = "{unit}"
 
@@ -97,7 +105,7 @@ length_ms = {epoch_ms}
 [protection]
 max_inflight = 4
 memory_budget_mb = 64
-lossless = false
+lossless = {"true" if lossless else "false"}
 on_standby_loss = "stall"
 """
 
@@ -182,6 +190,9 @@ class Fabric(Testbed):
     # leftover of the previous run (a store under /dev/shm, a link) must never be reused.
     prefix: str = attrs.field(factory=lambda: f"f{os.getpid() % 1000}{next(_TESTBEDS) % 100}")
     epoch_ms: int = 50
+    # The unit in lossless mode (DESIGN.md I7): its inputs mirrored to the standby and replayed
+    # there after a takeover; the data links get LOSSLESS_DATA_MTU.
+    lossless: bool = False
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
     _partition_table: bool = False
@@ -233,6 +244,10 @@ class Fabric(Testbed):
         for h in self.hosts.values():
             self._port(f"{p}d{h.letter}", h.ns, f"{p}bd{h.letter}", None)
             self._port(f"{p}m{h.letter}", h.ns, f"{p}bm{h.letter}", None)
+            if self.lossless:
+                mtu = str(LOSSLESS_DATA_MTU)
+                _ip("-n", h.ns, "link", "set", f"{p}d{h.letter}", "mtu", mtu)
+                _ip("-n", self.br, "link", "set", f"{p}bd{h.letter}", "mtu", mtu)
             netns.add_address(f"{p}m{h.letter}", f"{h.mgmt_ip}/24", h.ns)
             _ip("-n", h.ns, "link", "set", "lo", "up")
 
@@ -254,7 +269,7 @@ class Fabric(Testbed):
             if o.letter != letter
         }
         a, b, c = (self.hosts[x].name for x in HOSTS)
-        spec = sequencer_spec(epoch_ms=self.epoch_ms)
+        spec = sequencer_spec(epoch_ms=self.epoch_ms, lossless=self.lossless)
         role = {
             "A": UnitPlan(spec, "primary", standby=b, spares=(c,)),
             "B": UnitPlan(spec, "standby", primary=a, spares=(c,)),
@@ -348,12 +363,14 @@ class Fabric(Testbed):
             roots.add(h.proc.pid)
         return _children(roots)
 
-    def kill_host(self, letter: str) -> int:
+    def kill_host(self, letter: str, pids: set[int] | None = None) -> int:
         """SIGKILL everything of the host at once, then take its fabric links down.
 
+        `pids`: the host's processes, from `host_pids` taken just before (its scan of /proc
+        takes milliseconds, which a kill timed to the unit's state cannot wait for).
         Returns the CLOCK_MONOTONIC time of the kill, in microseconds."""
         h = self.hosts[letter]
-        pids = self.host_pids(letter)
+        pids = self.host_pids(letter) if pids is None else pids
         h.killed_us = time.monotonic_ns() // 1000
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

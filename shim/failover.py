@@ -72,9 +72,13 @@ driver, or a `Tick` past the deadline), ends the attempt in FAILED with `Alarm` 
 `Report(ERROR)`, after commanding the cleanup of whatever was half-started, in this order:
 `DetachPorts` (stop its traffic), `DestroyRestored`, `DiscardOutput` (its held output). The term
 stays raised and the data plane fenced: the old copy's output must stay dead. Never a half-started
-unit. Two exceptions: a failed quiesce aborts (above), and a failed survey or re-protection
+unit. Three exceptions: a failed quiesce aborts (above); a failed survey or re-protection
 leaves the restored unit running unprotected (`Alarm`, `Report(FINISHED)` with the reason):
-destroying a serving unit because no standby is free would turn a degraded state into an outage.
+destroying a serving unit because no standby is free would turn a degraded state into an outage;
+and with `FailoverConfig.replay_failure = ReplayFailure.RESUME` a failed or timed-out replay
+(an incomplete input log: a gap, an overflow, a trim past the cut) commands an `Alarm` naming
+the image's cut, after which the inputs were lost, and the attempt goes on to `Resume` without
+them (the final report says so). The default, `FAIL`, treats it like any other step.
 
 How this fits with `shim.epoch.PrimaryMachine` (the old primary's side). This machine never
 talks to the old primary: fencing is by term. The old primary learns of the new term from its
@@ -143,6 +147,7 @@ __all__ = [
     "Quiesced",
     "RaiseTerm",
     "Reap",
+    "ReplayFailure",
     "ReplayInputs",
     "Report",
     "Reprotect",
@@ -543,11 +548,26 @@ class StepTimeouts:
         return value
 
 
+class ReplayFailure(enum.Enum):
+    """What a lossless failover does when its replay step fails or times out.
+
+    The restored copy is consistent either way: it holds the committed image plus, at most, a
+    prefix of the inputs that followed its cut, in order, and none of its output has left. What
+    is lost is inputs, exactly as without lossless mode (Remus).
+    """
+
+    # The attempt fails like any other step: cleanup, FAILED, the unit is down.
+    FAIL = "fail"
+    # Alarm naming the inputs lost, then Resume without them: the unit is up, lossy this once.
+    RESUME = "resume"
+
+
 @attrs.frozen
 class FailoverConfig:
     detection: DetectionPolicy = attrs.field(factory=DetectionPolicy)
     timeouts: StepTimeouts = attrs.field(factory=StepTimeouts)
     lossless: bool = False
+    replay_failure: ReplayFailure = ReplayFailure.FAIL
     # Memory a new standby needs, for placement.
     standby_mem_bytes: int = 0
 
@@ -670,6 +690,7 @@ class _Attempt:
     attached: bool = False
     fed: bool = False  # replay or resume began: the restored copy may have produced output
     standby: str | None = None
+    replay_failed: str | None = None  # why the lossless replay was given up (ReplayFailure.RESUME)
 
 
 @attrs.define
@@ -1009,6 +1030,10 @@ class FailoverMachine:
             self._late(event, term, out)
             return
         a = self._attempt
+        if isinstance(event, InputsReplayed) and a.replay_failed is not None:
+            # The replay step was given up (it timed out) and the attempt went on without it.
+            out.append(Ignored(event, f"the replay at term {term} was already given up"))
+            return
         if type(event) not in TRANSITIONS[self._state]:
             expected = ", ".join(k.__name__ for k in TRANSITIONS[self._state])
             raise ProtocolError(
@@ -1077,6 +1102,9 @@ class FailoverMachine:
         if self._state in (State.SURVEYING, State.REPROTECTING):
             self._complete(a, cause, out)
             return
+        if self._state is State.REPLAYING and self.config.replay_failure is ReplayFailure.RESUME:
+            self._give_up_replay(a, cause, out)
+            return
         cleanup = self.config.timeouts.cleanup_us
         if a.attached or a.fed:
             out.append(DetachPorts(a.term, cleanup))
@@ -1093,6 +1121,24 @@ class FailoverMachine:
         self._failure = cause
         self._attempt = None
         self._state = State.FAILED
+
+    def _give_up_replay(self, a: _Attempt, cause: str, out: list[Command]) -> None:
+        """ReplayFailure.RESUME: the unit resumes without the inputs the replay did not deliver.
+
+        Nothing released can be taken back and the restored copy saw a prefix of its inputs in
+        order, so I4 holds; what is lost is inputs, as without lossless mode. An operator would
+        rather have the unit up with this alarm than down.
+        """
+        assert a.image is not None
+        a.replay_failed = cause
+        out.append(
+            Alarm(
+                f"unit {self.unit}: lossless replay at term {a.term} failed ({cause}); the "
+                f"inputs after seq {a.image.cut_seq} of the image (epoch {a.image.epoch}) that it "
+                "did not deliver are lost, and the unit resumes without them"
+            )
+        )
+        self._next(a, out)
 
     def _stand_down(self, a: _Attempt, reason: str, out: list[Command]) -> None:
         """The claim was refused: no takeover. Nothing but the term was touched, and the term
@@ -1119,6 +1165,8 @@ class FailoverMachine:
         self._attempt = None
         self._state = State.WATCHING
         detail = f"restored from epoch {a.image.epoch if a.image else '?'} as pid {a.restored_pid}"
+        if a.replay_failed is not None:
+            detail += f"; inputs lost: the lossless replay failed ({a.replay_failed})"
         if unprotected is not None:
             out.append(Alarm(f"unit {self.unit}: runs unprotected at term {a.term}: {unprotected}"))
             detail += f"; unprotected: {unprotected}"

@@ -21,7 +21,14 @@ bounded by the step's `timeout_us`:
   ingress paused and without output commit: no standby holds an image of the unit until
   `Reprotect` has seeded the new one (docs/failover.md, "Unprotected window").
   `Announce`: a gratuitous ARP with the NF's MAC as source leaves this host's data link, so
-  the fabric learns where the NF lives now. `Resume`: ingress flows, and output leaves at once.
+  the fabric learns where the NF lives now.
+- `ReplayInputs` (lossless mode, I7): the inputs the old primary mirrored here after the
+  image's cut are delivered from this data plane's input log to the restored unit, still
+  paused, in order (``replay_input_log``); answered with how many. A replay that fails (the
+  log lacks an input after the cut: a gap, an overflow, a trim) fails the step with the data
+  plane's message, and the machine's `replay_failure` decides: resume without those inputs,
+  with an alarm, or fail the attempt.
+- `Resume`: ingress flows, and output leaves at once; the input log is removed.
 - `SurveyHosts` / `Reprotect`: output commit goes back on and a new epoch engine ships a full
   image to the chosen standby; its first ack makes the unit protected again.
 
@@ -79,6 +86,10 @@ class RemoteSteps(Protocol):
 
     def attach(self, term: int) -> None: ...
     def announce(self, term: int) -> None: ...
+    def replay(self, term: int, after_seq: int) -> int:
+        """Deliver the logged inputs after `after_seq` to the paused unit; returns how many."""
+        ...
+
     def resume(self, term: int) -> None: ...
     def survey(self, term: int) -> tuple[HostFacts, ...]: ...
     def reprotect(self, term: int, standby: str) -> None: ...
@@ -101,6 +112,10 @@ class RemoteRecord:
     new_pid: int | None = None
     # The spares' answers to the term claim, "<spare>: <verdict>[: detail]".
     claims: list[str] = attrs.Factory(list)
+    # Lossless mode: the inputs the replay delivered (None: no replay step), and why it was
+    # given up when it failed (the inputs after cut_seq it did not deliver are lost).
+    replayed: int | None = None
+    replay_failed: str = ""
     steps_us: dict[str, int] = attrs.Factory(dict)
     resumed_us: int | None = None
     finished_us: int | None = None
@@ -271,6 +286,12 @@ class RemoteFailover:
                     ]
                 case fo.ImageLocated(epoch=epoch, cut_seq=cut_seq):
                     rec.image_epoch, rec.cut_seq = epoch, cut_seq
+                case fo.InputsReplayed(count=count):
+                    rec.replayed = count
+                case fo.StepFailed(step=fo.Step.REPLAY, reason=reason):
+                    rec.replay_failed = reason
+                case fo.StepTimedOut(step=fo.Step.REPLAY):
+                    rec.replay_failed = "timed out"
                 case fo.Restored(pid=pid):
                     rec.new_pid = pid
                 case fo.Resumed():
@@ -300,6 +321,8 @@ class RemoteFailover:
             case fo.Announce():
                 s.announce(term)
                 return fo.Announced(term)
+            case fo.ReplayInputs(after_seq=after_seq):
+                return fo.InputsReplayed(term, s.replay(term, after_seq))
             case fo.Resume():
                 s.resume(term)
                 return fo.Resumed(term)
@@ -310,5 +333,5 @@ class RemoteFailover:
                 return fo.Reprotected(term, standby)
         raise NotImplementedError(
             f"unit {self.unit}: step {command.step.value} is not supported remotely yet "
-            "(planned switchover or lossless replay)"
+            "(planned switchover)"
         )

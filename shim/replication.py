@@ -456,6 +456,11 @@ def _machine_for(unit: str, store: Store) -> sm.StandbyMachine:
 # Sends one held-output file (`dpdk_vhost.heldout` format) from this host's data plane, in full,
 # or raises.
 Emit = Callable[[str, Path], None]
+# Told (unit, term) once a higher term from a primary is recorded durably, before the reply that
+# follows it (not on a promotion, which this host's own agent makes).
+OnTerm = Callable[[str, int], None]
+# Told (unit, checkpoint) after a commit, once its ack is sent (`Receiver.collect`).
+OnCommit = Callable[[str, Checkpoint], None]
 
 
 class ReleaseError(Exception):
@@ -501,11 +506,25 @@ class Receiver:
     of this unit's standby: the store recovers, a new machine is built from what it holds durably,
     and the message is nacked (store_error or internal). Not thread-safe; `ReplicationServer`
     serializes calls.
+
+    Two notifications for the host's agent, which decide nothing here and whose failures are
+    logged, never nacked: `on_term(unit, term)` when a higher term is recorded, and
+    `on_commit(unit, checkpoint)` after a commit, off the ack's path (lossless mode keeps the
+    standby's input log for the term, trimmed to the committed cut: hamgr.agent.lossless).
     """
 
-    def __init__(self, stores: Mapping[str, Store], *, emit: Emit | None = None) -> None:
+    def __init__(
+        self,
+        stores: Mapping[str, Store],
+        *,
+        emit: Emit | None = None,
+        on_term: OnTerm | None = None,
+        on_commit: OnCommit | None = None,
+    ) -> None:
         self._stores = dict(stores)
         self._emit = emit
+        self._on_term = on_term
+        self._on_commit = on_commit
         self._machines = {unit: _machine_for(unit, s) for unit, s in self._stores.items()}
         self._committed: set[str] = set()
 
@@ -533,9 +552,18 @@ class Receiver:
         return self._stores[unit].committed()
 
     def collect(self) -> None:
-        """Delete superseded checkpoints; call it once the acks are sent, off the ack's path."""
+        """Tell `on_commit` of each new commit and delete superseded checkpoints; call it once
+        the acks are sent, off the ack's path."""
         while self._committed:
-            self._stores[self._committed.pop()].collect()
+            unit = self._committed.pop()
+            store = self._stores[unit]
+            committed = store.committed()
+            if self._on_commit is not None and committed is not None:
+                try:
+                    self._on_commit(unit, committed)
+                except Exception:
+                    log.exception("replication: on_commit of %s failed", unit)
+            store.collect()
 
     def receive(self, frames: Sequence[bytes]) -> list[list[bytes]]:
         """Frames in, reply frames out. Never raises."""
@@ -606,6 +634,11 @@ class Receiver:
                         store.promote(term)
                     else:
                         store.observe_term(term)
+                        if self._on_term is not None:
+                            try:
+                                self._on_term(unit, term)
+                            except Exception:
+                                log.exception("replication: on_term of %s failed", unit)
                 case sm.StartAssembly(epoch=epoch, term=term, manifest=manifest, meta=meta):
                     store.begin(epoch, term, manifest, meta)
                 case sm.StoreChunk(epoch=epoch, term=term, batch=batch):
@@ -716,11 +749,13 @@ class ReplicationServer:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         poll_ms: int = 50,
         emit: Emit | None = None,
+        on_term: OnTerm | None = None,
+        on_commit: OnCommit | None = None,
     ) -> None:
         if allowed_clients is not None and secret_key is None:
             raise ValueError("allowed_clients needs CURVE (a secret_key)")
         self._endpoint = endpoint
-        self._receiver = Receiver(stores, emit=emit)
+        self._receiver = Receiver(stores, emit=emit, on_term=on_term, on_commit=on_commit)
         self._secret_key = secret_key
         self._allowed = (
             None if allowed_clients is None else frozenset(map(_binary_key, allowed_clients))

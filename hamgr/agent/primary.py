@@ -161,8 +161,15 @@ def take_over(
         return TakeOver(stats.epoch, int(stats.nf_rx) - _held(stats), released, None)
     # Held epochs no checkpoint covers: commit them with one recovery cut.
     epoch = stats.epoch
-    dp.pause_ingress(unit, term)
+    # The cut goes with the image, as the engine's do: a lossless standby trims its input log
+    # to it and replays after it.
+    cut_seq = int(dp.pause_ingress(unit, term).cut)
     try:
+        # CRIU drops UDP receive queues: let the NF read what it was given before the freeze.
+        try:
+            nf.wait_rx_drained(timeout=0.02)
+        except Exception as exc:  # a dead NF fails the freeze below, with its own error
+            log.warning("unit %s: could not check the NF's receive queues: %s", unit, exc)
         nf.freeze()
         try:
             dp.close_epoch(unit, epoch, term)
@@ -176,7 +183,13 @@ def take_over(
     finally:
         dp.resume_ingress(unit, term)
     shipper.ship(
-        unit, epoch, term, dest, full=True, meta={"recovery": 1}, timeout=RECOVERY_SHIP_TIMEOUT_S
+        unit,
+        epoch,
+        term,
+        dest,
+        full=True,
+        meta={"recovery": 1, "cut_seq": cut_seq},
+        timeout=RECOVERY_SHIP_TIMEOUT_S,
     )
     dp.release(unit, epoch, term)
     log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})

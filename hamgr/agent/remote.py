@@ -31,6 +31,16 @@ Standbys and spares send the held output of each checkpoint they commit on the d
 (``xmit``, with the link's own source MAC, so the bridge does not learn the NF's MAC at a host
 that does not run it).
 
+**Lossless units** (``protection.lossless = true``, DESIGN.md I7; `hamgr.agent.lossless`): the
+primary mirrors every input of the unit to the data link with the tag of (unit, its term), set
+before its engine's first cut. A standby or spare keeps an input log of that tag on its data
+link: made when the store records the term (the primary's hello, or a new primary's term claim),
+trimmed at each commit to the checkpoint's ``cut_seq``. A takeover replays the log after the
+restored image's cut into the unit, still paused, before the resume; a replay that fails leaves
+the unit resumed without those inputs, with an alarm naming them (`fo.ReplayFailure.RESUME`).
+The log is removed once the unit resumed. The re-protected unit mirrors at the new term, and
+its new standby logs that.
+
 Every host answers ``ping`` on its control endpoint (a zmq ROUTER on the management IP, CURVE);
 that ping is the `Confirm` check of a suspect peer. ``failover`` requests (an operator's
 `FailoverRequested`) and ``status`` go to the same endpoint.
@@ -64,6 +74,7 @@ import zmq
 from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import PeerDown, PeerUp
 from hamgr.agent.dataplane import OwnedDataPlane
+from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames
 from hamgr.unitspec import UnitSpec, loads
@@ -78,7 +89,7 @@ from shim.engine import PrimaryEngine
 from shim.local_failover import TermFile
 from shim.remote_failover import RemoteFailover
 from shim.replication import NackedError, ReplicationClient, ReplicationServer
-from shim.store import Store
+from shim.store import Checkpoint, Store
 
 __all__ = ["HostPlan", "PeerPlan", "PlanError", "RemoteAgent", "UnitPlan", "ping", "request"]
 
@@ -335,7 +346,11 @@ def attach_unit(
     paused: bool,
     mode: str = "ha",
 ) -> None:
-    """The NF port joins the data plane and the unit is added (wire = egress = the data link)."""
+    """The NF port joins the data plane and the unit is added (wire = egress = the data link).
+
+    `paused`: the unit is born with ingress paused, so that no input reaches the NF before a
+    lossless replay (which must come first, in order) or the resume.
+    """
     if names.nf_port not in dp.stats().ports:
         dp.add_af_packet_port(names.nf_port, names.host_veth)
     dp.add_unit(
@@ -348,9 +363,8 @@ def attach_unit(
         budget_bytes=spec.protection.memory_budget_bytes,
         term=term,
         epoch=1,
+        paused=True if paused else None,
     )
-    if paused:
-        dp.pause_ingress(spec.name, term)
 
 
 def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
@@ -475,6 +489,9 @@ class RemoteAgent:
         self.steps: dict[str, StandbySteps] = {}
         self.requests: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.links = PeerLinks(plan.peers, self.public, self.secret)
+        # Lossless units this host keeps a store for (standby or spare), and their input logs.
+        self.lossless: set[str] = set()
+        self.inputs = InputLogs(self.dp_client, FABRIC_PORT)
         self.control: ControlEndpoint | None = None
         self._stop = threading.Event()
         self._watching: dict[str, str] = {}  # peer -> unit whose standby it is (primary side)
@@ -522,6 +539,17 @@ class RemoteAgent:
             sent = dp.xmit(FABRIC_PORT, str(path))
         log.debug("unit %s: released %d frames of epoch %d", unit, sent.sent, sent.epoch)
 
+    def _on_term(self, unit: str, term: int) -> None:
+        """The store recorded a higher term: a lossless unit's log now takes that term's mirror
+        (the replication server's thread, before its reply, so it exists before the mirror)."""
+        if unit in self.lossless and self.inputs.ensure(unit, term):
+            self.event("input_log", unit=unit, term=term, tag=mirror_tag(unit, term))
+
+    def _on_commit(self, unit: str, checkpoint: Checkpoint) -> None:
+        """A commit: the log keeps only the inputs after the checkpoint's cut."""
+        if unit in self.lossless:
+            self.inputs.trim(unit, checkpoint)
+
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -535,6 +563,8 @@ class RemoteAgent:
             if u.role in ("standby", "spare"):
                 spec = loads(u.spec)
                 stores[spec.name] = Store(plan.runtime / "standby" / spec.name)
+                if spec.protection.lossless:
+                    self.lossless.add(spec.name)
         if stores:
             self.stores = stores
             self.server = ReplicationServer(
@@ -543,6 +573,8 @@ class RemoteAgent:
                 secret_key=self.secret,
                 allowed_clients=[p.public_key.encode() for p in plan.peers.values()],
                 emit=self._emit_output,
+                on_term=self._on_term,
+                on_commit=self._on_commit,
             )
             self.server.start()
         self.control = ControlEndpoint(
@@ -570,12 +602,21 @@ class RemoteAgent:
                 miss=self.plan.probe_miss,
                 term=1,
             )
+        lossless = spec.protection.lossless
+        if lossless:
+            # The primary's hello records its term here too; a restarted standby whose store
+            # already holds it gets no new one.
+            self._on_term(spec.name, max(1, self.stores[spec.name].term))
         config = fo.FailoverConfig(
             detection=DetectionPolicy(
                 interval_us=self.plan.probe_interval_us,
                 misses=self.plan.probe_miss,
                 confirm_window_us=self.plan.confirm_window_us,
-            )
+            ),
+            lossless=lossless,
+            # A log that cannot replay (a gap, an overflow, a trim past the cut) costs the
+            # inputs after the cut, as without lossless mode; the unit had better be up.
+            replay_failure=fo.ReplayFailure.RESUME,
         )
         claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
         steps = StandbySteps(self, spec, names, list(u.spares), claim_timeout_s=claim_s)
@@ -638,6 +679,12 @@ class RemoteAgent:
         shipper = self._shipper(standby, tcp_maxrt_ms=SHIP_MAXRT_MS)
         try:
             shipper.hello(unit, term, timeout=5.0)
+            if role.spec.protection.lossless:
+                # After the hello (the standby's log for this term exists) and before the first
+                # cut: every input after any cut this standby commits is mirrored to it.
+                tag = mirror_tag(unit, term)
+                dp.set_mirror(unit, FABRIC_PORT, tag=tag)
+                self.event("mirror", unit=unit, term=term, standby=standby, tag=tag)
             if unprotected is not None:
                 engine = self._seed(role, dp, shipper, unprotected, standby)
             else:
@@ -1145,6 +1192,8 @@ class StandbySteps:
                 attach_unit(dp, self.spec, self.names, term=term, paused=True, mode="plain")
                 set_mode_retrying(dp, self.unit, "plain")  # the machine's SetOutputCommit(False)
                 self.unprotected[term] = machine
+                # From here on the unit's wire port keeps what reaches it, paused.
+                self.agent.event("attached", unit=self.unit, term=term)
             except BaseException:
                 # The machine never saw PortsAttached: leave no half-added unit behind.
                 with contextlib.suppress(DataPlaneError):
@@ -1156,11 +1205,47 @@ class StandbySteps:
     def announce(self, term: int) -> None:
         gratuitous_arp(self.agent.plan.data_iface, self.spec.nf.mac, self.spec.nf.address)
 
+    def replay(self, term: int, after_seq: int) -> int:
+        """Lossless mode: the logged inputs after the image's cut, into the paused unit."""
+        with self.agent.dp_client() as dp:
+            try:
+                r = dp.replay_input_log(log_name(self.unit), self.unit, after_seq, term=term)
+            except DataPlaneError as exc:
+                stats = None
+                with contextlib.suppress(DataPlaneError):
+                    stats = dp.stats().input_logs.get(log_name(self.unit))
+                why = replay_loss(after_seq, exc, stats)
+                self.agent.event(
+                    "replay_failed", unit=self.unit, term=term, after=after_seq, reason=why
+                )
+                raise ReplayError(why) from exc
+        self.agent.event(
+            "replayed",
+            unit=self.unit,
+            term=term,
+            after=after_seq,
+            delivered=r.delivered,
+            first=r.first,
+            last=r.last,
+        )
+        return r.delivered
+
     def resume(self, term: int) -> None:
         with self.agent.dp_client() as dp:
             dp.resume_ingress(self.unit, term)
         _machine, alarm = self.unprotected[term]
         self.agent.event("unprotected", unit=self.unit, term=term, reason=alarm.reason)
+        if self.spec.protection.lossless:
+            # Replayed, or given up: either way nothing will read the log again. A failed
+            # attempt keeps it, so that an operator's retry can still replay it.
+            self.agent.lossless.discard(self.unit)
+            try:
+                dropped = self.agent.inputs.remove(self.unit)
+            except DataPlaneError:
+                # The unit runs; a log left behind only costs its memory.
+                log.exception("unit %s: removing the input log failed", self.unit)
+            else:
+                self.agent.event("input_log_removed", unit=self.unit, term=term, dropped=dropped)
 
     def survey(self, term: int) -> tuple[HostFacts, ...]:
         return tuple(

@@ -21,10 +21,14 @@ other link. All addresses are in 198.18.0.0/15.
 
 Measured per run (all times CLOCK_MONOTONIC, which every namespace shares):
 - ``failover_ms``: at the UDP sink, from the last packet the old primary released to the first
-  one the new primary released. Remote: the two arrivals around the kill (nothing of A can arrive
-  after it). Local: the two arrivals around the moment ingress resumed to the restored NF (the
-  fence dropped everything of the dead NF that was not released by then, so every later arrival
-  is the new incarnation's, and every earlier one was released by the old).
+  one the new primary released: the two arrivals around the moment ingress resumed to the
+  restored NF. Local: the fence dropped everything of the dead NF that was not released by then,
+  so every later arrival is the new incarnation's, and every earlier one was released by the old.
+  Remote: the start of B's resume step. Output is released at the standby, so B can still send
+  the old primary's output after the kill (an epoch whose transfer was on its way, committed
+  before B's promotion); the new primary's unit is born paused, in both directions, so none of
+  its output leaves before the resume. (The split used to be the kill, and such a late release
+  then counted as B's first output: runs of 73 and 83 ms.)
 - ``detect_ms``: remote, B's data plane, from the last probe it got from A to its ``peer_down``
   (the agent's confirmation window, 30 ms, follows and is not included). Local, from the
   ``kill()`` call to the driver beginning the failover (``FailoverRecord.exited_us``, taken when
@@ -33,7 +37,7 @@ Measured per run (all times CLOCK_MONOTONIC, which every namespace shares):
 - ``restore_ms``: the ``restore`` step (`RuncBackend.restore`, a ``runc restore`` of the committed
   image), from the failover record's step timings.
 - ``duplicates``/``gaps``: in the NF's UDP counter as the sink saw it (`trafgen.check_sequence`);
-  ``lost_packets``: UDP inputs sent but never reflected in any output (not lossless mode).
+  ``lost_packets``: UDP inputs sent but never reflected in any output.
 - ``tcp_survived``: runs whose TCP connection kept working across the failover
   (`trafgen.tcp_survived`): connected before the failure, never reset or closed, every answer
   correct and from the same NF connection (the NF numbers its connections and counts the lines of
@@ -43,10 +47,19 @@ Measured per run (all times CLOCK_MONOTONIC, which every namespace shares):
 With a remote standby, output is released at the standby (docs/failover.md), so a gap is a defect
 in either scope; ``gap runs`` counts the runs that had one, and each run reports how many missing
 counters fall outside the takeover (between the last output before and the first after it).
+
+``--lossless`` (remote only) protects the unit in lossless mode (DESIGN.md I7): A mirrors its
+inputs to B, and B replays those after the restored image's cut. The summary line has the same
+fields (plus ``"lossless": true``); each run adds ``replayed`` (inputs B's replay delivered, from
+its failover record) and splits the lost inputs by when they were sent (`classify_lost`):
+``lost_before_kill``; ``lost_in_outage``, sent after the kill and before B attached the unit to
+its data plane (they reach no one); ``lost_after_attach``. Replay alone cannot bring
+``lost_packets`` to 0: the outage's inputs were never delivered to anyone (docs/failover.md).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -264,7 +277,59 @@ def run_measures(
     }
 
 
-def summarize(scope: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+@attrs.frozen
+class InputLoss:
+    """Lost inputs (sent, never reflected in any output) by when they were sent."""
+
+    before_kill: int
+    in_outage: int  # from the kill until the new primary's unit was attached
+    after_attach: int
+
+
+def classify_lost(
+    records: list[Record],
+    *,
+    sent: int,
+    kill_ns: int,
+    attached_ns: int | None,
+    interval_ns: int,
+    first_seq: int = 1,
+) -> InputLoss:
+    """Split the inputs `first_seq`..`first_seq + sent - 1` that no record reflects by send time.
+
+    A lost input's send time is not recorded anywhere: it is interpolated between the send
+    times of the nearest received inputs below and above it (the sender is paced, so this is
+    exact to within its jitter), or extrapolated by `interval_ns` past the first or last one.
+    `attached_ns` None (the unit never came back): everything after the kill is outage.
+    """
+    got: dict[int, int] = {}
+    for r in records:
+        got.setdefault(r.seq, r.sent_ns)
+    seqs = sorted(got)
+    before = outage = after = 0
+    for seq in range(first_seq, first_seq + sent):
+        if seq in got:
+            continue
+        i = bisect.bisect_left(seqs, seq)
+        if not seqs:
+            at = kill_ns  # nothing arrived at all: it counts as the outage's
+        elif i == 0:
+            at = got[seqs[0]] - (seqs[0] - seq) * interval_ns
+        elif i == len(seqs):
+            at = got[seqs[-1]] + (seq - seqs[-1]) * interval_ns
+        else:
+            s0, s1 = seqs[i - 1], seqs[i]
+            at = got[s0] + (got[s1] - got[s0]) * (seq - s0) // (s1 - s0)
+        if at < kill_ns:
+            before += 1
+        elif attached_ns is None or at < attached_ns:
+            outage += 1
+        else:
+            after += 1
+    return InputLoss(before, outage, after)
+
+
+def summarize(scope: str, results: list[dict[str, Any]], lossless: bool = False) -> dict[str, Any]:
     """The bench's JSON line from the per-run results."""
     fo = [r["failover_ms"] for r in results if r["failover_ms"] is not None]
     detect = [r["detect_ms"] for r in results if r["detect_ms"] is not None]
@@ -283,6 +348,7 @@ def summarize(scope: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         # Not in the issue's list: a failover that failed (the unit stayed down) has no
         # failover_ms, so without this count it would vanish from the figures above.
         "failed_runs": sum(1 for r in results if r["status"] != "finished"),
+        "lossless": lossless,
     }
 
 
@@ -318,16 +384,18 @@ class FailoverRun:
     record: dict[str, Any]  # B's failover_record event
     sent: int
     tcp: TcpSummary | None  # None: the run had no TCP flow
+    # When B attached the unit (its ``attached`` event); None if it never did.
+    attached_us: int | None = None
 
 
 def run_remote_failover(
-    work: Path, *, pps: int, epoch_ms: int, seed: int, tcp: bool = True
+    work: Path, *, pps: int, epoch_ms: int, seed: int, tcp: bool = True, lossless: bool = False
 ) -> FailoverRun:
     """Protect the sequencer on A, stream through it, kill host A, wait for B to take over."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     bed = TcpFabric if tcp else Fabric
-    with bed(work / "fab", epoch_ms=epoch_ms) as fab:
+    with bed(work / "fab", epoch_ms=epoch_ms, lossless=lossless) as fab:
         fab.start()
         warm = 1.0 + rng.random()
         sink, sender, out = start_udp(fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps)
@@ -348,24 +416,57 @@ def run_remote_failover(
         finally:
             _stop([sink, sender, *([client.proc] if client is not None else [])])
         records = read_records(out)
-    return FailoverRun(records, kill_us, done, int(sent["sent"]), summary)
+        attached = [e for e in fab.hosts["B"].events("attached") if e["mono_us"] >= kill_us]
+    return FailoverRun(
+        records,
+        kill_us,
+        done,
+        int(sent["sent"]),
+        summary,
+        attached[0]["mono_us"] if attached else None,
+    )
 
 
 def remote_run(
-    work: Path, *, pps: int, epoch_ms: int, seed: int, tcp: bool = True
+    work: Path,
+    *,
+    pps: int,
+    epoch_ms: int,
+    seed: int,
+    tcp: bool = True,
+    lossless: bool = False,
 ) -> dict[str, Any]:
     """One remote failover on a fresh testbed; returns its measures."""
-    run = run_remote_failover(work, pps=pps, epoch_ms=epoch_ms, seed=seed, tcp=tcp)
+    run = run_remote_failover(
+        work, pps=pps, epoch_ms=epoch_ms, seed=seed, tcp=tcp, lossless=lossless
+    )
     done = run.record
     resumed_us = done.get("resumed_us")
+    # The resume step's start: the first moment the new primary's output can leave.
+    resume_us = None if resumed_us is None else resumed_us - done["steps_us"].get("resume", 0)
+    loss = classify_lost(
+        run.records,
+        sent=run.sent,
+        kill_ns=run.kill_us * 1000,
+        attached_ns=None if run.attached_us is None else run.attached_us * 1000,
+        interval_ns=int(1e9 / pps),
+    )
     return {
         "status": done["status"],
         "detect_ms": done["detect_us"] / 1000,
         "restore_ms": done["steps_us"].get("restore", 0) / 1000,
         "steps_ms": {k: v / 1000 for k, v in done["steps_us"].items()},
+        "lossless": lossless,
+        "replayed": done.get("replayed"),
+        "replay_failed": done.get("replay_failed", ""),
+        "lost_before_kill": loss.before_kill,
+        "lost_in_outage": loss.in_outage,
+        "lost_after_attach": loss.after_attach,
+        "outage_ms": (None if run.attached_us is None else (run.attached_us - run.kill_us) / 1000),
         **run_measures(
             run.records,
-            split_ns=run.kill_us * 1000,
+            # A failover that never resumed has no second side: the gap stays unmeasured.
+            split_ns=(run.kill_us if resume_us is None else int(resume_us)) * 1000,
             sent=run.sent,
             tcp=run.tcp,
             takeover_ns=None if resumed_us is None else int(resumed_us) * 1000,
@@ -599,14 +700,32 @@ def local_run(
     show_default=True,
     help="Keep one TCP connection through the NF in every run (tcp_survived counts it).",
 )
+@click.option(
+    "--lossless",
+    is_flag=True,
+    help="Remote only: protect the unit in lossless mode (inputs mirrored to B and replayed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def command(
-    *, scope: str, runs: int, pps: int, epoch_ms: int, seed: int, tcp: bool, as_json: bool
+    *,
+    scope: str,
+    runs: int,
+    pps: int,
+    epoch_ms: int,
+    seed: int,
+    tcp: bool,
+    lossless: bool,
+    as_json: bool,
 ) -> None:
     """Fail the sequencer over RUNS times under a UDP stream and one TCP connection.
 
     remote: kill its whole host; local: kill its process, the host stays up.
     """
+    if lossless and scope != "remote":
+        raise click.UsageError(
+            "--lossless needs --scope remote: the local failover refuses lossless mode (it keeps "
+            "no local input log)"
+        )
     results = []
     with tempfile.TemporaryDirectory(
         prefix="hamgr-bench-failover-", dir=os.environ.get("HAMGR_BENCH_KEEP")
@@ -614,12 +733,14 @@ def command(
         for i in range(runs):
             work = Path(tmp) / f"run{i}"
             if scope == "remote":
-                r = remote_run(work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, tcp=tcp)
+                r = remote_run(
+                    work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, tcp=tcp, lossless=lossless
+                )
             else:
                 r = local_run(work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, index=i, tcp=tcp)
             results.append(r)
             _info(f"run {i}: {json.dumps(r)}")
-    summary = summarize(scope, results)
+    summary = summarize(scope, results, lossless)
     gap_runs = sum(1 for r in results if r["gaps"])
     _info(f"gap runs: {gap_runs}/{runs}")
     _info(f"failed failovers: {summary['failed_runs']}/{runs}")
