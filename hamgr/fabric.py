@@ -340,8 +340,13 @@ class Fabric(Testbed):
             f"print(json.dumps(request({h.control!r},{h.public!r},json.loads(sys.argv[1]),"
             f"{timeout})))"
         )
+        # From C (B for C) over the management link, as ever; from another live host if that
+        # one was killed, and from the host itself when it is the last one standing.
+        first = "C" if letter != "C" else "B"
+        order = [first, *(x for x in HOSTS if x not in (first, letter)), letter]
+        via = next(x for x in order if x == letter or self.hosts[x].killed_us is None)
         out = subprocess.run(
-            ["nsenter", f"--net={netns.netns_path(self.hosts['C' if letter != 'C' else 'B'].ns)}",
+            ["nsenter", f"--net={netns.netns_path(self.hosts[via].ns)}",
              "--", sys.executable, "-c", code, json.dumps(body)],
             capture_output=True, text=True, timeout=timeout + 20, check=True,
         )  # fmt: skip

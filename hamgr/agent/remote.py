@@ -592,21 +592,50 @@ class RemoteAgent:
         self.event("ready", pid=os.getpid())
 
     def _start_standby(self, spec: UnitSpec, u: UnitPlan) -> None:
-        names = UnitNames(self.host, spec.name)
-        prepare_nf_netns(spec, names)
-        with self.dp_client() as dp:
-            dp.add_probe(
-                u.primary,
-                FABRIC_PORT,
-                interval_us=self.plan.probe_interval_us,
-                miss=self.plan.probe_miss,
-                term=1,
-            )
-        lossless = spec.protection.lossless
-        if lossless:
+        if spec.protection.lossless:
             # The primary's hello records its term here too; a restarted standby whose store
             # already holds it gets no new one.
             self._on_term(spec.name, max(1, self.stores[spec.name].term))
+        self._watch(spec, u.primary, 1, list(u.spares))
+
+    def _watch_request(self, req: dict[str, Any]) -> None:
+        """A primary made this host its standby (re-protection): watch it from now on.
+
+        Without this, the spare that a re-protection chose would hold the unit's checkpoints
+        but take nothing over, and a second failure in a row would end the unit. Runs on the
+        agent's loop, which owns the failover drivers.
+        """
+        unit, primary = str(req.get("unit")), str(req.get("primary"))
+        spec = next((loads(u.spec) for u in self.plan.units if loads(u.spec).name == unit), None)
+        if spec is None or unit not in self.stores or primary not in self.plan.peers:
+            self.event("watch_refused", unit=unit, primary=primary)
+            return
+        driver = self.drivers.get(unit)
+        if driver is not None and driver.machine.peer == primary:
+            return  # already its standby (the plan said so, or a repeated request)
+        if unit in self.primaries:
+            self.event("watch_refused", unit=unit, primary=primary, reason="primary here")
+            return
+        spares = [str(x) for x in req.get("spares", []) if str(x) in self.plan.peers]
+        self._watch(spec, primary, int(req["term"]), spares)
+        self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
+
+    def _watch(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
+        """Prepare `spec`'s NF netns, probe `primary`, and run a failover machine for it."""
+        names = UnitNames(self.host, spec.name)
+        if not netns.netns_exists(names.nf_netns):
+            prepare_nf_netns(spec, names)
+        with self.dp_client() as dp:
+            with contextlib.suppress(DataPlaneError):  # a probe left from an earlier role
+                dp.remove_probe(primary)
+            dp.add_probe(
+                primary,
+                FABRIC_PORT,
+                interval_us=self.plan.probe_interval_us,
+                miss=self.plan.probe_miss,
+                term=term,
+            )
+        lossless = spec.protection.lossless
         config = fo.FailoverConfig(
             detection=DetectionPolicy(
                 interval_us=self.plan.probe_interval_us,
@@ -619,8 +648,8 @@ class RemoteAgent:
             replay_failure=fo.ReplayFailure.RESUME,
         )
         claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
-        steps = StandbySteps(self, spec, names, list(u.spares), claim_timeout_s=claim_s)
-        machine = fo.FailoverMachine(spec.name, 1, config, peer=u.primary, now_us=_now_us())
+        steps = StandbySteps(self, spec, names, spares, claim_timeout_s=claim_s)
+        machine = fo.FailoverMachine(spec.name, term, config, peer=primary, now_us=_now_us())
         self.steps[spec.name] = steps
         self.drivers[spec.name] = RemoteFailover(machine, steps, on_report=self._on_report)
 
@@ -728,6 +757,21 @@ class RemoteAgent:
                 term=term,
             )
         self._watching[standby] = unit
+        # The new standby must also watch this primary, or a second failure would end the unit.
+        # Its spares are ours but itself: the hosts it must claim the next term at.
+        reply = self.links.request(
+            standby,
+            {
+                "type": "watch",
+                "unit": unit,
+                "primary": self.host,
+                "term": term,
+                "spares": [s for s in role.spares if s != standby],
+            },
+            timeout_s=1.0,
+        )
+        if reply is None or not reply.get("queued"):
+            self.event("alarm", unit=unit, reason=f"{standby} did not confirm it watches {unit}")
         if role.protection == "protected":
             self.event("protected", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
         else:
@@ -972,7 +1016,7 @@ class RemoteAgent:
         match req.get("type"):
             case "ping":
                 return {"seq": seq, "host": self.host, "pid": os.getpid()}
-            case "failover":
+            case "failover" | "watch":
                 self.requests.put(req)
                 return {"seq": seq, "queued": True}
             case "status":
@@ -1036,6 +1080,13 @@ class RemoteAgent:
                         req = self.requests.get_nowait()
                     except queue.Empty:
                         break
+                    if req.get("type") == "watch":
+                        try:
+                            self._watch_request(req)
+                        except Exception as exc:
+                            log.exception("watch request %s failed", req)
+                            self.event("watch_failed", unit=req.get("unit"), error=str(exc))
+                        continue
                     wanted = self.drivers.get(str(req.get("unit")))
                     if wanted is not None:
                         wanted.feed(

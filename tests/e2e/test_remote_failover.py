@@ -135,3 +135,36 @@ def test_failover_requested_while_one_runs_happens_once(tmp_path: Path) -> None:
         assert len(set(fab.hosts["B"].status()["nf_pids"].values())) == 1  # one restored NF
         assert check.duplicates == 0
         assert check.gaps == 0
+
+
+def test_two_failures_in_a_row_the_spare_takes_over_from_the_new_primary(tmp_path: Path) -> None:
+    """Kill A: B takes over and re-protects onto C, which starts watching B. Kill B: C takes
+    over from B's last commit. The sink's counter never repeats and never skips (I4)."""
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=9.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(0.8)
+            kill_a = fab.kill_host("A")
+            fab.wait_event("B", "failover_record", timeout=30, after_us=kill_a)
+            fab.wait_event("B", "protected", timeout=30, after_us=kill_a)
+            watching = fab.wait_event("C", "watching", timeout=5, after_us=kill_a)
+            time.sleep(0.8)
+            kill_b = fab.kill_host("B")
+            rec = fab.wait_event("C", "failover_record", timeout=30, after_us=kill_b)
+            status = fab.request("C", {"type": "status"}, timeout=5)
+        finally:
+            finish_traffic(sink, sender)
+        records = read_records(out)
+        check = check_sequence(records)
+        assert watching["primary"] == fab.hosts["B"].name
+        assert watching["term"] == 2
+        assert rec["status"] == "finished", rec
+        assert rec["term"] == 3
+        assert status["primary"]["seq0"]["term"] == 3
+        late = [r for r in records if r.recv_ns > rec["resumed_us"] * 1000]
+        assert late, "no output at the sink after C took over"
+        assert check.duplicates == 0
+        assert check.gaps == 0
+        assert check.reordered == 0
