@@ -745,7 +745,8 @@ def _hosts_call(as_json: bool, fn: Any) -> Any:
     "python",
     default="python3",
     show_default=True,
-    help="The remote interpreter that has hamgr installed.",
+    help="The remote interpreter that has hamgr installed (with --install: the one that makes "
+    "the venv).",
 )
 @click.option(
     "--remote-state-dir",
@@ -770,6 +771,24 @@ def _hosts_call(as_json: bool, fn: Any) -> Any:
     show_default=True,
     help="Seconds for the remote agent to start.",
 )
+@click.option(
+    "--install",
+    is_flag=True,
+    help="Install this CLI's hamgr and its dependencies (wheels built here) into a venv at "
+    "--prefix on the host, and run the agent from there; --python is then the host's Python "
+    "that makes the venv.",
+)
+@click.option(
+    "--prefix",
+    help="With --install: the venv's path on the host, a symlink to the current install "
+    "[default: /opt/hamgr/venv].",
+)
+@click.option(
+    "--reinstall",
+    is_flag=True,
+    help="With --install: install anew even when the host already has these wheels "
+    "(restarts its agent).",
+)
 @_state_dir_option
 @_json_option
 def hosts_add(  # noqa: PLR0917 - one parameter per click option
@@ -785,6 +804,9 @@ def hosts_add(  # noqa: PLR0917 - one parameter per click option
     control_port: int,
     timeout: float,
     agent_timeout: float,
+    install: bool,
+    prefix: str | None,
+    reinstall: bool,
     state_dir: Path,
     as_json: bool,
 ) -> None:
@@ -792,7 +814,8 @@ def hosts_add(  # noqa: PLR0917 - one parameter per click option
 
     The host key must match --fingerprint or an entry of the known_hosts file; an unknown or
     different key is refused and its fingerprint printed. Exit 3 when the host, its sshd (or
-    the key for it) or its agent cannot be reached.
+    the key for it) or its agent cannot be reached. With --install, hamgr is installed there
+    first, from wheels built here, so the host needs no checkout and no package index.
     """
     import ipaddress
 
@@ -800,6 +823,8 @@ def hosts_add(  # noqa: PLR0917 - one parameter per click option
 
     if known_hosts is not None and fingerprint is not None:
         _fail("give --known-hosts or --fingerprint, not both", EXIT_USAGE, as_json)
+    if (prefix is not None or reinstall) and not install:
+        _fail("--prefix and --reinstall go with --install", EXIT_USAGE, as_json)
     try:
         ipaddress.ip_address(address)
     except ValueError:
@@ -842,6 +867,11 @@ def hosts_add(  # noqa: PLR0917 - one parameter per click option
             remote_state_dir=remote_state_dir,
             control_port=control_port,
             agent_timeout=agent_timeout,
+            install=h.InstallOptions(
+                prefix=h.check_prefix(prefix or h.DEFAULT_PREFIX), reinstall=reinstall
+            )
+            if install
+            else None,
         )
         return h.add_host(state_dir.absolute(), options, _say)
 

@@ -16,6 +16,7 @@
     python = "python3"                            # the remote interpreter that runs hamgr
     version = "0.1.0"                             # hamgr's version there at `add`
     added = "2025-01-01T00:00:00Z"
+    prefix = "/opt/hamgr/venv"                    # only for `add --install`: hamgr's venv there
 
 Every write goes to a temporary file that is renamed over the old one, under an exclusive lock
 on ``.hosts.lock``, so two `hamgr hosts` commands never lose each other's change and a reader
@@ -135,6 +136,9 @@ class HostRecord:
     python: str = attrs.field(validator=_validator(_string))
     version: str = attrs.field(validator=_validator(_string))
     added: str = attrs.field(validator=_validator(_string))
+    # Set by `hosts add --install`: the venv it made there (`python` is then PREFIX/bin/python).
+    # Optional, so that files written before --install existed still load.
+    prefix: str = attrs.field(default="", validator=_validator(_string))
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -145,13 +149,19 @@ class HostRecord:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise InventoryError(f"hosts.{name}.{unknown[0]}: unknown key")
-        missing = [f for f in fields if f not in data]
+        missing = [f for f in fields if f not in data and f not in _DEFAULTS]
         if missing:
             raise InventoryError(f"hosts.{name}.{missing[0]}: is required")
         try:
-            return HostRecord(name=name, **{f: data[f] for f in fields})
+            return HostRecord(name=name, **{f: data[f] for f in fields if f in data})
         except InventoryError as exc:
             raise InventoryError(f"hosts.{name}.{exc}") from None
+
+
+# The optional fields, with the value that is left out of the file.
+_DEFAULTS: Final[dict[str, Any]] = {
+    f.name: f.default for f in attrs.fields(HostRecord) if f.default is not attrs.NOTHING
+}
 
 
 def _toml_string(value: str) -> str:
@@ -173,7 +183,7 @@ def render(records: Mapping[str, HostRecord]) -> str:
     for name in sorted(records):
         lines += ["", f"[hosts.{check_host_name(name)}]"]
         for key, value in records[name].to_json().items():
-            if key == "name":
+            if key == "name" or (key in _DEFAULTS and value == _DEFAULTS[key]):
                 continue
             rendered = str(value) if isinstance(value, int) else _toml_string(value)
             lines.append(f"{key} = {rendered}")

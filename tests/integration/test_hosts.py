@@ -531,3 +531,327 @@ def test_usage_errors(ctl: Controller, ssh_host: SshHost) -> None:
     uninitialised = ctl.hamgr("hosts", "list", state_dir=ctl.tmp / "empty")
     assert uninitialised.returncode == 0  # an empty inventory needs no keys
     assert "no hosts" in uninitialised.stderr
+
+
+# --- `add --install`: hamgr shipped as wheels into a venv on a bare host -----------------------
+#
+# Debian's own /usr/bin/python3 makes the venv on the host (this CLI runs from another Python,
+# the checkout's venv); nothing of the checkout or of that venv is used there. The prefix lives
+# in the test's tmp dir.
+
+HOST_PYTHON = "/usr/bin/python3"
+
+
+def _install(ctl: Controller, prefix: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return ctl.hamgr(
+        "hosts",
+        "add",
+        ctl.name,
+        "--address",
+        HOST_IP,
+        "--key",
+        str(ctl.ssh.client_key),
+        "--remote-state-dir",
+        str(ctl.remote_state_dir),
+        "--timeout",
+        "5",
+        "--install",
+        "--prefix",
+        str(prefix),
+        "--python",
+        HOST_PYTHON,
+        "--json",
+        *extra,
+    )
+
+
+def _mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split()) == 6}
+
+
+def _left_beside(prefix: Path) -> list[str]:
+    """What exists of PREFIX and of its hidden release/upload dirs."""
+    if not prefix.parent.exists():
+        return []
+    return sorted(p.name for p in prefix.parent.iterdir() if p.name.lstrip(".").startswith("venv"))
+
+
+def test_install_on_a_bare_host_then_again_then_reinstall(
+    ctl: Controller, ssh_host: SshHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hamgr import hosts
+
+    prefix = ctl.tmp / "opt" / "hamgr" / "venv"
+    fp = ssh_host.fingerprint
+    proc = _install(ctl, prefix, "--fingerprint", fp)
+    assert proc.returncode == 0, proc.stderr
+    added = _last(proc)
+    install = added["install"]
+    assert install["changed"] is True
+    assert added["python"] == f"{prefix}/bin/python"
+    assert added["prefix"] == str(prefix)
+    assert "sha256 verified there" in proc.stderr
+
+    # PREFIX is a symlink to the release dir, which holds a venv and the install record.
+    release = Path(install["release"])
+    assert prefix.is_symlink()
+    assert prefix.resolve() == release.resolve()
+    assert release.parent == prefix.parent
+    assert _left_beside(prefix) == sorted(["venv", release.name])
+    marker = json.loads((release / "hamgr-install.json").read_text())
+    assert marker["id"] == install["id"]
+    hamgr_wheel = next(w for w in marker["wheels"] if w["name"] == "hamgr")
+    assert hamgr_wheel["sha256"] == install["sha256"]
+    assert hamgr_wheel["file"] == install["wheel"]
+    # pip came along: the host can ship this install on by itself.
+    pip = subprocess.run(
+        [f"{prefix}/bin/python", "-m", "pip", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert pip.returncode == 0, pip.stderr
+    assert f"from {prefix}/lib/" in pip.stdout
+    pyvenv = (release / "pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in pyvenv
+    assert "include-system-site-packages = false\n" in pyvenv
+
+    # The agent runs from the prefix's interpreter and the venv's own libraries, in the host's
+    # netns, and answers over CURVE from the client netns.
+    agent_pid = added["agent_pid"]
+    argv0 = procs.cmdline(agent_pid)[0]
+    assert argv0 == f"{prefix}/bin/python"
+    site = str(release.resolve() / "lib")
+    assert any(m.startswith(site) and "zmq" in m for m in _mapped_files(agent_pid))
+    assert os.readlink(f"/proc/{agent_pid}/ns/net") == os.readlink(
+        f"/proc/{ssh_host.sshd.pid}/ns/net"  # type: ignore[union-attr]
+    )
+    info = _ping_in(ssh_host.client_ns, added["control"], added["agent_public_key"], ctl.state_dir)
+    assert info["host"] == ctl.name
+    assert info["pid"] == agent_pid
+    dp_pid = info["dataplane_pid"]
+    assert os.path.realpath(f"/proc/{dp_pid}/exe").startswith(str(release.resolve()))
+
+    # Recorded with the venv's interpreter and the prefix.
+    inventory = ctl.inventory()
+    assert f'python = "{prefix}/bin/python"' in inventory
+    assert f'prefix = "{prefix}"' in inventory
+    assert ctl.listed()["hosts"][0]["reachable"] is True
+
+    # Again: the host has these wheels, so nothing is uploaded and the agent is left alone.
+    again = _install(ctl, prefix, "--fingerprint", fp)
+    assert again.returncode == 0, again.stderr
+    result = _last(again)
+    assert result["install"]["changed"] is False
+    assert result["install"]["release"] == str(release)
+    assert result["agent_started"] is False
+    assert result["agent_pid"] == agent_pid
+    assert "already has these wheels" in again.stderr
+    assert "uploaded" not in again.stderr
+
+    # A reinstall whose new agent "does not answer" (the ping is made to fail) goes back: PREFIX
+    # to the first release, the new one removed, the agent it stopped started again from there,
+    # the inventory and keys as they were.
+    inventory, authorized = ctl.inventory(), ctl.local_authorized()
+    with monkeypatch.context() as patch:
+        patch.setattr(hosts, "_ping_new", _unreachable)
+        error = _add_in_process(ctl, ssh_host, prefix, reinstall=True)
+    assert error.code == "agent_unreachable", error.message
+    assert prefix.resolve() == release.resolve()
+    assert _left_beside(prefix) == sorted(["venv", release.name])
+    assert ctl.inventory() == inventory
+    assert ctl.local_authorized() == authorized
+    assert _gone(agent_pid)
+    agent_pid = _agent_of(ctl.remote_state_dir)
+    assert agent_pid is not None
+    ctl.agent_pids.add(agent_pid)
+    assert procs.cmdline(agent_pid)[0] == f"{prefix}/bin/python"
+    assert any(m.startswith(site) for m in _mapped_files(agent_pid))
+    info = _ping_in(ssh_host.client_ns, added["control"], added["agent_public_key"], ctl.state_dir)
+    assert info["pid"] == agent_pid
+    assert info["dataplane_pid"] == dp_pid
+
+    # --reinstall: a new release, the agent restarted from it, the data plane adopted, the old
+    # release removed.
+    fresh = _install(ctl, prefix, "--fingerprint", fp, "--reinstall")
+    assert fresh.returncode == 0, fresh.stderr
+    result = _last(fresh)
+    new_release = Path(result["install"]["release"])
+    assert result["install"]["changed"] is True
+    assert new_release != release
+    assert not release.exists()
+    assert prefix.resolve() == new_release.resolve()
+    assert _left_beside(prefix) == sorted(["venv", new_release.name])
+    assert result["agent_started"] is True
+    assert _gone(agent_pid)
+    new_pid = result["agent_pid"]
+    assert new_pid != agent_pid
+    assert any(m.startswith(str(new_release.resolve() / "lib")) for m in _mapped_files(new_pid))
+    info = _ping_in(
+        ssh_host.client_ns, result["control"], result["agent_public_key"], ctl.state_dir
+    )
+    assert info["pid"] == new_pid
+    assert info["dataplane_pid"] == dp_pid
+    assert ctl.inventory().count("[hosts.") == 1
+
+    # `remove --stop-agent` reaches the agent through the recorded interpreter (the venv's).
+    removed = ctl.hamgr("hosts", "remove", ctl.name, "--stop-agent", "--teardown", "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert _last(removed)["agent_stopped"] is True
+    assert _gone(new_pid)
+    assert ctl.listed() == {"ok": True, "hosts": []}
+
+
+def _add_in_process(
+    ctl: Controller, ssh_host: SshHost, prefix: Path, *, reinstall: bool = False
+) -> Any:
+    """`add_host` run here, on a thread in the client netns; returns the `HostsError` it raised."""
+    from hamgr import hosts
+
+    options = hosts.AddOptions(
+        name=ctl.name,
+        target=hosts.SshTarget(
+            address=HOST_IP,
+            key=ssh_host.client_key,
+            fingerprint=ssh_host.fingerprint,
+            timeout=5,
+        ),
+        python=HOST_PYTHON,
+        remote_state_dir=str(ctl.remote_state_dir),
+        install=hosts.InstallOptions(prefix=str(prefix), reinstall=reinstall),
+    )
+
+    def add() -> None:
+        hosts.add_host(ctl.state_dir, options, lambda _line: None)
+
+    with pytest.raises(hosts.HostsError) as caught:
+        netns.run_in_netns(ssh_host.client_ns, add)
+    return caught.value
+
+
+def test_install_refuses_a_corrupted_upload(
+    ctl: Controller, ssh_host: SshHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hamgr import hosts
+
+    before = ctl.local_authorized()
+    prefix = ctl.tmp / "opt" / "hamgr" / "venv"
+    upload = hosts.Remote.upload
+
+    def corrupt(self: hosts.Remote, local: Path, path: str) -> None:
+        if not local.name.startswith("hamgr-"):
+            upload(self, local, path)
+            return
+        data = bytearray(local.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit flipped on the way
+        bad = ctl.tmp / "flipped" / local.name
+        bad.parent.mkdir(exist_ok=True)
+        bad.write_bytes(bytes(data))
+        upload(self, bad, path)
+
+    monkeypatch.setattr(hosts.Remote, "upload", corrupt)
+    error = _add_in_process(ctl, ssh_host, prefix)
+    assert error.code == "upload_corrupt", error.message
+    assert error.status == 1
+    assert "arrived corrupted" in error.message
+    assert "hamgr-" in error.message
+    # Nothing was installed, nothing is left: not the prefix, not the dirs made for it, not the
+    # upload, not the remote state dir; nothing recorded here.
+    assert not (ctl.tmp / "opt").exists()
+    assert not ctl.remote_state_dir.exists()
+    _nothing_recorded(ctl, before)
+    # The lock's process ended with its channel.
+    deadline = time.monotonic() + 5
+    while _holders(prefix.parent) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _holders(prefix.parent) == []
+
+
+def _agent_of(state_dir: Path) -> int | None:
+    path = state_dir / "agent.pid"
+    text = path.read_text().strip() if path.exists() else ""
+    pid = int(text) if text.isdigit() else None
+    return pid if pid is not None and procs.start_ticks(pid) is not None else None
+
+
+def _unreachable(*_args: Any) -> Any:
+    from hamgr import hosts
+
+    raise hosts.HostsError("no answer (test)", status=3, code="agent_unreachable")
+
+
+def test_install_rolls_back_a_first_install_whose_agent_does_not_answer(
+    ctl: Controller, ssh_host: SshHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hamgr import hosts
+
+    before = ctl.local_authorized()
+    prefix = ctl.tmp / "opt" / "hamgr" / "venv"
+    # The agent starts from the new venv but "does not answer": it and the data plane it started
+    # are stopped, and the venv, PREFIX, the dirs made for it and the state dir this run made go.
+    # The fixture then finds nothing to reap.
+    started: list[int] = []
+    ping_new = hosts._ping_new
+
+    def unreachable(record: Any, agent_key: bytes, identity: Any, options: Any) -> Any:
+        started.append(ping_new(record, agent_key, identity, options)["pid"])
+        return _unreachable()
+
+    monkeypatch.setattr(hosts, "_ping_new", unreachable)
+    error = _add_in_process(ctl, ssh_host, prefix)
+    assert error.code == "agent_unreachable", error.message
+    assert len(started) == 1  # it did run, and answered
+    assert _gone(started[0])
+    assert not (ctl.tmp / "opt").exists()
+    assert not ctl.remote_state_dir.exists()
+    _nothing_recorded(ctl, before)
+
+
+def _holders(directory: Path) -> list[int]:
+    """PIDs of processes whose command line names `directory` (the remote lock's holder)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(directory) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(entry.name))
+    return out
+
+
+def test_install_refuses_an_unknown_host_key_before_uploading(
+    ctl: Controller, ssh_host: SshHost
+) -> None:
+    before = ctl.local_authorized()
+    prefix = ctl.tmp / "opt" / "hamgr" / "venv"
+    proc = _install(ctl, prefix)
+    assert proc.returncode == 1, proc.stderr
+    assert _last(proc)["code"] == "host_key_unknown"
+    assert f"pass --fingerprint {ssh_host.fingerprint}" in proc.stderr
+    assert "wheels built" not in proc.stderr
+    assert not (ctl.tmp / "opt").exists()
+    assert not ctl.remote_state_dir.exists()
+    _nothing_recorded(ctl, before)
+
+
+def test_install_leaves_a_prefix_it_did_not_make(ctl: Controller, ssh_host: SshHost) -> None:
+    before = ctl.local_authorized()
+    prefix = ctl.tmp / "opt" / "venv"
+    prefix.mkdir(parents=True)
+    (prefix / "mine").write_text("an operator's file\n")
+    proc = _install(ctl, prefix, "--fingerprint", ssh_host.fingerprint)
+    assert proc.returncode == 1, proc.stderr
+    assert _last(proc)["code"] == "prefix_taken"
+    assert f"{prefix} exists" in proc.stderr
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["venv"]
+    assert (prefix / "mine").read_text() == "an operator's file\n"
+    assert not ctl.remote_state_dir.exists()
+    _nothing_recorded(ctl, before)
+
+    relative = _install(ctl, Path("opt/venv"), "--fingerprint", ssh_host.fingerprint)
+    assert relative.returncode == 2
+    assert _last(relative)["code"] == "bad_prefix"
+    alone = ctl.add("--fingerprint", ssh_host.fingerprint, "--reinstall")
+    assert alone.returncode == 2
+    assert "go with --install" in alone.stderr
