@@ -626,6 +626,11 @@ class RemoteAgent:
         if not netns.netns_exists(names.nf_netns):
             prepare_nf_netns(spec, names)
         with self.dp_client() as dp:
+            # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
+            # costs tens of milliseconds. Until a unit owns it, the data plane drains it (it
+            # carries nothing: the prepared netns is silent).
+            if names.nf_port not in dp.stats().ports:
+                dp.add_af_packet_port(names.nf_port, names.host_veth)
             with contextlib.suppress(DataPlaneError):  # a probe left from an earlier role
                 dp.remove_probe(primary)
             dp.add_probe(
