@@ -40,10 +40,12 @@ pytestmark = [
 
 PPS = 500
 # Inputs sent this close to the kill may still have been on their way to A (the client's
-# socket, the bridge) or in A's wire port: no one delivered or mirrored them. It also absorbs a
-# short stall of the sender (2 ms between inputs at PPS). The last committed cut lies more than
-# an epoch (50 ms) before the kill.
-MARGIN_MS = 20
+# socket, the bridge) or waiting in A's wire port while a cut paused ingress (a pause is 20-40 ms
+# on this loaded machine; one run saw 21 ms): no one delivered or mirrored them. It also absorbs
+# a short stall of the sender (2 ms between inputs at PPS). Without the replay the newest input
+# reflected precedes the last committed cut, which lies more than an epoch (50 ms) plus a pause
+# before the kill (96-115 ms measured), so the control below still fails the lossless bound.
+MARGIN_MS = 50
 
 
 def _dp(fab: Fabric, letter: str) -> DataPlaneClient:
