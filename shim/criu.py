@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -546,8 +547,13 @@ class SwrkWorker:
         rc = self._proc.poll()
         return "still running" if rc is None else f"exited {rc}"
 
-    def call(self, request: Any, timeout: float) -> Any:
+    def call(
+        self, request: Any, timeout: float, *, on_sent: Callable[[], object] | None = None
+    ) -> Any:
         """Send one ``criu_req``; return its ``criu_resp``. Notify messages are acknowledged.
+
+        `on_sent` runs once the request is on its way: work meant to overlap CRIU's starts
+        there, not earlier, so that it cannot hold the GIL while the request is being sent.
 
         Raises `TimeoutError` (the worker is killed first) or `CriuError` if CRIU went away.
         """
@@ -560,6 +566,8 @@ class SwrkWorker:
             self._sock.send(request.SerializeToString())
         except OSError as exc:
             raise CriuError(f"criu swrk {self.pid} is gone ({self._exit_detail()}): {exc}") from exc
+        if on_sent is not None:
+            on_sent()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -17,6 +17,7 @@ and is then edited for what checkpointing needs:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
+from shim.devmounts import DevMountError, detach_mounts_under
 
 NETNS_DIR = "/run/netns"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -324,6 +327,14 @@ def prepare_bundle(
 
 
 def remove_bundle(bundle: Bundle | Path) -> None:
-    """Remove a bundle directory; a rootfs the caller provided is left alone. Idempotent."""
+    """Remove a bundle directory; a rootfs the caller provided is left alone. Idempotent.
+
+    Mounts inside it (the tmpfs mounts a restore makes for /dev and /dev/shm) are detached
+    first, so their contents go with the mount rather than being deleted file by file.
+    """
     path = bundle.path if isinstance(bundle, Bundle) else bundle
+    if path.exists():
+        # Best effort, like the rmtree: only root makes these mounts, and only root gets here.
+        with contextlib.suppress(DevMountError):
+            detach_mounts_under(path)
     shutil.rmtree(path, ignore_errors=True)

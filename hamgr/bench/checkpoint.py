@@ -5,7 +5,9 @@ those pages rewritten every epoch (its ``--dirty-ms`` is the epoch length). Ever
 the epoch engine does to a container (docs/containers.md), timed:
 
 - **pause**: from the freeze to the end of the thaw, the time the NF does not run: cgroup
-  freeze, CRIU dump into tmpfs (with the tree left running), image sealing, thaw.
+  freeze, CRIU dump into tmpfs (with the tree left running) plus hamgr's copy of the NF's
+  /dev and /dev/shm (``--dev-mounts carried``, the default; ``criu`` lets CRIU tar them as
+  before), image sealing, thaw.
 - **image**: the full image CRIU wrote.
 - **shipped**: what the replication link sent for the epoch (`Shipped.block_bytes` plus
   `manifest_bytes`) to a real `ReplicationServer` whose `Store` is on tmpfs, over TCP on
@@ -148,6 +150,13 @@ def _host_report(criu: str) -> dict[str, Any]:
     show_default=True,
     help="Transparent huge pages for the images tmpfs.",
 )
+@click.option(
+    "--dev-mounts",
+    type=click.Choice(["carried", "criu"]),
+    default="carried",
+    show_default=True,
+    help="Who saves the NF's /dev and /dev/shm: hamgr (external to CRIU) or CRIU's tar.",
+)
 def command(*, as_json: bool, **settings: Any) -> None:
     """Pause, image size, shipped bytes and commit time of a container NF, per epoch."""
     if os.geteuid() != 0:
@@ -171,6 +180,7 @@ class Settings:
     criu_mode: str = "swrk"
     network_lock: str = "skip"
     huge: str = "within_size"
+    dev_mounts: str = "carried"
 
 
 def _run(cfg: Settings) -> dict[str, float]:
@@ -205,6 +215,7 @@ def _run(cfg: Settings) -> dict[str, float]:
             state_dir=work / "state",
             network_lock=cfg.network_lock,  # type: ignore[arg-type]
             criu_mode=cfg.criu_mode,  # type: ignore[arg-type]
+            carry_dev_mounts=cfg.dev_mounts == "carried",
         )
         cgroup_parent = f"/hamgr-bench-{tag}"
         stack.callback(remove_cgroup_parent, cgroup_parent)
@@ -236,7 +247,8 @@ def _run(cfg: Settings) -> dict[str, float]:
             f"{cfg.epoch_ms} ms epoch, {cfg.warmup}+{cfg.epochs} epochs; criu {cfg.criu_mode}, "
             f"network lock {cfg.network_lock}, images on tmpfs huge={cfg.huge}, "
             f"cgroup yard {fixed.cgroup_yard}, "
-            f"masked dirs external {list(fixed.masked_dirs)}, kdat cache {host['kdat_cache']}, "
+            f"masked dirs external {list(fixed.masked_dirs)}, "
+            f"carried by hamgr {list(fixed.carried)}, kdat cache {host['kdat_cache']}, "
             f"conntrack buckets {host['conntrack_buckets']}"
         )
         if "warning" in host:
