@@ -77,14 +77,21 @@ LOSSLESS_DATA_MTU = 1600
 
 
 def sequencer_spec(
-    unit: str = UNIT, *, epoch_ms: int = 50, image: str = "sequencer", lossless: bool = False
+    unit: str = UNIT,
+    *,
+    epoch_ms: int = 50,
+    image: str = "sequencer",
+    lossless: bool = False,
+    tcp_port: int | None = None,
 ) -> str:
+    """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there."""
+    tcp = "" if tcp_port is None else f', "--tcp-listen", "{tcp_port}"'
     return f"""\
 name = "{unit}"
 
 [nf]
 image = "{image}"
-args = ["/usr/local/bin/sequencer", "--listen", "{NF_PORT}", "--dest", "{SINK_IP}:{SINK_PORT}"]
+args = ["/usr/local/bin/sequencer", "--listen", "{NF_PORT}", "--dest", "{SINK_IP}:{SINK_PORT}"{tcp}]
 address = "{NF_IP}/24"
 mac = "{NF_MAC}"
 
@@ -193,6 +200,8 @@ class Fabric(Testbed):
     # The unit in lossless mode (DESIGN.md I7): its inputs mirrored to the standby and replayed
     # there after a takeover; the data links get LOSSLESS_DATA_MTU.
     lossless: bool = False
+    # The sequencer also serves TCP on this port (a connection that must survive the takeover).
+    tcp_port: int | None = None
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
     _partition_table: bool = False
@@ -269,7 +278,9 @@ class Fabric(Testbed):
             if o.letter != letter
         }
         a, b, c = (self.hosts[x].name for x in HOSTS)
-        spec = sequencer_spec(epoch_ms=self.epoch_ms, lossless=self.lossless)
+        spec = sequencer_spec(
+            epoch_ms=self.epoch_ms, lossless=self.lossless, tcp_port=self.tcp_port
+        )
         role = {
             "A": UnitPlan(spec, "primary", standby=b, spares=(c,)),
             "B": UnitPlan(spec, "standby", primary=a, spares=(c,)),

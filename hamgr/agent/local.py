@@ -40,8 +40,16 @@ from typing import Any
 import attrs
 
 from dpdk_vhost.client import DataPlaneClient
-from hamgr.agent import procs, unitnet
-from hamgr.agent.primary import MAX_RECOVERIES, Observed
+from hamgr.agent import unitnet
+from hamgr.agent.primary import (
+    GOOD_STEPS_RESET,
+    IDLE_POLL_S,
+    MAX_RECOVERIES,
+    STATS_EVERY_S,
+    Observed,
+    poll_seconds,
+    report_engine,
+)
 from hamgr.agent.state import Resource, StateDB
 from shim import epoch as ep
 from shim import failover as fo
@@ -59,7 +67,6 @@ __all__ = [
     "DbTermStore",
     "FailoverRequest",
     "LocalRunner",
-    "container_detail",
     "destroy_containers",
     "newest_container",
     "record_container",
@@ -68,10 +75,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.001
-IDLE_POLL_S = 0.005
-STATS_EVERY_S = 0.1
-GOOD_STEPS_RESET = 1000
 REBUILD_EVERY_S = 1.0
 
 STATUS_NAMES = {
@@ -85,21 +88,8 @@ STATUS_NAMES = {
 # --- the unit's containers in the state database -------------------------------------------
 
 
-def container_detail(nf: Container) -> dict[str, Any]:
-    """What the agent records of a container, to adopt it after a restart (as `start_nf`)."""
-    return {
-        "pid": nf.pid,
-        "ticks": procs.start_ticks(nf.pid),
-        "bundle": str(nf.bundle.path),
-        "rootfs": str(nf.bundle.rootfs),
-        "owns_rootfs": nf.bundle.owns_rootfs,
-        "work_dir": str(nf.work_dir),
-        "spec": nf.spec.to_json(),
-    }
-
-
 def record_container(db: StateDB, unit: str, nf: Container) -> None:
-    db.add_resource(unit, "container", nf.name, container_detail(nf))
+    db.add_resource(unit, "container", nf.name, unitnet.container_detail(nf))
 
 
 def newest_container(db: StateDB, unit: str) -> Resource | None:
@@ -341,23 +331,20 @@ class LocalRunner:
         self._refresh()
 
     def _poll_seconds(self) -> float:
-        """As UnitRunner: 1 ms while a cut, ship or close is pending, up to 5 ms when idle."""
         engine = self.driver.engine
-        if engine is None:
-            return IDLE_POLL_S
-        m = engine.machine
-        if m.state is ep.State.RUNNING and m.inflight == 0 and m.next_wakeup_us is None:
-            return max(POLL_S, min(IDLE_POLL_S, m.epoch_length_us / 1e7))
-        return POLL_S
+        return IDLE_POLL_S if engine is None else poll_seconds(engine.machine)
+
+    def _take_request(self) -> FailoverRequest | None:
+        try:
+            req = self._requests.get_nowait()
+        except queue.Empty:
+            return None
+        with self._lock:
+            self.pending -= 1
+        return req
 
     def _serve_requests(self) -> None:
-        while True:
-            try:
-                req = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                self.pending -= 1
+        while (req := self._take_request()) is not None:
             try:
                 outcome = self.driver.request(req.reason, planned=req.planned, term=req.term)
             except Exception as exc:
@@ -373,13 +360,7 @@ class LocalRunner:
             self._refresh()
 
     def _refuse_queued(self, code: str, message: str) -> None:
-        while True:
-            try:
-                req = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                self.pending -= 1
+        while (req := self._take_request()) is not None:
             req.refuse(code, message)
 
     def _recover(self, failures: int) -> bool:
@@ -475,21 +456,10 @@ class LocalRunner:
 
     def _observe(self) -> None:
         engine = self.driver.engine
-        if engine is None:
-            return
-        stats = engine.stats
-        # The engine keeps every record; the agent runs for months, so it takes them out.
-        records, stats.epochs[:] = list(stats.epochs), []
-        for record in records:
-            self.observed.on_pause(self.unit, record.pause_us / 1e6)
-        alarms, stats.alarms[:] = list(stats.alarms), []
-        for alarm in alarms:
-            self.observed.on_alarm(self.unit, alarm)
-        committed = engine.last_committed
-        if committed is not None and committed != self._last_committed:
-            self._last_committed = committed
-            commit_ms = records[-1].commit_us / 1000 if records else 0.0
-            self.observed.on_commit(self.unit, committed, commit_ms)
+        if engine is not None:
+            self._last_committed = report_engine(
+                engine, self.observed, self.unit, self._last_committed
+            )
 
     def _refresh(self) -> None:
         try:

@@ -54,7 +54,9 @@ __all__ = [
     "TakeOverError",
     "UnitRunner",
     "counters",
+    "poll_seconds",
     "primary_config",
+    "report_engine",
     "take_over",
 ]
 
@@ -217,6 +219,40 @@ class Observed:
     on_fenced: Callable[[str], None] = _not_watched
 
 
+def poll_seconds(m: ep.PrimaryMachine) -> float:
+    """1 ms while a cut, a ship or an epoch close is pending; slower when the unit is idle.
+
+    Idle means no output waits and nothing is in flight: new output is then noticed within a
+    tenth of an epoch (at most 5 ms), which delays its cut by no more than that.
+    """
+    if m.state is ep.State.RUNNING and m.inflight == 0 and m.next_wakeup_us is None:
+        return max(POLL_S, min(IDLE_POLL_S, m.epoch_length_us / 1e7))
+    return POLL_S
+
+
+def report_engine(
+    engine: PrimaryEngine, observed: Observed, unit: str, last_committed: int | None
+) -> int | None:
+    """Hand the engine's new epoch records, alarms and commit to `observed`.
+
+    The engine keeps every record; an agent runs for months, so they are taken out here.
+    Returns the last committed epoch, to pass back in next time.
+    """
+    stats = engine.stats
+    records, stats.epochs[:] = list(stats.epochs), []
+    for record in records:
+        observed.on_pause(unit, record.pause_us / 1e6)
+    alarms, stats.alarms[:] = list(stats.alarms), []
+    for alarm in alarms:
+        observed.on_alarm(unit, alarm)
+    committed = engine.last_committed
+    if committed is not None and committed != last_committed:
+        commit_ms = records[-1].commit_us / 1000 if records else 0.0
+        observed.on_commit(unit, committed, commit_ms)
+        return committed
+    return last_committed
+
+
 class UnitRunner:
     """One primary unit's epoch loop on its own thread (bounded by `stop`)."""
 
@@ -369,30 +405,12 @@ class UnitRunner:
         return False
 
     def _poll_seconds(self) -> float:
-        """1 ms while a cut, a ship or an epoch close is pending; slower when the unit is idle.
-
-        Idle means no output waits and nothing is in flight: new output is then noticed within
-        a tenth of an epoch (at most 5 ms), which delays its cut by no more than that.
-        """
-        m = self.engine.machine
-        if m.state is ep.State.RUNNING and m.inflight == 0 and m.next_wakeup_us is None:
-            return max(POLL_S, min(IDLE_POLL_S, m.epoch_length_us / 1e7))
-        return POLL_S
+        return poll_seconds(self.engine.machine)
 
     def _observe(self) -> None:
-        stats = self.engine.stats
-        # The engine keeps every record; the agent runs for months, so it takes them out.
-        records, stats.epochs[:] = list(stats.epochs), []
-        for record in records:
-            self.observed.on_pause(self.unit, record.pause_us / 1e6)
-        alarms, stats.alarms[:] = list(stats.alarms), []
-        for alarm in alarms:
-            self.observed.on_alarm(self.unit, alarm)
-        committed = self.engine.last_committed
-        if committed is not None and committed != self._last_committed:
-            self._last_committed = committed
-            commit_ms = records[-1].commit_us / 1000 if records else 0.0
-            self.observed.on_commit(self.unit, committed, commit_ms)
+        self._last_committed = report_engine(
+            self.engine, self.observed, self.unit, self._last_committed
+        )
 
     def _refresh(self) -> None:
         try:

@@ -139,21 +139,21 @@ def start_nf(
     )
     nf = backend.start(cspec)
     nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
-    db.add_resource(
-        spec.name,
-        "container",
-        names.container,
-        {
-            "pid": nf.pid,
-            "ticks": procs.start_ticks(nf.pid),
-            "bundle": str(nf.bundle.path),
-            "rootfs": str(nf.bundle.rootfs),
-            "owns_rootfs": nf.bundle.owns_rootfs,
-            "work_dir": str(nf.work_dir),
-            "spec": cspec.to_json(),
-        },
-    )
+    db.add_resource(spec.name, "container", names.container, container_detail(nf))
     return nf
+
+
+def container_detail(nf: Container) -> dict[str, Any]:
+    """What the agent records of a container, to adopt it after a restart."""
+    return {
+        "pid": nf.pid,
+        "ticks": procs.start_ticks(nf.pid),
+        "bundle": str(nf.bundle.path),
+        "rootfs": str(nf.bundle.rootfs),
+        "owns_rootfs": nf.bundle.owns_rootfs,
+        "work_dir": str(nf.work_dir),
+        "spec": nf.spec.to_json(),
+    }
 
 
 class AdoptError(Exception):

@@ -77,7 +77,6 @@ from typing import Any
 import attrs
 import click
 
-from hamgr.agent.remote import HostPlan
 from hamgr.fabric import NF_IP, NF_PORT, SINK_PORT, Fabric
 from hamgr.testbed import UNIT, UnitBed, sequencer_args, wait_udp_bound
 from hamgr.trafgen import (
@@ -355,26 +354,6 @@ def summarize(scope: str, results: list[dict[str, Any]], lossless: bool = False)
 # -- remote ------------------------------------------------------------------------------
 
 
-def with_tcp_listener(spec: str) -> str:
-    """The unit spec with the sequencer's TCP listener switched on (through its environment)."""
-    head = "\n[nf]\n"
-    if spec.count(head) != 1 or "\nenv =" in spec:
-        raise ValueError("the sequencer spec no longer has the layout this bench extends")
-    return spec.replace(head, f'{head}env = ["SEQ_TCP_LISTEN={TCP_PORT}"]\n')
-
-
-@attrs.define
-class TcpFabric(Fabric):
-    """The three-host testbed whose sequencer also serves TCP on `TCP_PORT`."""
-
-    __test__ = False
-
-    def plan(self, letter: str) -> HostPlan:
-        plan = super().plan(letter)
-        units = tuple(attrs.evolve(u, spec=with_tcp_listener(u.spec)) for u in plan.units)
-        return attrs.evolve(plan, units=units)
-
-
 @attrs.frozen
 class FailoverRun:
     """Everything one remote failover left behind: the sink's records and B's account."""
@@ -394,8 +373,8 @@ def run_remote_failover(
     """Protect the sequencer on A, stream through it, kill host A, wait for B to take over."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
-    bed = TcpFabric if tcp else Fabric
-    with bed(work / "fab", epoch_ms=epoch_ms, lossless=lossless) as fab:
+    tcp_port = TCP_PORT if tcp else None
+    with Fabric(work / "fab", epoch_ms=epoch_ms, lossless=lossless, tcp_port=tcp_port) as fab:
         fab.start()
         warm = 1.0 + rng.random()
         sink, sender, out = start_udp(fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps)

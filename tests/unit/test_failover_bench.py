@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from hamgr import trafgen
-from hamgr.bench.failover import TCP_PORT, sink_gap_ms, summarize, with_tcp_listener
+from hamgr.bench.failover import TCP_PORT, sink_gap_ms, summarize
 from hamgr.fabric import sequencer_spec
 from hamgr.trafgen import Record, TcpLedger, TcpSummary, run_tcp_client, tcp_survived
 from hamgr.unitspec import loads
@@ -309,9 +309,7 @@ def test_the_sink_gap_spans_the_split() -> None:
 
 
 def test_the_fabrics_spec_gets_the_sequencers_tcp_listener() -> None:
-    spec = with_tcp_listener(sequencer_spec())
-    unit = loads(spec)
-    assert unit.nf.env == (f"SEQ_TCP_LISTEN={TCP_PORT}",)
-    assert unit == attrs.evolve(loads(sequencer_spec()), nf=unit.nf)
-    with pytest.raises(ValueError, match="layout"):
-        with_tcp_listener(spec)
+    unit = loads(sequencer_spec(tcp_port=TCP_PORT))
+    plain = loads(sequencer_spec())
+    assert unit.nf.args == (*plain.nf.args, "--tcp-listen", str(TCP_PORT))
+    assert unit == attrs.evolve(plain, nf=attrs.evolve(plain.nf, args=unit.nf.args))
