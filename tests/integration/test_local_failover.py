@@ -266,6 +266,10 @@ def test_a_failover_that_cannot_restore_leaves_the_unit_down_until_an_operator_r
     engine = rig.driver.engine
     assert engine is not None
     rig.steady(0.5)
+    # Kill between two cuts: a SIGKILL to an NF frozen for a dump waits for the thaw, and only
+    # a later step of the driver thaws it; this test must not step before it hides the image.
+    # A machine left RUNNING by a step has no cut in progress: the NF is thawed, no dump runs.
+    assert rig.until(lambda: engine.machine.state is ep.State.RUNNING, 5.0)
     committed = engine.image_dir(engine.last_committed or 0)
     hidden = committed.with_name(f".hidden-{committed.name}")
     rig.kill()
