@@ -13,7 +13,7 @@ static const char *const drop_names[DROP__COUNT] = {
 	[DROP_RING_FULL] = "ring_full",   [DROP_NO_MBUF] = "no_mbuf",
 	[DROP_STALE_TERM] = "stale_term", [DROP_DISCARD] = "discard",
 	[DROP_TX_FAIL] = "tx_fail",       [DROP_MIRROR_FAIL] = "mirror_fail",
-	[DROP_REMOVED] = "removed",
+	[DROP_REMOVED] = "removed",       [DROP_RESERVED_TYPE] = "reserved_type",
 };
 
 static const char *const kind_names[] = {

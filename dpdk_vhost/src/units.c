@@ -188,6 +188,37 @@ static inline uint64_t sum_len(struct rte_mbuf **pkts, uint16_t n)
 	return b;
 }
 
+/* What the NF emitted, less the frames of the data plane's own ethertypes:
+ * a probe would leave through the egress to the fabric and tell a peer this
+ * host is alive, a mirror frame would land in a standby's input log. Neither
+ * can come from an NF, so they are dropped and counted (reserved_type). The
+ * vhost or af_packet RX has just written each frame, so the test reads a hot
+ * line. Returns the frames kept (compacted in place) and their bytes. */
+static inline uint16_t nf_rx_filter(struct dp_unit *u, struct rte_mbuf **pkts, uint16_t n,
+				    uint64_t *bytes)
+{
+	const rte_be16_t probe = rte_cpu_to_be_16(DP_ETHERTYPE_PROBE);
+	const rte_be16_t mirror = rte_cpu_to_be_16(DP_ETHERTYPE_MIRROR);
+	uint64_t b = 0;
+	uint16_t i, k = 0;
+
+	for (i = 0; i < n; i++) {
+		struct rte_mbuf *m = pkts[i];
+		rte_be16_t type = rte_pktmbuf_mtod(m, const struct rte_ether_hdr *)->ether_type;
+
+		if (unlikely((type == probe || type == mirror) &&
+			     m->data_len >= sizeof(struct rte_ether_hdr))) {
+			u->drops[DROP_RESERVED_TYPE]++;
+			rte_pktmbuf_free(m);
+			continue;
+		}
+		b += m->pkt_len;
+		pkts[k++] = m;
+	}
+	*bytes = b;
+	return k;
+}
+
 void unit_update_bp(struct dp_unit *u)
 {
 	unsigned bp = 0, rising;
@@ -210,14 +241,16 @@ void unit_update_bp(struct dp_unit *u)
 	u->bp = bp;
 }
 
-/* Moves what the NF emitted into the open epoch; returns packets taken. */
-static uint16_t nf_to_buffer(struct dp_unit *u)
+/* Moves what the NF emitted into the open epoch; returns the frames taken from
+ * the NF port (0 when it had none), and in *kept those buffered. */
+static uint16_t nf_to_buffer(struct dp_unit *u, uint16_t *kept)
 {
 	struct rte_mbuf *pkts[DP_BURST];
 	unsigned free_slots = rte_ring_free_count(u->buf);
-	uint16_t n, enq;
+	uint16_t n, got, enq;
 	uint64_t bytes;
 
+	*kept = 0;
 	if (free_slots == 0) {
 		u->nf_stalls++;
 		return 0;
@@ -226,9 +259,12 @@ static uint16_t nf_to_buffer(struct dp_unit *u)
 			     (uint16_t)(free_slots < DP_BURST ? free_slots : DP_BURST));
 	if (n == 0)
 		return 0;
-	bytes = sum_len(pkts, n);
 	u->nf_rx += n;
+	got = n;
+	n = nf_rx_filter(u, pkts, n, &bytes);
 	u->nf_rx_bytes += bytes;
+	if (n == 0)
+		return got;
 	enq = (uint16_t)rte_ring_enqueue_burst(u->buf, (void **)pkts, n, NULL);
 	if (enq < n) {
 		bytes -= sum_len(pkts + enq, (uint16_t)(n - enq));
@@ -242,7 +278,8 @@ static uint16_t nf_to_buffer(struct dp_unit *u)
 	if (unit_buffered_pkts(u) > u->hwm_pkts)
 		u->hwm_pkts = unit_buffered_pkts(u);
 	unit_update_bp(u);
-	return n;
+	*kept = enq;
+	return got;
 }
 
 /* Released packets have waited up to an epoch and their mbufs have left the
@@ -366,9 +403,11 @@ void unit_poll(struct dp_unit *u, uint64_t now, int *work)
 		if (n == 0)
 			return;
 		*work = 1;
-		bytes = sum_len(pkts, n);
 		u->nf_rx += n;
+		n = nf_rx_filter(u, pkts, n, &bytes);
 		u->nf_rx_bytes += bytes;
+		if (n == 0)
+			return;
 		sent = rte_eth_tx_burst(pid_of(u->egress), 0, pkts, n);
 		if (sent < n) {
 			bytes -= sum_len(pkts + sent, (uint16_t)(n - sent));
@@ -379,8 +418,12 @@ void unit_poll(struct dp_unit *u, uint64_t now, int *work)
 		return;
 	}
 
-	if (!u->paused && nf_to_buffer(u))
-		*work = 1;
+	if (!u->paused) {
+		uint16_t kept;
+
+		if (nf_to_buffer(u, &kept))
+			*work = 1;
+	}
 	if (u->release_limit != u->deq_cnt)
 		release_tx(u, work);
 
@@ -422,11 +465,11 @@ uint64_t unit_close_epoch(struct dp_unit *u, uint64_t *drained)
 	/* A frozen NF cannot add to its egress, so a bounded drain empties it;
 	 * the bound only matters for an NF that was not frozen. */
 	for (i = 0; i < 1024; i++) {
-		uint16_t n = nf_to_buffer(u);
+		uint16_t kept;
 
-		if (n == 0)
+		if (nf_to_buffer(u, &kept) == 0)
 			break;
-		d += n;
+		d += kept;
 	}
 	u->closed[(u->closed_head + u->closed_n) % DP_MAX_K] = (struct dp_epoch){
 		.epoch = e, .start_cnt = u->open_start, .end_cnt = u->enq_cnt, .release_at = 0};

@@ -23,6 +23,7 @@ from tests.integration.dp_env import (
     Netns,
     RawPort,
     cpu_seconds,
+    frame,
     have_root_stack,
     parse,
     realtime,
@@ -109,7 +110,13 @@ def ha_unit(dp: DataPlaneClient, **kw: Any) -> None:
 def accounted(dp: DataPlaneClient) -> None:
     """Every packet the NF emitted is buffered, released, discarded or counted as a drop."""
     u = dp.stats().units["u1"]
-    assert u.nf_rx == u.buffered_pkts + u.released_pkts + u.discarded_pkts + u.drops["ring_full"]
+    assert u.nf_rx == (
+        u.buffered_pkts
+        + u.released_pkts
+        + u.discarded_pkts
+        + u.drops["ring_full"]
+        + u.drops["reserved_type"]
+    )
 
 
 def test_i1_nothing_leaves_before_release_then_everything_in_order(env: Env) -> None:
@@ -329,6 +336,36 @@ def test_plain_mode_forwards_without_buffering(env: Env) -> None:
     assert env.sink.recv_seqs(quiet=0.3) == list(range(1, 21))
     u = dp.stats().units["u1"]
     assert (u.rx, u.in_seq, u.nf_rx, u.tx, u.buffered_pkts) == (20, 20, 20, 20, 0)
+
+
+def _reserved(ethertype: int, seq: int) -> bytes:
+    """A frame of the data plane's own ethertype that carries a test payload behind it."""
+    f = frame(seq)
+    return f[:12] + ethertype.to_bytes(2, "big") + f[14:]
+
+
+@pytest.mark.parametrize("mode", ["ha", "plain"])
+def test_nf_cannot_emit_probes_or_mirror_frames(env: Env, mode: str) -> None:
+    """A probe from the NF would vouch for this host at a peer; a mirror frame would land
+    in a standby's input log. Both are dropped at the NF port and counted."""
+    dp = env.dataplane()
+    ha_unit(dp, mode=mode)
+    for s in range(1, 11):
+        env.nf.send(frame(s))
+        if s % 3 == 0:
+            env.nf.send(_reserved(0x88B5, 1000 + s))
+            env.nf.send(_reserved(0x88B6, 2000 + s))
+    assert wait_for(lambda: dp.stats().units["u1"].nf_rx == 16)
+    if mode == "ha":
+        assert dp.close_epoch("u1", 1).pkts == 10
+        dp.release("u1", 1, term=0)
+    frames = env.sink.recv_all(quiet=0.3)
+    assert [parse(f) for f in frames] == [(0, s) for s in range(1, 11)]
+    u = dp.stats().units["u1"]
+    assert u.drops["reserved_type"] == 6
+    assert u.tx == 10
+    if mode == "ha":
+        accounted(dp)
 
 
 def test_input_mirror_tags_every_delivered_packet(env: Env) -> None:
