@@ -7,7 +7,7 @@
 
 #include <rte_cycles.h>
 #include <rte_lcore.h>
-#include <rte_ring.h>
+#include <rte_malloc.h>
 
 #include <rte_errno.h>
 
@@ -317,11 +317,12 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 	u = &g.units[slot];
 	memset(u, 0, sizeof(*u));
 	snprintf(rname, sizeof(rname), "ub_%s", name);
-	u->buf = rte_ring_create(rname, (unsigned)ring, (int)rte_socket_id(),
-				 RING_F_SP_ENQ | RING_F_SC_DEQ);
-	if (u->buf == NULL)
-		return fail(out, "no_memory cannot create a %lu-entry ring: %s", ring,
-			    rte_strerror(rte_errno));
+	u->hb = rte_zmalloc_socket(rname, (size_t)ring * sizeof(u->hb[0]), RTE_CACHE_LINE_SIZE,
+				   (int)rte_socket_id());
+	if (u->hb == NULL)
+		return fail(out, "no_memory cannot allocate a %lu-entry ring", ring);
+	u->hb_mask = (uint32_t)ring - 1;
+	u->hb_cap = (uint32_t)ring - 1;
 	snprintf(u->name, sizeof(u->name), "%s", name);
 	u->tag = (uint32_t)tag;
 	u->mirror_tag = u->tag;
@@ -337,7 +338,7 @@ static int cmd_add_unit(struct ctl_req *r, struct sbuf *out)
 	u->k = (uint32_t)k;
 	u->budget_bytes = budget;
 	u->ring_size = (uint32_t)ring;
-	u->ring_high = (uint32_t)(rte_ring_get_capacity(u->buf) * 3 / 4);
+	u->ring_high = u->hb_cap * 3 / 4;
 	for (i = 0; i < n_wire; i++) {
 		g.ports[wire[i]].owner = slot;
 		g.ports[wire[i]].n_users++;
@@ -374,7 +375,7 @@ static int cmd_remove_unit(struct ctl_req *r, struct sbuf *out)
 	g.ports[u->egress].n_users--;
 	if (u->mirror >= 0)
 		g.ports[u->mirror].n_users--;
-	rte_ring_free(u->buf);
+	rte_free(u->hb);
 	memset(u, 0, sizeof(*u));
 	return 0;
 }

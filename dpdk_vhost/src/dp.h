@@ -22,7 +22,6 @@
 #define DP_NAME_LEN 32
 #define DP_BURST 32
 #define DP_RELEASE_BURSTS 2
-#define DP_STAGE (DP_BURST * DP_RELEASE_BURSTS * 2)
 #define DP_CATCH_UP 8192 /* releasable packets beyond which release stages faster */
 
 #define DP_ETHERTYPE_PROBE 0x88B5
@@ -97,29 +96,29 @@ struct dp_unit {
 	uint64_t budget_bytes;
 	uint32_t ring_size;
 	uint32_t ring_high; /* pkts at which ingress pauses, leaving NF headroom */
-	struct rte_ring *buf;
+	/* The held output: a circular array of ring_size mbuf pointers, in
+	 * hugepage memory. The NF port's RX writes into it and the egress TX sends
+	 * from it in place, so no pointer is copied on the way. It holds
+	 * enq_cnt - deq_cnt packets from position hb_head (a running count,
+	 * masked on use); a closed epoch that starts at count s begins at offset
+	 * s - deq_cnt. At most hb_cap = ring_size - 1 are held. */
+	struct rte_mbuf **hb;
+	uint32_t hb_mask, hb_cap;
+	uint64_t hb_head;
+	uint64_t pf_end; /* position up to which the release has prefetched */
 
 	struct dp_epoch closed[DP_MAX_K];
 	uint32_t closed_head, closed_n;
 
 	uint64_t enq_cnt, enq_bytes; /* net of discards, so boundaries stay valid */
 	uint64_t open_start;         /* enq_cnt when the open epoch began */
-	/* Packets that left the buffer: sent, or freed by a retire. A retire can
-	 * free packets queued behind released ones, so deq_cnt counts rather than
-	 * marks the ring head; what holds is that the ring has
-	 * enq_cnt - deq_cnt - stage_n packets, and that a closed epoch starting at
-	 * count s begins at ring offset s - deq_cnt - stage_n. */
+	/* Packets that left the buffer: sent, or freed by a retire. */
 	uint64_t deq_cnt, deq_bytes;
 	uint64_t release_limit;
 	uint64_t last_released; /* highest epoch released or retired, 0 = none */
 
 	struct dp_stash to_nf;
 	struct dp_stash to_egress;
-
-	/* Released packets taken off the ring one loop iteration before they are
-	 * sent, so their cold mbufs can be prefetched in the meantime. */
-	struct rte_mbuf *stage[DP_STAGE];
-	uint16_t stage_off, stage_n;
 
 	/* auto-epoch bench/test mode */
 	uint64_t auto_interval_tsc, auto_next_close, auto_ack_delay_tsc;
@@ -292,6 +291,12 @@ const char *drop_name(enum dp_drop d);
 static inline uint64_t unit_buffered_pkts(const struct dp_unit *u)
 {
 	return u->enq_cnt - u->deq_cnt;
+}
+
+/* The held packet at offset `off` from the head. */
+static inline struct rte_mbuf **unit_held(const struct dp_unit *u, uint64_t off)
+{
+	return &u->hb[(u->hb_head + off) & u->hb_mask];
 }
 
 static inline uint64_t unit_buffered_bytes(const struct dp_unit *u)

@@ -25,7 +25,6 @@
 #include <rte_ether.h>
 #include <rte_ethdev.h>
 #include <rte_mbuf.h>
-#include <rte_ring.h>
 
 #include "dp.h"
 
@@ -123,26 +122,22 @@ int heldout_create(const char *path, char *err, size_t errlen)
 	return fd;
 }
 
-/* Writes the frames of closed epoch `ep`, still in the ring, to the file opened
- * by heldout_create, then renames it to `path`. The frames are peeked in place
- * (a zero-copy dequeue that is never finished), so the buffer is untouched.
+/* Writes the frames of closed epoch `ep`, still held, to the file opened by
+ * heldout_create, then renames it to `path`. The frames are read in place, so
+ * the buffer is untouched.
  * Always closes fd; on failure the temporary file is removed. */
 int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const char *path,
 		 struct heldout_saved *res, char *err, size_t errlen)
 {
 	uint64_t count = ep->end_cnt - ep->start_cnt, off = 0, bytes = 0, i;
 	struct writer w = {.fd = fd, .len = 0, .err = 0};
-	struct rte_ring_zc_data zcd = {0};
 	uint8_t hdr[HELDOUT_HDR_LEN];
 	char tmp[PATH_MAX];
-	void **p1 = NULL, **p2 = NULL;
-	int peeked = 0;
 
 	tmp_name(tmp, sizeof(tmp), path);
 	if (count) {
-		off = ep->start_cnt - u->deq_cnt - u->stage_n;
-		if (off + count > rte_ring_count(u->buf) ||
-		    rte_ring_dequeue_zc_bulk_start(u->buf, (unsigned)(off + count), &zcd, NULL) == 0) {
+		off = ep->start_cnt - u->deq_cnt;
+		if (ep->start_cnt < u->deq_cnt || off + count > unit_buffered_pkts(u)) {
 			snprintf(err, errlen,
 				 "internal epoch %lu's %lu packets are not where the counts say; "
 				 "nothing saved",
@@ -151,13 +146,9 @@ int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const cha
 			unlink(tmp);
 			return -1;
 		}
-		peeked = 1;
-		p1 = zcd.ptr1;
-		p2 = zcd.ptr2;
 	}
-#define PEEK(j) ((struct rte_mbuf *)((j) < zcd.n1 ? p1[(j)] : p2[(j) - zcd.n1]))
 	for (i = off; i < off + count; i++)
-		bytes += PEEK(i)->pkt_len;
+		bytes += (*unit_held(u, i))->pkt_len;
 
 	memcpy(hdr, HELDOUT_MAGIC, 8);
 	put_le64(hdr + 8, ep->epoch);
@@ -166,7 +157,7 @@ int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const cha
 	put_le64(hdr + 32, bytes);
 	w_put(&w, hdr, sizeof(hdr));
 	for (i = off; i < off + count && !w.err; i++) {
-		const struct rte_mbuf *m = PEEK(i), *seg;
+		const struct rte_mbuf *m = *unit_held(u, i), *seg;
 		uint32_t len = rte_cpu_to_le_32(m->pkt_len);
 
 		w_put(&w, &len, sizeof(len));
@@ -174,9 +165,6 @@ int heldout_save(struct dp_unit *u, const struct dp_epoch *ep, int fd, const cha
 		for (seg = m; seg != NULL; seg = seg->next)
 			w_put(&w, rte_pktmbuf_mtod(seg, const void *), seg->data_len);
 	}
-#undef PEEK
-	if (peeked)
-		rte_ring_dequeue_zc_finish(u->buf, 0);
 	w_flush(&w);
 	if (close(fd) < 0 && !w.err)
 		w.err = errno;

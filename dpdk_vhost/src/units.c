@@ -1,10 +1,11 @@
 /* Units: steering, the egress epoch buffer and back-pressure.
  *
- * The buffer is one FIFO ring of mbuf pointers per unit. Epoch boundaries are
- * cumulative enqueue counts, so closing an epoch is O(1) and releasing one is
- * moving a limit; the loop then transmits up to that limit in bursts. The ring
- * hands released packets to a small staging array; what the egress port
- * refuses stays there, in order, instead of being dropped.
+ * The buffer is one circular array of mbuf pointers per unit: the NF port's
+ * RX writes into it and the egress TX sends from it, in place. Epoch
+ * boundaries are cumulative enqueue counts, so closing an epoch is O(1) and
+ * releasing one is moving a limit; the loop then transmits up to that limit
+ * in bursts. What the egress port refuses stays held, in order, instead of
+ * being dropped.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -241,13 +242,15 @@ void unit_update_bp(struct dp_unit *u)
 	u->bp = bp;
 }
 
-/* Moves what the NF emitted into the open epoch; returns the frames taken from
- * the NF port (0 when it had none), and in *kept those buffered. */
+/* Moves what the NF emitted into the open epoch: the NF port's RX writes
+ * straight into the held array. Returns the frames taken from the NF port (0
+ * when it had none), and in *kept those buffered. */
 static uint16_t nf_to_buffer(struct dp_unit *u, uint16_t *kept)
 {
-	struct rte_mbuf *pkts[DP_BURST];
-	unsigned free_slots = rte_ring_free_count(u->buf);
-	uint16_t n, got, enq;
+	uint64_t held = u->enq_cnt - u->deq_cnt;
+	uint32_t free_slots = (uint32_t)(u->hb_cap - held), tail, room;
+	struct rte_mbuf **dst;
+	uint16_t n, got;
 	uint64_t bytes;
 
 	*kept = 0;
@@ -255,30 +258,30 @@ static uint16_t nf_to_buffer(struct dp_unit *u, uint16_t *kept)
 		u->nf_stalls++;
 		return 0;
 	}
-	n = rte_eth_rx_burst(pid_of(u->nf), 0, pkts,
-			     (uint16_t)(free_slots < DP_BURST ? free_slots : DP_BURST));
+	tail = (uint32_t)(u->hb_head + held) & u->hb_mask;
+	room = u->hb_mask + 1 - tail; /* up to the array's end */
+	if (room > free_slots)
+		room = free_slots;
+	if (room > DP_BURST)
+		room = DP_BURST;
+	dst = u->hb + tail;
+	n = rte_eth_rx_burst(pid_of(u->nf), 0, dst, (uint16_t)room);
 	if (n == 0)
 		return 0;
 	u->nf_rx += n;
 	got = n;
-	n = nf_rx_filter(u, pkts, n, &bytes);
+	n = nf_rx_filter(u, dst, n, &bytes);
 	u->nf_rx_bytes += bytes;
 	if (n == 0)
 		return got;
-	enq = (uint16_t)rte_ring_enqueue_burst(u->buf, (void **)pkts, n, NULL);
-	if (enq < n) {
-		bytes -= sum_len(pkts + enq, (uint16_t)(n - enq));
-		u->drops[DROP_RING_FULL] += (uint64_t)(n - enq);
-		rte_pktmbuf_free_bulk(pkts + enq, n - enq);
-	}
-	u->enq_cnt += enq;
+	u->enq_cnt += n;
 	u->enq_bytes += bytes;
 	if (unit_buffered_bytes(u) > u->hwm_bytes)
 		u->hwm_bytes = unit_buffered_bytes(u);
 	if (unit_buffered_pkts(u) > u->hwm_pkts)
 		u->hwm_pkts = unit_buffered_pkts(u);
 	unit_update_bp(u);
-	*kept = enq;
+	*kept = n;
 	return got;
 }
 
@@ -316,57 +319,54 @@ static inline void prefetch_next_allocs(void)
 		prefetch_mbuf(c->objs[c->len - j]);
 }
 
-/* Sends what an earlier call staged (and prefetched), then stages the next
- * packets. Staging one burst per call keeps the prefetches spread over the
- * loop; a larger backlog stages two, so a release can outrun ingress and
- * catch up after the process was descheduled. */
+/* Sends, from the held array in place, the released packets that an earlier
+ * call prefetched, then prefetches the next ones. Prefetching one burst per
+ * call keeps the prefetches spread over the loop; a larger backlog takes two,
+ * so a release can outrun ingress and catch up after the process was
+ * descheduled. */
 static void release_tx(struct dp_unit *u, int *work)
 {
-	uint64_t todo;
-	uint16_t got, i, room;
+	uint64_t todo = u->release_limit - u->deq_cnt, ready, end;
 	int b;
 
-	for (b = 0; b < DP_RELEASE_BURSTS && u->stage_n; b++) {
-		struct rte_mbuf **s = u->stage + u->stage_off;
-		uint16_t n = u->stage_n < DP_BURST ? u->stage_n : DP_BURST, sent;
-		/* Lengths are read first: a vhost TX frees what it sent. */
-		uint64_t bytes = sum_len(s, n);
+	ready = u->pf_end > u->hb_head ? u->pf_end - u->hb_head : 0;
+	if (ready > todo)
+		ready = todo;
+	for (b = 0; b < DP_RELEASE_BURSTS && ready; b++) {
+		uint32_t pos = (uint32_t)u->hb_head & u->hb_mask;
+		uint64_t n = ready < DP_BURST ? ready : DP_BURST, bytes;
+		struct rte_mbuf **s = u->hb + pos;
+		uint16_t sent;
 
-		sent = rte_eth_tx_burst(pid_of(u->egress), 0, s, n);
+		if (pos + n > (uint64_t)u->hb_mask + 1)
+			n = u->hb_mask + 1 - pos;
+		/* Lengths are read first: a vhost TX frees what it sent. */
+		bytes = sum_len(s, (uint16_t)n);
+		sent = rte_eth_tx_burst(pid_of(u->egress), 0, s, (uint16_t)n);
 		if (sent < n)
 			bytes -= sum_len(s + sent, (uint16_t)(n - sent));
-		u->stage_off += sent;
-		u->stage_n -= sent;
+		u->hb_head += sent;
 		u->deq_cnt += sent;
 		u->deq_bytes += bytes;
 		u->tx += sent;
 		u->tx_bytes += bytes;
 		u->released_pkts += sent;
 		u->released_bytes += bytes;
+		ready -= sent;
+		todo -= sent;
 		*work = 1;
 		if (sent < n)
 			break;
 	}
-	if (u->stage_n == 0)
-		u->stage_off = 0;
-	else if (u->stage_off + u->stage_n > DP_STAGE / 2) {
-		memmove(u->stage, u->stage + u->stage_off, u->stage_n * sizeof(u->stage[0]));
-		u->stage_off = 0;
-	}
-	todo = u->release_limit - u->deq_cnt - u->stage_n;
-	room = (uint16_t)(DP_STAGE - u->stage_off - u->stage_n);
-	if (room > DP_BURST && todo < DP_CATCH_UP)
-		room = DP_BURST;
-	if (todo && room) {
-		struct rte_mbuf **dst = u->stage + u->stage_off + u->stage_n;
-
-		got = (uint16_t)rte_ring_dequeue_burst(u->buf, (void **)dst,
-						       todo < room ? (unsigned)todo : room, NULL);
-		for (i = 0; i < got; i++)
-			prefetch_mbuf(dst[i]);
-		u->stage_n += got;
+	if (u->pf_end < u->hb_head)
+		u->pf_end = u->hb_head;
+	end = u->hb_head + (todo < DP_CATCH_UP ? DP_BURST : 2 * DP_BURST);
+	if (end > u->hb_head + todo)
+		end = u->hb_head + todo;
+	for (; u->pf_end < end; u->pf_end++)
+		prefetch_mbuf(u->hb[u->pf_end & u->hb_mask]);
+	if (todo)
 		*work = 1;
-	}
 	if (u->bp)
 		unit_update_bp(u);
 }
@@ -494,30 +494,32 @@ void unit_release_upto(struct dp_unit *u, uint64_t epoch)
 	unit_update_bp(u);
 }
 
-static uint64_t free_counted(void **objs, unsigned n)
+/* Frees the `n` held packets from offset `off` and returns their bytes. */
+static uint64_t free_held(struct dp_unit *u, uint64_t off, uint64_t n)
 {
-	uint64_t bytes = 0;
-	unsigned i;
+	uint64_t bytes = 0, i;
 
-	for (i = 0; i < n; i++)
-		bytes += ((struct rte_mbuf *)objs[i])->pkt_len;
-	rte_pktmbuf_free_bulk((struct rte_mbuf **)objs, n);
+	for (i = 0; i < n; i++) {
+		struct rte_mbuf *m = *unit_held(u, off + i);
+
+		bytes += m->pkt_len;
+		rte_pktmbuf_free(m);
+	}
 	return bytes;
 }
 
 /* Off the fast path. Retiring frees, without sending, the closed epochs up to
  * `epoch`: the standby sent them. They are the oldest closed epochs, so their
- * packets follow the released ones in the ring. When no released packet is
- * left in the ring they are at its head; otherwise the ring is taken apart
- * and put back without them, released packets first. Either way they count
- * as dequeued and the release limit moves past them, so what the loop still
- * has to send (release_limit - deq_cnt - stage_n) is unchanged and every
- * later boundary stays valid. Returns -1, with nothing changed, when memory
- * runs out or the ring does not hold what the counts say it does. */
+ * packets follow the released ones still held (`pending`). The pending ones
+ * move up over the freed ones, so the array stays one run from the head.
+ * They count as dequeued and the release limit moves past them, so what the
+ * loop still has to send (release_limit - deq_cnt) is unchanged and every
+ * later boundary stays valid. Returns -1, with nothing changed, when the
+ * array does not hold what the counts say it does. */
 int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64_t *pkts,
 		     uint64_t *bytes)
 {
-	uint64_t pending = u->release_limit - u->deq_cnt - u->stage_n, end, n, b = 0;
+	uint64_t pending = u->release_limit - u->deq_cnt, end, n, b, i;
 	uint32_t k = 0;
 
 	while (k < u->closed_n && u->closed[(u->closed_head + k) % DP_MAX_K].epoch <= epoch)
@@ -527,34 +529,13 @@ int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64
 		return 0;
 	end = u->closed[(u->closed_head + k - 1) % DP_MAX_K].end_cnt;
 	n = end - u->release_limit;
-	if (rte_ring_count(u->buf) < pending + n)
-		return -1; /* the bookkeeping disagrees with the ring; change nothing */
-	if (n && pending == 0) {
-		void *objs[256];
-		uint64_t left = n;
-
-		while (left) {
-			unsigned c = left < 256 ? (unsigned)left : 256;
-
-			rte_ring_dequeue_bulk(u->buf, objs, c, NULL);
-			b += free_counted(objs, c);
-			left -= c;
-		}
-	} else if (n) {
-		unsigned total = rte_ring_count(u->buf);
-		void **objs = malloc((size_t)total * sizeof(void *));
-
-		if (objs == NULL)
-			return -1;
-		if (rte_ring_dequeue_bulk(u->buf, objs, total, NULL) != total) {
-			free(objs);
-			return -1;
-		}
-		b = free_counted(objs + pending, (unsigned)n);
-		memmove(objs + pending, objs + pending + n, (total - pending - n) * sizeof(void *));
-		rte_ring_enqueue_bulk(u->buf, objs, (unsigned)(total - n), NULL);
-		free(objs);
-	}
+	if (unit_buffered_pkts(u) < pending + n)
+		return -1; /* the bookkeeping disagrees with the array; change nothing */
+	b = free_held(u, pending, n);
+	for (i = pending; i > 0; i--)
+		*unit_held(u, n + i - 1) = *unit_held(u, i - 1);
+	u->hb_head += n;
+	u->pf_end = u->hb_head; /* what was prefetched has moved */
 	u->deq_cnt += n;
 	u->deq_bytes += b;
 	u->release_limit = end;
@@ -571,12 +552,11 @@ int unit_retire_upto(struct dp_unit *u, uint64_t epoch, uint64_t *epochs, uint64
 	return 0;
 }
 
-/* Off the fast path: the ring is a FIFO, so cutting its tail means taking
- * everything out and putting the kept head back, in order. */
+/* Off the fast path: drops the held packets of epochs >= from, the array's
+ * tail. */
 uint64_t unit_discard_from(struct dp_unit *u, uint64_t from, enum dp_drop reason)
 {
-	uint64_t keep_cnt = u->release_limit, total, keep, i, bytes = 0;
-	void **objs;
+	uint64_t keep_cnt = u->release_limit, total, keep, bytes = 0;
 
 	while (u->closed_n) {
 		struct dp_epoch *last = &u->closed[(u->closed_head + u->closed_n - 1) % DP_MAX_K];
@@ -594,31 +574,17 @@ uint64_t unit_discard_from(struct dp_unit *u, uint64_t from, enum dp_drop reason
 	}
 	if (from > u->cur_epoch)
 		keep_cnt = u->enq_cnt;
-	/* Staged packets are released ones and never discarded. */
-	total = u->enq_cnt - u->deq_cnt - u->stage_n;
-	keep = keep_cnt - u->deq_cnt - u->stage_n;
-	if (total == keep)
-		goto out;
-	objs = malloc(total * sizeof(void *));
-	if (objs == NULL)
-		return 0;
-	if (rte_ring_dequeue_bulk(u->buf, objs, (unsigned)total, NULL) != total) {
-		free(objs);
-		return 0;
+	/* Released packets are never discarded. */
+	total = u->enq_cnt - u->deq_cnt;
+	keep = keep_cnt - u->deq_cnt;
+	if (total != keep) {
+		bytes = free_held(u, keep, total - keep);
+		u->enq_cnt = keep_cnt;
+		u->enq_bytes -= bytes;
+		u->discarded_pkts += total - keep;
+		u->discarded_bytes += bytes;
+		u->drops[reason] += total - keep;
 	}
-	for (i = keep; i < total; i++) {
-		bytes += ((struct rte_mbuf *)objs[i])->pkt_len;
-		rte_pktmbuf_free(objs[i]);
-	}
-	if (keep)
-		rte_ring_enqueue_bulk(u->buf, objs, (unsigned)keep, NULL);
-	free(objs);
-	u->enq_cnt = keep_cnt;
-	u->enq_bytes -= bytes;
-	u->discarded_pkts += total - keep;
-	u->discarded_bytes += bytes;
-	u->drops[reason] += total - keep;
-out:
 	if (from <= u->cur_epoch)
 		u->cur_epoch = from;
 	u->open_start = u->enq_cnt;
@@ -628,28 +594,18 @@ out:
 
 void unit_free_all(struct dp_unit *u, enum dp_drop reason)
 {
-	struct rte_mbuf *m;
-
 	u->release_limit = u->deq_cnt;
 	u->closed_n = 0;
-	if (u->buf) {
-		uint64_t n = 0, bytes = 0;
+	if (u->hb) {
+		uint64_t n = unit_buffered_pkts(u), bytes = free_held(u, 0, n);
 
-		while (rte_ring_dequeue(u->buf, (void **)&m) == 0) {
-			bytes += m->pkt_len;
-			rte_pktmbuf_free(m);
-			n++;
-		}
+		u->hb_head += n;
+		u->pf_end = u->hb_head;
 		u->deq_cnt = u->enq_cnt;
 		u->deq_bytes = u->enq_bytes;
 		u->discarded_pkts += n;
 		u->discarded_bytes += bytes;
 		u->drops[reason] += n;
-	}
-	if (u->stage_n) {
-		rte_pktmbuf_free_bulk(u->stage + u->stage_off, u->stage_n);
-		u->drops[reason] += u->stage_n;
-		u->stage_n = 0;
 	}
 	if (u->to_nf.n) {
 		rte_pktmbuf_free_bulk(u->to_nf.m + u->to_nf.off, u->to_nf.n);
