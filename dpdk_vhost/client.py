@@ -396,14 +396,24 @@ class DataPlaneClient:
         *,
         capacity: int | None = None,
         max_bytes: int | None = None,
+        shadow_mac: str | None = None,
     ) -> None:
         """Logs the mirror frames with ``tag`` that arrive on ``port``, in sequence order.
 
         ``capacity`` (frames, default 65536) and ``max_bytes`` (default 64 MiB) bound the
         log; beyond them the oldest entries are dropped and counted as overflow.
+        With ``shadow_mac`` (the NF's MAC) the log also keeps a shadow log, bounded the same
+        way: the other frames for that MAC that reach ``port`` while no unit owns it, less
+        those a mirror frame shows the primary delivered (`replay_shadow_log`).
         """
         self.request(
-            "add_input_log", name=name, port=port, tag=tag, capacity=capacity, max_bytes=max_bytes
+            "add_input_log",
+            name=name,
+            port=port,
+            tag=tag,
+            capacity=capacity,
+            max_bytes=max_bytes,
+            shadow_mac=shadow_mac,
         )
 
     def trim_input_log(self, name: str, upto: int) -> int:
@@ -421,6 +431,16 @@ class DataPlaneClient:
         was delivered by then stays delivered, and the message says the seq to replay after.
         """
         f = self.request("replay_input_log", name=name, unit=unit, after=after, term=term)
+        return Replayed(delivered=int(f["delivered"]), first=int(f["first"]), last=int(f["last"]))
+
+    def replay_shadow_log(self, name: str, unit: str, *, term: int | None = None) -> Replayed:
+        """Delivers the shadow log's frames to the unit's NF, in arrival order, and drops them.
+
+        Call it after `replay_input_log`: these are the inputs no mirror frame carried. The
+        unit's ingress must be paused (``not_paused``); a log without a shadow log fails with
+        ``no_shadow``. ``first``/``last`` count arrivals at this port, not the primary's seqs.
+        """
+        f = self.request("replay_shadow_log", name=name, unit=unit, term=term)
         return Replayed(delivered=int(f["delivered"]), first=int(f["first"]), last=int(f["last"]))
 
     def remove_input_log(self, name: str) -> int:

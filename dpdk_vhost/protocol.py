@@ -187,6 +187,8 @@ class PortStats:
     mirror_rx: int = 0
     mirror_unknown: int = 0
     mirror_bad: int = 0
+    # Frames this unowned port gave to a shadow log (for a lossless unit's NF MAC).
+    shadow_rx: int = 0
 
 
 @attrs.frozen
@@ -288,6 +290,17 @@ class InputLogStats:
     trimmed: int
     trim_seq: int
     replayed: int
+    # The shadow log, when the log was made with ``shadow_mac``: frames held and their bytes,
+    # frames logged, mirror frames that found their copy there (dropping it and everything
+    # older) or did not, frames dropped for room, frames replayed. 0 without a shadow log.
+    shadow: bool = False
+    shadow_frames: int = 0
+    shadow_bytes: int = 0
+    shadow_received: int = 0
+    shadow_matched: int = 0
+    shadow_unmatched: int = 0
+    shadow_overflow: int = 0
+    shadow_replayed: int = 0
 
 
 @attrs.frozen
@@ -343,6 +356,7 @@ _UNIT_INTS = _ints(UnitStats)
 _PROBE_INTS = _ints(ProbeStats)
 _LOG_INTS = _ints(InputLogStats)
 _PORT_OPT_INTS = _optional_ints(PortStats)
+_LOG_OPT_INTS = _optional_ints(InputLogStats)
 _UNIT_OPT_INTS = _optional_ints(UnitStats)
 
 
@@ -390,7 +404,13 @@ def parse_stats(fields: Mapping[str, str]) -> Stats:
             for name, f in _group(fields, "probe.").items()
         }
         logs = {
-            name: InputLogStats(name=name, port=f["port"], **{k: int(f[k]) for k in _LOG_INTS})
+            name: InputLogStats(
+                name=name,
+                port=f["port"],
+                shadow="shadow_frames" in f,
+                **{k: int(f[k]) for k in _LOG_INTS},
+                **_opt(f, _LOG_OPT_INTS),
+            )
             for name, f in _group(fields, "log.").items()
         }
         g = {

@@ -10,6 +10,7 @@
 #include <rte_malloc.h>
 
 #include <rte_errno.h>
+#include <rte_ether.h>
 
 #include "ctl.h"
 
@@ -707,8 +708,9 @@ static struct dp_log *need_log(struct ctl_req *r, struct sbuf *out)
 
 static int cmd_add_input_log(struct ctl_req *r, struct sbuf *out)
 {
-	const char *name = need(r, "name", out);
+	const char *name = need(r, "name", out), *mac = req_str(r, "shadow_mac");
 	uint64_t tag, cap, max_bytes;
+	struct rte_ether_addr shadow;
 	struct dp_log *lg = NULL;
 	char err[200];
 	int port, i;
@@ -726,6 +728,10 @@ static int cmd_add_input_log(struct ctl_req *r, struct sbuf *out)
 		return fail(out, "bad_arg capacity must be 1..%u frames", MAX_LOG_CAP);
 	if (max_bytes < MIN_LOG_BYTES || max_bytes > MAX_LOG_BYTES)
 		return fail(out, "bad_arg max_bytes must be %d..%llu", MIN_LOG_BYTES, MAX_LOG_BYTES);
+	if (mac != NULL && (rte_ether_unformat_addr(mac, &shadow) < 0 ||
+			    rte_is_multicast_ether_addr(&shadow) || rte_is_zero_ether_addr(&shadow)))
+		return fail(out, "bad_arg shadow_mac must be a unicast MAC like 02:00:c6:12:00:02, "
+			    "got %s", mac);
 	if (inputlog_find(name) >= 0)
 		return fail(out, "exists input log %s exists; remove_input_log it first", name);
 	if ((i = inputlog_find_port_tag(port, (uint32_t)tag)) >= 0)
@@ -741,11 +747,12 @@ static int cmd_add_input_log(struct ctl_req *r, struct sbuf *out)
 		}
 	if (lg == NULL)
 		return fail(out, "no_space all %d input log slots are used", DP_MAX_LOGS);
-	if (inputlog_create(lg, name, port, (uint32_t)tag, (uint32_t)cap, max_bytes, err,
-			    sizeof(err)) < 0)
+	if (inputlog_create(lg, name, port, (uint32_t)tag, (uint32_t)cap, max_bytes,
+			    mac ? shadow.addr_bytes : NULL, err, sizeof(err)) < 0)
 		return fail(out, "%s", err);
-	sb_printf(out, "log=%s port=%s tag=%u capacity=%u max_bytes=%lu", name,
-		  g.ports[port].name, lg->tag, lg->cap, (unsigned long)lg->arena_size);
+	sb_printf(out, "log=%s port=%s tag=%u capacity=%u max_bytes=%lu shadow=%d", name,
+		  g.ports[port].name, lg->tag, lg->cap, (unsigned long)lg->arena_size,
+		  lg->shadow != NULL);
 	return 0;
 }
 
@@ -790,6 +797,25 @@ static int cmd_replay_input_log(struct ctl_req *r, struct sbuf *out)
 		return fail(out, "not_paused unit %s takes live input; pause_ingress it first, or live "
 			    "input would interleave with the replay", u->name);
 	if (inputlog_replay(lg, u, after, &res, err, sizeof(err)) < 0)
+		return fail(out, "%s", err);
+	sb_printf(out, "log=%s unit=%s delivered=%lu first=%lu last=%lu", lg->name, u->name,
+		  (unsigned long)res.delivered, (unsigned long)res.first, (unsigned long)res.last);
+	return 0;
+}
+
+static int cmd_replay_shadow_log(struct ctl_req *r, struct sbuf *out)
+{
+	struct dp_log *lg = need_log(r, out);
+	struct inputlog_replayed res;
+	struct dp_unit *u;
+	char err[300];
+
+	if (lg == NULL || (u = need_unit(r, out)) == NULL || term_check(u, r, 0, out) < 0)
+		return -1;
+	if (!u->paused)
+		return fail(out, "not_paused unit %s takes live input; pause_ingress it first, or live "
+			    "input would interleave with the replay", u->name);
+	if (inputlog_replay_shadow(lg, u, &res, err, sizeof(err)) < 0)
 		return fail(out, "%s", err);
 	sb_printf(out, "log=%s unit=%s delivered=%lu first=%lu last=%lu", lg->name, u->name,
 		  (unsigned long)res.delivered, (unsigned long)res.first, (unsigned long)res.last);
@@ -889,6 +915,7 @@ static const struct {
 	{"remove_input_log", cmd_remove_input_log},
 	{"trim_input_log", cmd_trim_input_log},
 	{"replay_input_log", cmd_replay_input_log},
+	{"replay_shadow_log", cmd_replay_shadow_log},
 	{"add_probe", cmd_add_probe},
 	{"remove_probe", cmd_remove_probe},
 };

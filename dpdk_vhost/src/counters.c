@@ -62,14 +62,16 @@ static void port_stats(struct sbuf *b, const struct dp_port *p)
 		  " port.%s.rx_missed=%lu port.%s.rx_nombuf=%lu port.%s.tx_errors=%lu"
 		  " port.%s.probe_rx=%lu port.%s.probe_tx=%lu port.%s.probe_bad=%lu"
 		  " port.%s.unowned_drops=%lu port.%s.xmit_pkts=%lu port.%s.xmit_bytes=%lu"
-		  " port.%s.mirror_rx=%lu port.%s.mirror_unknown=%lu port.%s.mirror_bad=%lu",
+		  " port.%s.mirror_rx=%lu port.%s.mirror_unknown=%lu port.%s.mirror_bad=%lu"
+		  " port.%s.shadow_rx=%lu",
 		  p->name, kind_names[p->kind], p->name, p->port_id, p->name,
 		  link.link_status, p->name, U64(st.ipackets), p->name, U64(st.opackets), p->name,
 		  U64(st.ibytes), p->name, U64(st.obytes), p->name, U64(st.imissed), p->name,
 		  U64(st.rx_nombuf), p->name, U64(st.oerrors), p->name, U64(p->probe_rx), p->name,
 		  U64(p->probe_tx), p->name, U64(p->probe_bad), p->name, U64(p->unowned_drops), p->name,
 		  U64(p->xmit_pkts), p->name, U64(p->xmit_bytes), p->name, U64(p->mirror_rx),
-		  p->name, U64(p->mirror_unknown), p->name, U64(p->mirror_bad));
+		  p->name, U64(p->mirror_unknown), p->name, U64(p->mirror_bad), p->name,
+		  U64(p->shadow_rx));
 }
 
 static void unit_stats(struct sbuf *b, const struct dp_unit *u)
@@ -158,6 +160,14 @@ static void log_stats(struct sbuf *b, const struct dp_log *lg)
 		  U64(lg->received), n, U64(lg->gaps), n, U64(lg->gap_seq), n, U64(lg->duplicates),
 		  n, U64(lg->too_big), n, U64(lg->overflow), n, U64(lg->overflow_seq), n,
 		  U64(lg->trimmed), n, U64(lg->trim_seq), n, U64(lg->replayed));
+	if (lg->shadow != NULL)
+		sb_printf(b,
+			  " log.%s.shadow_frames=%u log.%s.shadow_bytes=%lu log.%s.shadow_received=%lu"
+			  " log.%s.shadow_matched=%lu log.%s.shadow_unmatched=%lu"
+			  " log.%s.shadow_overflow=%lu log.%s.shadow_replayed=%lu",
+			  n, lg->shadow->n, n, U64(lg->shadow->bytes), n, U64(lg->shadow->received),
+			  n, U64(lg->shadow_matched), n, U64(lg->shadow_unmatched), n,
+			  U64(lg->shadow->overflow), n, U64(lg->shadow->replayed));
 }
 
 void stats_format(struct sbuf *b, const char *only_unit)

@@ -40,10 +40,12 @@ struct dp_port {
 	int n_probes;             /* probes sent/received on this port */
 	int n_logs;               /* input logs fed by this port's RX */
 	int rx_filters;           /* n_probes + n_logs: nonzero sends RX through rx_filter */
+	int n_shadows;            /* input logs with a shadow log on this port */
 	int n_users;              /* units referencing it in any role */
 	uint64_t probe_rx, probe_tx, probe_bad, unowned_drops;
 	/* mirror frames logged, with a tag no log here wants, and too short to parse */
 	uint64_t mirror_rx, mirror_unknown, mirror_bad;
+	uint64_t shadow_rx; /* frames an unowned port gave to a shadow log */
 	uint64_t xmit_pkts, xmit_bytes; /* frames sent by `xmit` from a held-output file */
 };
 
@@ -157,7 +159,11 @@ struct dp_probe {
 struct dp_log_entry {
 	uint64_t seq;
 	uint32_t off, len;
+	uint32_t hash; /* shadow logs only: crc of the frame, to match mirror frames */
 };
+
+#define DP_SHADOW_SCAN 512 /* shadow entries a mirror frame is looked for among */
+#define DP_SHADOW_PEND 16  /* mirror frames remembered that no shadow entry matched yet */
 
 /* Input log (lossless mode, on the standby): mirror frames with one tag from
  * one port, in sequence order. Frames are copied out of their mbufs into the
@@ -182,6 +188,16 @@ struct dp_log {
 	uint64_t overflow, overflow_seq; /* oldest entries dropped for room, highest seq dropped */
 	uint64_t trimmed, trim_seq;      /* entries dropped by trim, highest `upto` */
 	uint64_t replayed;
+	/* The shadow log (lossless takeover of the inputs no mirror frame
+	 * carries): every other frame the port receives for the NF's MAC while
+	 * no unit owns it, in arrival order; seq is the arrival count. A mirror
+	 * frame found there (same bytes) drops it and everything older, which
+	 * the primary delivered. Allocated with the log when a MAC is given. */
+	struct dp_log *shadow;
+	uint8_t shadow_mac[6];
+	uint64_t shadow_matched, shadow_unmatched;
+	uint32_t pend_hash[DP_SHADOW_PEND], pend_len[DP_SHADOW_PEND];
+	uint32_t pend_n;
 };
 
 struct dp_global {
@@ -258,12 +274,15 @@ struct inputlog_replayed {
 int inputlog_find(const char *name);
 int inputlog_find_port_tag(int port, uint32_t tag);
 int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag, uint32_t cap,
-		    uint64_t max_bytes, char *err, size_t errlen);
+		    uint64_t max_bytes, const uint8_t *shadow_mac, char *err, size_t errlen);
 uint64_t inputlog_destroy(struct dp_log *lg);
 void inputlog_receive(struct dp_port *p, struct rte_mbuf *m, int *work);
 uint64_t inputlog_trim(struct dp_log *lg, uint64_t upto);
 int inputlog_replay(struct dp_log *lg, struct dp_unit *u, uint64_t after,
 		    struct inputlog_replayed *res, char *err, size_t errlen);
+int inputlog_replay_shadow(struct dp_log *lg, struct dp_unit *u, struct inputlog_replayed *res,
+			   char *err, size_t errlen);
+uint16_t inputlog_shadow_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, int *work);
 void inputlogs_free_all(void);
 
 /* probes.c */

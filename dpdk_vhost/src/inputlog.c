@@ -11,6 +11,15 @@
  * replay and the rest run in command handlers. A replay refuses to deliver
  * anything unless the log holds every seq after the cut: a hole would be an
  * input the restored NF silently never sees.
+ *
+ * A log made with the NF's MAC also keeps a shadow log: the frames for that
+ * MAC that reach this port while no unit owns it. The bridge floods them here
+ * because the NF's MAC is never a source on the fabric (the standby releases
+ * its output with its own MAC). Each mirror frame drops its copy, and every
+ * older one, from the shadow log; what is left at a takeover is what the
+ * primary never delivered: inputs queued at its wire port, mirror frames lost
+ * with it, and everything sent during the outage. Those are replayed after
+ * the mirrored ones (inputlog_replay_shadow).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +28,7 @@
 #include <rte_byteorder.h>
 #include <rte_cycles.h>
 #include <rte_ethdev.h>
+#include <rte_hash_crc.h>
 #include <rte_mbuf.h>
 
 #include "dp.h"
@@ -43,10 +53,8 @@ int inputlog_find_port_tag(int port, uint32_t tag)
 	return -1;
 }
 
-int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag, uint32_t cap,
-		    uint64_t max_bytes, char *err, size_t errlen)
+static int frames_alloc(struct dp_log *lg, uint32_t cap, uint64_t max_bytes)
 {
-	memset(lg, 0, sizeof(*lg));
 	lg->ent = calloc(cap, sizeof(lg->ent[0]));
 	/* Not touched here: the pages are faulted in as frames first reach them. */
 	lg->arena = malloc(max_bytes);
@@ -55,18 +63,52 @@ int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag,
 		free(lg->arena);
 		lg->ent = NULL;
 		lg->arena = NULL;
-		snprintf(err, errlen, "no_memory cannot allocate %u entries and %lu bytes", cap,
-			 (unsigned long)max_bytes);
+		return -1;
+	}
+	lg->cap = cap;
+	lg->arena_size = max_bytes;
+	return 0;
+}
+
+static void frames_free(struct dp_log *lg)
+{
+	free(lg->ent);
+	free(lg->arena);
+}
+
+int inputlog_create(struct dp_log *lg, const char *name, int port, uint32_t tag, uint32_t cap,
+		    uint64_t max_bytes, const uint8_t *shadow_mac, char *err, size_t errlen)
+{
+	struct dp_log *sh = NULL;
+
+	memset(lg, 0, sizeof(*lg));
+	if (shadow_mac != NULL) {
+		sh = calloc(1, sizeof(*sh));
+		if (sh != NULL && frames_alloc(sh, cap, max_bytes) < 0) {
+			free(sh);
+			sh = NULL;
+		}
+	}
+	if (frames_alloc(lg, cap, max_bytes) < 0 || (shadow_mac != NULL && sh == NULL)) {
+		if (lg->ent != NULL)
+			frames_free(lg);
+		lg->ent = NULL;
+		lg->arena = NULL;
+		snprintf(err, errlen, "no_memory cannot allocate %u entries and %lu bytes%s", cap,
+			 (unsigned long)max_bytes, shadow_mac ? ", twice (log and shadow)" : "");
 		return -1;
 	}
 	snprintf(lg->name, sizeof(lg->name), "%s", name);
 	lg->port = port;
 	lg->tag = tag;
-	lg->cap = cap;
-	lg->arena_size = max_bytes;
 	lg->used = 1;
 	g.ports[port].n_logs++;
 	g.ports[port].rx_filters++;
+	if (sh != NULL) {
+		lg->shadow = sh;
+		memcpy(lg->shadow_mac, shadow_mac, sizeof(lg->shadow_mac));
+		g.ports[port].n_shadows++;
+	}
 	return 0;
 }
 
@@ -77,8 +119,12 @@ uint64_t inputlog_destroy(struct dp_log *lg)
 
 	g.ports[lg->port].n_logs--;
 	g.ports[lg->port].rx_filters--;
-	free(lg->ent);
-	free(lg->arena);
+	if (lg->shadow != NULL) {
+		g.ports[lg->port].n_shadows--;
+		frames_free(lg->shadow);
+		free(lg->shadow);
+	}
+	frames_free(lg);
 	memset(lg, 0, sizeof(*lg));
 	return n;
 }
@@ -146,25 +192,19 @@ static void copy_out(uint8_t *dst, const struct rte_mbuf *m, uint32_t off, uint3
 	}
 }
 
-static void log_append(struct dp_log *lg, const struct rte_mbuf *m, uint64_t seq)
+/* Copies the frame in m from byte `skip` on as the newest entry, with `seq`,
+ * dropping the oldest entries for room; NULL (nothing stored) when it is
+ * bigger than the whole arena. */
+static struct dp_log_entry *store(struct dp_log *lg, const struct rte_mbuf *m, uint32_t skip,
+				  uint64_t seq)
 {
-	uint32_t len = m->pkt_len - MIRROR_HDR_LEN;
+	uint32_t len = m->pkt_len - skip;
 	struct dp_log_entry *e;
 	int64_t off;
 
-	if (lg->started && seq <= lg->last) {
-		lg->duplicates++;
-		return;
-	}
 	if (len > lg->arena_size) {
-		/* Left out: the next frame then shows it as a gap. */
 		lg->too_big++;
-		return;
-	}
-	if (lg->started && seq != lg->last + 1) {
-		lg->gaps++;
-		if (lg->gap_seq == 0 || lg->last + 1 < lg->gap_seq)
-			lg->gap_seq = lg->last + 1;
+		return NULL;
 	}
 	if (lg->n == lg->cap) {
 		lg->overflow++;
@@ -176,17 +216,131 @@ static void log_append(struct dp_log *lg, const struct rte_mbuf *m, uint64_t seq
 		lg->overflow_seq = entry(lg, 0)->seq;
 		drop_oldest(lg);
 	}
-	copy_out(lg->arena + off, m, MIRROR_HDR_LEN, len);
+	copy_out(lg->arena + off, m, skip, len);
 	e = entry(lg, lg->n);
 	e->seq = seq;
 	e->off = (uint32_t)off;
 	e->len = len;
+	e->hash = 0;
 	lg->n++;
 	lg->wpos = (uint64_t)off + len;
 	lg->bytes += len;
+	lg->received++;
+	return e;
+}
+
+static inline uint32_t frame_hash(const uint8_t *p, uint32_t len)
+{
+	return rte_hash_crc(p, len, 0);
+}
+
+/* The primary delivered the frame at p: its copy in the shadow log, and every
+ * older entry there, need no replay. A mirror frame that can overtake its
+ * flooded copy (the copy is still on its way) is remembered, and the copy is
+ * not logged when it comes. */
+static void shadow_match(struct dp_log *lg, const uint8_t *p, uint32_t len)
+{
+	struct dp_log *sh = lg->shadow;
+	uint32_t h = frame_hash(p, len), i, scan = sh->n < DP_SHADOW_SCAN ? sh->n : DP_SHADOW_SCAN;
+
+	for (i = 0; i < scan; i++) {
+		const struct dp_log_entry *e = entry(sh, i);
+
+		if (e->hash == h && e->len == len && memcmp(sh->arena + e->off, p, len) == 0) {
+			uint32_t k;
+
+			for (k = 0; k <= i; k++)
+				drop_oldest(sh);
+			sh->trimmed += i + 1;
+			lg->shadow_matched++;
+			return;
+		}
+	}
+	lg->shadow_unmatched++;
+	lg->pend_hash[lg->pend_n % DP_SHADOW_PEND] = h;
+	lg->pend_len[lg->pend_n % DP_SHADOW_PEND] = len;
+	lg->pend_n++;
+}
+
+static void log_append(struct dp_log *lg, const struct rte_mbuf *m, uint64_t seq)
+{
+	struct dp_log_entry *e;
+
+	if (lg->started && seq <= lg->last) {
+		lg->duplicates++;
+		return;
+	}
+	if (m->pkt_len - MIRROR_HDR_LEN > lg->arena_size) {
+		/* Left out: the next frame then shows it as a gap. */
+		lg->too_big++;
+		return;
+	}
+	if (lg->started && seq != lg->last + 1) {
+		lg->gaps++;
+		if (lg->gap_seq == 0 || lg->last + 1 < lg->gap_seq)
+			lg->gap_seq = lg->last + 1;
+	}
+	e = store(lg, m, MIRROR_HDR_LEN, seq);
 	lg->last = seq;
 	lg->started = 1;
-	lg->received++;
+	if (lg->shadow != NULL && e != NULL)
+		shadow_match(lg, lg->arena + e->off, e->len);
+}
+
+/* A frame for the shadow's MAC on an unowned port; returns 1 if it was taken
+ * (logged, or dropped as one a mirror frame already covered). */
+static int shadow_receive(struct dp_log *lg, struct rte_mbuf *m)
+{
+	struct dp_log *sh = lg->shadow;
+	struct dp_log_entry *e;
+	uint32_t i, n = lg->pend_n < DP_SHADOW_PEND ? lg->pend_n : DP_SHADOW_PEND;
+
+	if (rte_pktmbuf_is_contiguous(m)) {
+		uint32_t h = frame_hash(rte_pktmbuf_mtod(m, const uint8_t *), m->pkt_len);
+
+		for (i = 0; i < n; i++)
+			if (lg->pend_hash[i] == h && lg->pend_len[i] == m->pkt_len) {
+				/* Its mirror frame came first: the primary has it. */
+				lg->pend_len[i] = UINT32_MAX;
+				lg->shadow_matched++;
+				return 1;
+			}
+	}
+	e = store(sh, m, 0, sh->received + 1);
+	if (e == NULL)
+		return 0;
+	e->hash = frame_hash(sh->arena + e->off, e->len);
+	return 1;
+}
+
+/* The frames of an unowned port left after rx_filter: those for a shadow
+ * log's MAC are logged there and freed. Returns the frames left, compacted. */
+uint16_t inputlog_shadow_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, int *work)
+{
+	const int port = (int)(p - g.ports);
+	uint16_t i, k = 0;
+	int j;
+
+	for (i = 0; i < n; i++) {
+		const uint8_t *dst = rte_pktmbuf_mtod(pkts[i], const uint8_t *);
+		int taken = 0;
+
+		for (j = 0; j < DP_MAX_LOGS && !taken && pkts[i]->data_len >= 6; j++) {
+			struct dp_log *lg = &g.logs[j];
+
+			if (lg->used && lg->shadow != NULL && lg->port == port &&
+			    memcmp(dst, lg->shadow_mac, 6) == 0)
+				taken = shadow_receive(lg, pkts[i]);
+		}
+		if (taken) {
+			p->shadow_rx++;
+			*work = 1;
+			rte_pktmbuf_free(pkts[i]);
+		} else {
+			pkts[k++] = pkts[i];
+		}
+	}
+	return k;
 }
 
 /* A mirror frame (ethertype 0x88B6) from a port that has at least one log.
@@ -267,6 +421,54 @@ static const char *missing_reason(const struct dp_log *lg, uint64_t seq, char *b
 	return buf;
 }
 
+/* Sends entries k, k+1, ... to the end of the log to u's NF port, in order.
+ * A port that refuses frames is retried until it has refused for
+ * INPUTLOG_REPLAY_STALL_US in all (-1). *done counts what it took; a dry mbuf
+ * pool stops it early with *short_of_mbufs set. */
+static int deliver(struct dp_log *lg, struct dp_unit *u, uint32_t k, uint64_t *done,
+		   int *short_of_mbufs)
+{
+	const uint64_t stall_max = dp_us_to_tsc(INPUTLOG_REPLAY_STALL_US);
+	const uint16_t pid = g.ports[u->nf].port_id;
+	uint64_t stalled = 0;
+
+	*done = 0;
+	*short_of_mbufs = 0;
+	while (k < lg->n && !*short_of_mbufs) {
+		struct rte_mbuf *m[DP_BURST];
+		uint16_t n = 0, sent = 0;
+
+		while (n < DP_BURST && k + n < lg->n) {
+			const struct dp_log_entry *e = entry(lg, k + n);
+
+			m[n] = frame_mbuf(lg->arena + e->off, e->len);
+			if (m[n] == NULL) {
+				*short_of_mbufs = 1;
+				break;
+			}
+			n++;
+		}
+		while (sent < n) {
+			uint64_t t;
+
+			sent += rte_eth_tx_burst(pid, 0, m + sent, (uint16_t)(n - sent));
+			if (sent == n)
+				break;
+			if (stalled >= stall_max) {
+				rte_pktmbuf_free_bulk(m + sent, n - sent);
+				*done += sent;
+				return -1;
+			}
+			t = rte_rdtsc();
+			rte_delay_us_sleep(20);
+			stalled += rte_rdtsc() - t;
+		}
+		*done += sent;
+		k += sent;
+	}
+	return 0;
+}
+
 /* Delivers the logged frames with seq > after to u's NF port, in order, before
  * it returns; ingress must be paused. Nothing is delivered unless the log holds
  * every seq from after+1 to its last. A port that refuses frames is retried
@@ -275,12 +477,10 @@ static const char *missing_reason(const struct dp_log *lg, uint64_t seq, char *b
 int inputlog_replay(struct dp_log *lg, struct dp_unit *u, uint64_t after,
 		    struct inputlog_replayed *res, char *err, size_t errlen)
 {
-	const uint64_t stall_max = dp_us_to_tsc(INPUTLOG_REPLAY_STALL_US);
-	const uint16_t pid = g.ports[u->nf].port_id;
 	uint32_t start = first_after(lg, after), k;
-	uint64_t expect = after + 1, stalled = 0, done = 0;
+	uint64_t expect = after + 1, done = 0;
+	int ret, short_of_mbufs = 0;
 	char why[200];
-	int ret = 0;
 
 	memset(res, 0, sizeof(*res));
 	for (k = start; k < lg->n; k++, expect++)
@@ -295,65 +495,64 @@ int inputlog_replay(struct dp_log *lg, struct dp_unit *u, uint64_t after,
 			 (unsigned long)expect, missing_reason(lg, expect, why, sizeof(why)));
 		return -1;
 	}
-	k = start;
-	while (k < lg->n && ret == 0) {
-		struct rte_mbuf *m[DP_BURST];
-		uint16_t n = 0, sent = 0;
-		int short_of_mbufs = 0;
-
-		while (n < DP_BURST && k + n < lg->n) {
-			const struct dp_log_entry *e = entry(lg, k + n);
-
-			m[n] = frame_mbuf(lg->arena + e->off, e->len);
-			if (m[n] == NULL) {
-				short_of_mbufs = 1;
-				break;
-			}
-			n++;
-		}
-		while (sent < n) {
-			uint16_t s = rte_eth_tx_burst(pid, 0, m + sent, (uint16_t)(n - sent));
-			uint64_t t;
-
-			sent += s;
-			if (sent == n)
-				break;
-			if (stalled >= stall_max) {
-				rte_pktmbuf_free_bulk(m + sent, n - sent);
-				ret = -1;
-				break;
-			}
-			t = rte_rdtsc();
-			rte_delay_us_sleep(20);
-			stalled += rte_rdtsc() - t;
-		}
-		if (sent) {
-			if (done == 0)
-				res->first = entry(lg, k)->seq;
-			res->last = entry(lg, k + sent - 1)->seq;
-			done += sent;
-			k += sent;
-		}
-		if (ret < 0)
-			snprintf(err, errlen, "tx_timeout NF port %s of unit %s took %lu of %u frames "
-				 "(up to seq %lu), then refused the rest for %d ms; replay again with "
-				 "after=%lu", g.ports[u->nf].name, u->name, (unsigned long)done,
-				 lg->n - start, (unsigned long)(done ? res->last : after),
-				 INPUTLOG_REPLAY_STALL_US / 1000,
-				 (unsigned long)(done ? res->last : after));
-		else if (short_of_mbufs) {
-			snprintf(err, errlen, "no_mbuf unit %s took %lu of %u frames (up to seq %lu), "
-				 "then the mbuf pool ran dry; replay again with after=%lu", u->name,
-				 (unsigned long)done, lg->n - start,
-				 (unsigned long)(done ? res->last : after),
-				 (unsigned long)(done ? res->last : after));
-			ret = -1;
-		}
+	ret = deliver(lg, u, start, &done, &short_of_mbufs);
+	if (done) {
+		res->first = entry(lg, start)->seq;
+		res->last = entry(lg, start + (uint32_t)done - 1)->seq;
 	}
+	if (ret < 0)
+		snprintf(err, errlen, "tx_timeout NF port %s of unit %s took %lu of %u frames "
+			 "(up to seq %lu), then refused the rest for %d ms; replay again with "
+			 "after=%lu", g.ports[u->nf].name, u->name, (unsigned long)done,
+			 lg->n - start, (unsigned long)(done ? res->last : after),
+			 INPUTLOG_REPLAY_STALL_US / 1000, (unsigned long)(done ? res->last : after));
+	else if (short_of_mbufs)
+		snprintf(err, errlen, "no_mbuf unit %s took %lu of %u frames (up to seq %lu), "
+			 "then the mbuf pool ran dry; replay again with after=%lu", u->name,
+			 (unsigned long)done, lg->n - start, (unsigned long)(done ? res->last : after),
+			 (unsigned long)(done ? res->last : after));
+	if (short_of_mbufs)
+		ret = -1;
 	/* Counted as input the NF port accepted, so the next cut includes them. */
 	u->in_seq += done;
 	u->replayed_pkts += done;
 	lg->replayed += done;
 	res->delivered = done;
 	return ret;
+}
+
+/* Delivers the shadow log to u's NF port, in order, and drops what it
+ * delivered; ingress must be paused, and the mirrored inputs replayed first. */
+int inputlog_replay_shadow(struct dp_log *lg, struct dp_unit *u, struct inputlog_replayed *res,
+			   char *err, size_t errlen)
+{
+	struct dp_log *sh = lg->shadow;
+	uint64_t done = 0, i;
+	int ret, short_of_mbufs = 0;
+
+	memset(res, 0, sizeof(*res));
+	if (sh == NULL) {
+		snprintf(err, errlen, "no_shadow log %s has no shadow log; add_input_log it with "
+			 "shadow_mac", lg->name);
+		return -1;
+	}
+	ret = deliver(sh, u, 0, &done, &short_of_mbufs);
+	if (done) {
+		res->first = entry(sh, 0)->seq;
+		res->last = entry(sh, (uint32_t)done - 1)->seq;
+	}
+	for (i = 0; i < done; i++)
+		drop_oldest(sh);
+	u->in_seq += done;
+	u->replayed_pkts += done;
+	sh->replayed += done;
+	res->delivered = done;
+	if (ret < 0 || short_of_mbufs) {
+		snprintf(err, errlen, "%s unit %s took %lu shadow frames, then %s; %u are left, "
+			 "replay_shadow_log again", ret < 0 ? "tx_timeout" : "no_mbuf", u->name,
+			 (unsigned long)done, ret < 0 ? "its NF port refused the rest" :
+			 "the mbuf pool ran dry", sh->n);
+		return -1;
+	}
+	return 0;
 }

@@ -620,8 +620,8 @@ void unit_free_all(struct dp_unit *u, enum dp_drop reason)
 }
 
 /* Ports outside any unit are drained so their queues never fill; only probes
- * and, on ports with input logs, mirror frames are consumed; the rest is
- * counted and freed. */
+ * and, on ports with input logs, mirror frames and the frames a shadow log
+ * takes are consumed; the rest is counted and freed. */
 void unowned_ports_poll(uint64_t now, int *work)
 {
 	struct rte_mbuf *pkts[DP_BURST];
@@ -640,6 +640,8 @@ void unowned_ports_poll(uint64_t now, int *work)
 		 * data plane from sleeping. */
 		if (p->rx_filters)
 			n = rx_filter(p, pkts, n, now, work);
+		if (n && p->n_shadows)
+			n = inputlog_shadow_filter(p, pkts, n, work);
 		if (n == 0)
 			continue;
 		*work = 1;

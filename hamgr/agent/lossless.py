@@ -6,6 +6,12 @@ those frames in an input log on its own data link (``add_input_log``, named afte
 trims the log at every commit to the committed checkpoint's input cut, and after a takeover
 replays what follows the restored image's cut into the restored unit, then removes the log.
 
+The log also keeps a *shadow log* of the inputs for the NF's MAC that the bridge floods to the
+standby (the NF's MAC is never a source on the fabric, since the standby releases the output
+with its own). Each mirror frame drops its copy there and everything older; what is left at a
+takeover are the inputs the primary never delivered (queued at its wire port, or sent during the
+outage), replayed after the mirrored ones (``replay_shadow_log``).
+
 The tag is a function of (unit, term) that both sides compute, so the standby never asks the
 primary for it, and a new term's mirror (the unit taken over and re-protected) never feeds a log
 kept for an older one: during a partition the deposed primary may still mirror at its own term.
@@ -92,6 +98,13 @@ class InputLogs:
         self._port = port
         self._lock = threading.Lock()
         self._terms: dict[str, int] = {}
+        self._macs: dict[str, str] = {}
+
+    def shadow(self, unit: str, mac: str) -> None:
+        """Logs made for `unit` from now on also keep a shadow log of the inputs for `mac` (the
+        NF's) that reach the data link while no unit owns it: those the bridge floods here."""
+        with self._lock:
+            self._macs[unit] = mac
 
     def term(self, unit: str) -> int | None:
         """The term whose mirror the unit's log takes; None without a log."""
@@ -112,9 +125,17 @@ class InputLogs:
             if name in dp.stats().input_logs:
                 dp.remove_input_log(name)
             self._terms.pop(unit, None)
-            dp.add_input_log(name, self._port, tag)
+            mac = self._macs.get(unit)
+            dp.add_input_log(name, self._port, tag, shadow_mac=mac)
             self._terms[unit] = term
-        log.info("unit %s: input log for term %d (tag %#x) on %s", unit, term, tag, self._port)
+        log.info(
+            "unit %s: input log for term %d (tag %#x) on %s%s",
+            unit,
+            term,
+            tag,
+            self._port,
+            f", shadow log for {mac}" if mac else "",
+        )
         return True
 
     def trim(self, unit: str, checkpoint: Checkpoint) -> int | None:

@@ -578,6 +578,7 @@ class RemoteAgent:
                 stores[spec.name] = Store(plan.runtime / "standby" / spec.name)
                 if spec.protection.lossless:
                     self.lossless.add(spec.name)
+                    self.inputs.shadow(spec.name, spec.nf.mac)
         if stores:
             self.stores = stores
             self.server = ReplicationServer(
@@ -1270,19 +1271,37 @@ class StandbySteps:
         gratuitous_arp(self.agent.plan.data_iface, self.spec.nf.mac, self.spec.nf.address)
 
     def replay(self, term: int, after_seq: int) -> int:
-        """Lossless mode: the logged inputs after the image's cut, into the paused unit."""
+        """Lossless mode: the logged inputs after the image's cut, into the paused unit, then
+        the shadow log's (inputs the old primary never delivered)."""
+        name = log_name(self.unit)
+        shadow = 0
         with self.agent.dp_client() as dp:
             try:
-                r = dp.replay_input_log(log_name(self.unit), self.unit, after_seq, term=term)
+                r = dp.replay_input_log(name, self.unit, after_seq, term=term)
+                if dp.stats().input_logs[name].shadow:
+                    try:
+                        shadow = dp.replay_shadow_log(name, self.unit, term=term).delivered
+                    except DataPlaneError as exc:
+                        why = (
+                            f"{exc.code}: {exc.message}; the {r.delivered} mirrored inputs "
+                            f"after seq {after_seq} were delivered, lost: the shadow frames "
+                            "the message says are left"
+                        )
+                        raise ReplayError(why) from exc
             except DataPlaneError as exc:
                 stats = None
                 with contextlib.suppress(DataPlaneError):
-                    stats = dp.stats().input_logs.get(log_name(self.unit))
+                    stats = dp.stats().input_logs.get(name)
                 why = replay_loss(after_seq, exc, stats)
                 self.agent.event(
                     "replay_failed", unit=self.unit, term=term, after=after_seq, reason=why
                 )
                 raise ReplayError(why) from exc
+            except ReplayError as exc:
+                self.agent.event(
+                    "replay_failed", unit=self.unit, term=term, after=after_seq, reason=str(exc)
+                )
+                raise
         self.agent.event(
             "replayed",
             unit=self.unit,
@@ -1291,8 +1310,9 @@ class StandbySteps:
             delivered=r.delivered,
             first=r.first,
             last=r.last,
+            shadow=shadow,
         )
-        return r.delivered
+        return r.delivered + shadow
 
     def resume(self, term: int) -> None:
         with self.agent.dp_client() as dp:

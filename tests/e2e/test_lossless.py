@@ -17,7 +17,10 @@ hole, and the newest of them must have been sent less than `MARGIN_MS` before th
 sender is paced, so no input sent before the kill less the margin is then missing, unless the
 sender itself stalled that long.
 
-Inputs sent from the kill until B attached the unit reach nobody in either mode (the outage).
+Inputs sent from the kill until B attached the unit (the outage) reach nobody without lossless
+mode. In lossless mode the bridge floods them to B, as it floods every input for the NF's MAC
+(that MAC is never a source on the fabric), and B's shadow log keeps those no mirror frame
+covered; B replays them after the mirrored ones, so no input at all is lost.
 """
 
 from __future__ import annotations
@@ -131,11 +134,19 @@ def test_lossless_replays_the_inputs_after_the_cut_at_the_standby(tmp_path: Path
         assert len(replayed) == 1
         assert replayed[0]["after"] == rec["cut_seq"]
         assert replayed[0]["first"] == rec["cut_seq"] + 1
-        assert replayed[0]["last"] - replayed[0]["first"] + 1 == rec["replayed"]
+        mirrored = replayed[0]["last"] - replayed[0]["first"] + 1
+        assert replayed[0]["delivered"] == mirrored
+        # Then the shadow log: what the bridge flooded to B that A never delivered, the
+        # outage's inputs above all (A died after one of its cuts, so some are always there).
+        assert replayed[0]["shadow"] > 0
+        assert mirrored + replayed[0]["shadow"] == rec["replayed"]
         assert b.units[UNIT].replayed_pkts == rec["replayed"]
         # Every input sent before the kill (less the margin) is reflected in some output...
         assert holes == 0
         assert newest_ms < MARGIN_MS
+        # ...and so is every input at all: none sent before the kill, in the outage or after.
+        assert loss == InputLoss(before_kill=0, in_outage=0, after_attach=0)
+        assert check.received == sent
         # ...once: one legal execution (I4).
         assert check.duplicates == 0
         assert check.gaps == 0

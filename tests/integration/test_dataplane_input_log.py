@@ -537,3 +537,104 @@ def test_log_commands_refuse_what_they_cannot_do(env: Env) -> None:
     dp.remove_port("i0")
     dp.remove_port("x0")
     assert dp.stats().input_logs == {}
+
+
+NF_MAC = "02:00:00:00:00:02"  # DST_MAC of the test frames: the NF's
+
+
+def test_shadow_log_keeps_the_flooded_inputs_no_mirror_frame_covered(env: Env) -> None:
+    """The bridge floods every input for the NF's MAC to the standby too. The shadow log keeps
+    those; each mirror frame drops its copy and everything older (the primary delivered
+    them), also when it overtakes the copy. At a takeover the shadow log replays, after the
+    mirrored inputs, exactly the inputs the primary never delivered."""
+    dp = env.standby()
+    dp.add_af_packet_port("i0", "i0")
+    dp.add_input_log("L", "i0", TAG, shadow_mac=NF_MAC)
+    standby_unit(dp)
+    f = inner_frames(range(1, 14))
+    stranger = b"\x02\x00\x00\x00\x00\x99" + f[1][6:]
+
+    def flood(*seqs: int) -> None:
+        before = dp.stats().ports["i0"].shadow_rx
+        for s in seqs:
+            env.inject.send(f[s])
+        assert wait_for(lambda: dp.stats().ports["i0"].shadow_rx == before + len(seqs))
+
+    flood(*range(1, 11))
+    env.inject.send(stranger)  # another MAC: not the NF's input
+    assert wait_for(lambda: dp.stats().ports["i0"].unowned_drops == 1)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow, log.shadow_frames, log.shadow_received) == (True, 10, 10)
+    assert log.shadow_bytes == sum(len(f[s]) for s in range(1, 11))
+
+    # The primary delivered 1..6: their mirror frames drop them from the shadow log.
+    inject_log(env, dp, "L", TAG, {s: f[s] for s in range(1, 7)})
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_matched, log.shadow_unmatched) == (4, 6, 0)
+    # ... then 7..10, and 11 whose mirror frame comes before its flooded copy.
+    inject_log(env, dp, "L", TAG, {s: f[s] for s in range(7, 12)})
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_matched, log.shadow_unmatched) == (0, 10, 1)
+    before = dp.stats().ports["i0"].shadow_rx
+    env.inject.send(f[11])
+    assert wait_for(lambda: dp.stats().ports["i0"].shadow_rx == before + 1)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_matched) == (0, 11)
+    # The primary dies: 12 and 13 reach only the standby.
+    flood(12, 13)
+
+    # The takeover: the mirrored inputs after the image's cut (8), then the shadow log.
+    with pytest.raises(DataPlaneError) as err:
+        dp.replay_shadow_log("L", "s1", term=1)
+    assert err.value.code == "term_ahead"
+    assert dp.replay_input_log("L", "s1", after=8) == Replayed(3, 9, 11)
+    r = dp.replay_shadow_log("L", "s1")
+    assert r.delivered == 2
+    assert env.s_nf.recv_all(quiet=0.3) == [f[s] for s in range(9, 14)]
+    u = dp.stats().units["s1"]
+    assert (u.in_seq, u.replayed_pkts) == (5, 5)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_replayed) == (0, 2)
+    assert dp.replay_shadow_log("L", "s1").delivered == 0
+    assert env.s_nf.recv_all(quiet=0.2) == []
+
+
+def test_shadow_log_is_bounded_and_stays_out_of_a_units_wire_port(env: Env) -> None:
+    dp = env.standby()
+    dp.add_af_packet_port("i0", "i0")
+    dp.add_input_log("L", "i0", TAG, shadow_mac=NF_MAC, capacity=4)
+    standby_unit(dp)
+    f = inner_frames(range(1, 8))
+    for s in range(1, 8):
+        env.inject.send(f[s])
+    assert wait_for(lambda: dp.stats().ports["i0"].shadow_rx == 7)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_overflow) == (4, 3)
+    assert dp.replay_shadow_log("L", "s1").delivered == 4
+    assert env.s_nf.recv_all(quiet=0.3) == [f[s] for s in range(4, 8)]
+
+    # Once a unit owns the port, its input is the unit's, not the shadow log's.
+    dp.remove_unit("s1")
+    dp.add_unit("s2", wire="i0", nf="sn0", egress="so0")
+    env.inject.send(f[1])
+    assert env.s_nf.recv_all(quiet=0.3) == [f[1]]
+    assert dp.stats().input_logs["L"].shadow_received == 7
+
+
+def test_shadow_commands_refuse_what_they_cannot_do(env: Env) -> None:
+    dp = injection_standby(env)
+    standby_unit(dp)
+    for bad in ("nope", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "01:00:5e:00:00:01"):
+        with pytest.raises(DataPlaneError) as err:
+            dp.add_input_log("L2", "sw0", 7, shadow_mac=bad)
+        assert err.value.code == "bad_arg", bad
+        assert "shadow_mac" in err.value.message
+    with pytest.raises(DataPlaneError) as err:
+        dp.replay_shadow_log("L", "s1")
+    assert err.value.code == "no_shadow"
+    dp.add_input_log("L3", "sw0", 8, shadow_mac=NF_MAC)
+    dp.resume_ingress("s1")
+    with pytest.raises(DataPlaneError) as err:
+        dp.replay_shadow_log("L3", "s1")
+    assert err.value.code == "not_paused"
+    assert dp.stats().input_logs["L"].shadow is False

@@ -272,9 +272,9 @@ class FakeDataPlane:
     def stats(self) -> FakeStats:
         return FakeStats(dict(self.logs))
 
-    def add_input_log(self, name: str, port: str, tag: int) -> None:
+    def add_input_log(self, name: str, port: str, tag: int, shadow_mac: str | None) -> None:
         assert name not in self.logs
-        self.calls.append(("add", name, port, tag))
+        self.calls.append(("add", name, port, tag, shadow_mac))
         self.logs[name] = (port, tag)
 
     def remove_input_log(self, name: str) -> int:
@@ -296,11 +296,26 @@ def test_a_standby_keeps_one_log_per_unit_for_the_term_it_recorded_last() -> Non
     logs = InputLogs(dp, "fab")  # type: ignore[arg-type]
     assert logs.ensure(UNIT, 1)
     assert not logs.ensure(UNIT, 1)  # idempotent: the same term keeps its log and entries
-    assert dp.calls == [("add", UNIT, "fab", mirror_tag(UNIT, 1))]
+    assert dp.calls == [("add", UNIT, "fab", mirror_tag(UNIT, 1), None)]
     # A new primary's term: the old term's log goes, one for the new tag comes.
     assert logs.ensure(UNIT, 2)
-    assert dp.calls[1:] == [("remove", UNIT), ("add", UNIT, "fab", mirror_tag(UNIT, 2))]
+    assert dp.calls[1:] == [("remove", UNIT), ("add", UNIT, "fab", mirror_tag(UNIT, 2), None)]
     assert logs.term(UNIT) == 2
+
+
+def test_a_unit_with_a_shadow_mac_gets_a_shadow_log_with_each_new_log() -> None:
+    dp = FakeDataPlane()
+    logs = InputLogs(dp, "fab")  # type: ignore[arg-type]
+    logs.shadow(UNIT, "02:00:c6:12:00:02")
+    logs.ensure(UNIT, 1)
+    logs.ensure(UNIT, 2)
+    adds = [c for c in dp.calls if c[0] == "add"]
+    assert adds == [
+        ("add", UNIT, "fab", mirror_tag(UNIT, 1), "02:00:c6:12:00:02"),
+        ("add", UNIT, "fab", mirror_tag(UNIT, 2), "02:00:c6:12:00:02"),
+    ]
+    logs.ensure("other", 1)
+    assert dp.calls[-1] == ("add", "other", "fab", mirror_tag("other", 1), None)
 
 
 def test_a_commit_trims_the_log_to_its_cut_and_only_for_the_logs_term() -> None:
