@@ -12,11 +12,14 @@ Nothing here imports from the rest of the project. Each module is one decision:
 from policies.detection import (
     MIN_INTERVAL_US,
     AgentCheck,
+    Dampening,
     DetectionDecision,
     DetectionPolicy,
     ProbeFacts,
     Verdict,
     assess,
+    dampened,
+    record_dispute,
 )
 from policies.epoch import (
     AdaptiveEpoch,
@@ -61,6 +64,7 @@ __all__ = [
     "BackPressure",
     "CheckpointRetry",
     "CommitSample",
+    "Dampening",
     "DetectionDecision",
     "DetectionPolicy",
     "EpochDecision",
@@ -84,10 +88,12 @@ __all__ = [
     "assess",
     "back_pressure",
     "choose_standby",
+    "dampened",
     "decide",
     "epoch_length_us",
     "may_start_epoch",
     "next_retry",
     "observe",
     "on_standby_loss",
+    "record_dispute",
 ]

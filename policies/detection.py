@@ -12,6 +12,14 @@ is suspect. It is declared failed only when both of these hold:
 If the agent's check answers that the peer is alive, the verdict is DISPUTED: the data-plane path
 is lost but the host is not, so a failover would split the unit's brain. That answer only counts
 for ``confirm_window_us``; after that it is asked again.
+
+**Dampening** (as BFD and routing protocols damp a flapping session). A dispute means the probes
+went silent while the host was alive: the path or the host is overloaded, and the next silence
+may be the same. On a loaded host that repeats, and one slow answer to the agent's check would
+then turn a live peer into a failover. So each dispute doubles ``hold_down_us`` and
+``confirm_window_us`` (`dampened`), up to ``dampen_max_us``; each ``dampen_decay_us`` without a
+dispute halves them again. A dead peer is then declared later, by at most ``dampen_max_us``, and
+only after disputes. ``dampen_max_us = 0`` turns dampening off.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ import attrs
 __all__ = [
     "MIN_INTERVAL_US",
     "AgentCheck",
+    "Dampening",
     "DetectionDecision",
     "DetectionPolicy",
     "ProbeFacts",
     "Verdict",
     "assess",
+    "dampened",
+    "record_dispute",
 ]
 
 # Below this the probe rate competes with the data plane's own packets for the lcore.
@@ -55,6 +66,8 @@ class DetectionPolicy:
     misses: int = attrs.field(default=3, validator=_positive)
     hold_down_us: int = attrs.field(default=5_000, validator=_not_negative)
     confirm_window_us: int = attrs.field(default=5_000, validator=_positive)
+    dampen_max_us: int = attrs.field(default=500_000, validator=_not_negative)
+    dampen_decay_us: int = attrs.field(default=10_000_000, validator=_positive)
 
     @property
     def timeout_us(self) -> int:
@@ -65,6 +78,48 @@ class DetectionPolicy:
     def max_detection_us(self) -> int:
         """Longest time from the last reply to a declared failure of a dead peer."""
         return max(self.timeout_us + self.confirm_window_us, self.hold_down_us)
+
+
+@attrs.frozen
+class Dampening:
+    """Recent disputes of one peer: `level` doublings as of `at_us` (None: never disputed)."""
+
+    level: int = 0
+    at_us: int | None = None
+
+    def level_at(self, policy: DetectionPolicy, now_us: int) -> int:
+        """The level left at `now_us`: one less per ``dampen_decay_us`` since the last dispute."""
+        if self.at_us is None or policy.dampen_max_us == 0:
+            return 0
+        return max(0, self.level - max(0, now_us - self.at_us) // policy.dampen_decay_us)
+
+
+def record_dispute(policy: DetectionPolicy, damp: Dampening, now_us: int) -> Dampening:
+    """A dispute at `now_us`: one more doubling, no more than reach ``dampen_max_us``."""
+    if policy.dampen_max_us == 0:
+        return damp
+    level = damp.level_at(policy, now_us) + 1
+    base = min(policy.hold_down_us, policy.confirm_window_us) or policy.confirm_window_us
+    # Past the level at which both knobs are capped, more doublings change nothing.
+    while level > 0 and (base << (level - 1)) >= policy.dampen_max_us:
+        level -= 1
+    return Dampening(level, now_us)
+
+
+def dampened(policy: DetectionPolicy, damp: Dampening, now_us: int) -> DetectionPolicy:
+    """`policy` with hold-down and confirmation window doubled per dispute level, capped."""
+    level = damp.level_at(policy, now_us)
+    if level == 0:
+        return policy
+
+    def longer(us: int) -> int:
+        return max(us, min(policy.dampen_max_us, us << level))
+
+    return attrs.evolve(
+        policy,
+        hold_down_us=longer(policy.hold_down_us),
+        confirm_window_us=longer(policy.confirm_window_us),
+    )
 
 
 class AgentCheck(enum.Enum):

@@ -106,7 +106,16 @@ from typing import ClassVar
 
 import attrs
 
-from policies.detection import AgentCheck, DetectionPolicy, ProbeFacts, Verdict, assess
+from policies.detection import (
+    AgentCheck,
+    Dampening,
+    DetectionPolicy,
+    ProbeFacts,
+    Verdict,
+    assess,
+    dampened,
+    record_dispute,
+)
 from policies.placement import HostFacts, StandbyNeed, choose_standby
 from shim.epoch import ProtocolError
 
@@ -731,6 +740,8 @@ class FailoverMachine:
         self._state = State.WATCHING
         self._attempt: _Attempt | None = None
         self._suspicion: _Suspicion | None = None
+        # Disputed suspicions of the watched peer: they lengthen detection (`dampened`).
+        self._damp = Dampening()
         self._failure: str | None = None
         self._wake_at: int | None = None
 
@@ -909,7 +920,7 @@ class FailoverMachine:
     def _assess(self, out: list[Command]) -> None:
         s = self._suspicion
         assert s is not None
-        policy = self.config.detection
+        policy = dampened(self.config.detection, self._damp, self._now)
         silent = max(0, self._now - s.last_rx_us)
         # The data plane already counted `misses` before it reported the peer down.
         misses = max(policy.misses, silent // policy.interval_us)
@@ -921,10 +932,14 @@ class FailoverMachine:
             case Verdict.DISPUTED:
                 if not s.disputed:
                     s.disputed = True
+                    self._damp = record_dispute(self.config.detection, self._damp, self._now)
+                    longer = dampened(self.config.detection, self._damp, self._now)
                     out.append(
                         Alarm(
                             f"unit {self.unit}: {decision.reason}; no failover while peer "
-                            f"{s.peer} answers (it would split the unit's brain)"
+                            f"{s.peer} answers (it would split the unit's brain); detection "
+                            f"dampened: hold-down {longer.hold_down_us} us, confirmation "
+                            f"window {longer.confirm_window_us} us"
                         )
                     )
             case _:

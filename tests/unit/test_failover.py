@@ -304,14 +304,58 @@ def test_a_disputed_peer_is_asked_again_after_the_window_and_can_then_fail() -> 
         << Confirm(PEER, 5_000)
         >> Confirmed(PEER, alive=True, now_us=3_500)
         << Alarm
-        >> Tick(7_999)
-        # The alive answer counts for one window from the question (asked at 3 ms).
-        >> Tick(8_000)
-        << Confirm(PEER, 5_000)
-        >> Confirmed(PEER, alive=False, now_us=8_200)
+        # The dispute dampens detection: the window is 10 ms now, and the alive answer
+        # counts for one such window from the question (asked at 3 ms).
+        >> Tick(12_999)
+        >> Tick(13_000)
+        << Confirm(PEER, 10_000)
+        >> Confirmed(PEER, alive=False, now_us=13_200)
         << Report
         << RaiseTerm(NEW, T.raise_term_us)
     )
+
+
+def test_disputes_dampen_detection_so_a_loaded_peer_is_not_failed_over() -> None:
+    """A host so loaded that its probes keep stopping and its agent answers late: each dispute
+    doubles the hold-down and the confirmation window, so the slow answer that would have
+    been taken for a death (no answer within 5 ms) arrives within the longer window."""
+    m = remote()
+    pb = Playbook(m)
+    t = 0
+    for n in range(1, 4):
+        t += 100_000
+        assert (
+            pb
+            >> PeerDown(PEER, last_rx_us=t - 3_000, now_us=t, term=TERM)
+            << Confirm(PEER, 5_000 << (n - 1))
+            >> Confirmed(PEER, alive=True, now_us=t + 500)
+            << Alarm
+            >> PeerUp(PEER, now_us=t + 1_000)
+        )
+        assert m.state is State.WATCHING
+    # Three disputes: 40 ms now. An answer 30 ms late is still in time.
+    t += 100_000
+    assert (
+        pb
+        >> PeerDown(PEER, last_rx_us=t - 3_000, now_us=t, term=TERM)
+        << Confirm(PEER, 40_000)
+        >> Tick(t + 30_000)
+        >> Confirmed(PEER, alive=True, now_us=t + 30_000)
+        << Alarm
+    )
+    assert m.state is State.CONFIRMING
+    # Four disputes (80 ms). Each 10 s without one takes a doubling back: 20 ms after 20 s...
+    t += 20_100_000
+    assert (
+        pb
+        >> PeerUp(PEER, now_us=t)
+        >> PeerDown(PEER, last_rx_us=t - 3_000, now_us=t + 3_000, term=TERM)
+        << Confirm(PEER, 20_000)
+        >> PeerUp(PEER, now_us=t + 4_000)
+    )
+    # ...and quick detection again after 40 s (this suspicion was not disputed).
+    t += 20_000_000
+    assert pb >> PeerDown(PEER, last_rx_us=t - 3_000, now_us=t, term=TERM) << Confirm(PEER, 5_000)
 
 
 def test_no_answer_within_the_window_counts_as_dead_once_the_hold_down_passed() -> None:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from policies import AgentCheck, DetectionPolicy, ProbeFacts, Verdict, assess
+from policies import (
+    AgentCheck,
+    Dampening,
+    DetectionPolicy,
+    ProbeFacts,
+    Verdict,
+    assess,
+    dampened,
+    record_dispute,
+)
 
 POLICY = DetectionPolicy(interval_us=1_000, misses=3, hold_down_us=5_000, confirm_window_us=4_000)
 
@@ -82,3 +91,41 @@ def test_an_agent_answer_from_before_the_silence_does_not_count() -> None:
 def test_a_reply_resets_everything() -> None:
     facts = ProbeFacts(50_000, 49_900, 0, AgentCheck.DEAD, agent_asked_us=10_000)
     assert assess(POLICY, facts).verdict is Verdict.ALIVE
+
+
+def test_each_dispute_doubles_hold_down_and_window_up_to_the_cap() -> None:
+    p = DetectionPolicy(hold_down_us=5_000, confirm_window_us=30_000, dampen_max_us=500_000)
+    d = Dampening()
+    assert dampened(p, d, 0) is p
+    seen = []
+    for i in range(8):
+        d = record_dispute(p, d, i * 1_000)
+        q = dampened(p, d, i * 1_000)
+        seen.append((q.hold_down_us, q.confirm_window_us))
+    assert seen == [
+        (10_000, 60_000),
+        (20_000, 120_000),
+        (40_000, 240_000),
+        (80_000, 480_000),
+        (160_000, 500_000),
+        (320_000, 500_000),
+        (500_000, 500_000),
+        (500_000, 500_000),  # the level stops growing once both are capped
+    ]
+    assert d.level == 7
+    # The probes' own knobs never change.
+    assert (q.interval_us, q.misses) == (p.interval_us, p.misses)
+
+
+def test_dampening_decays_one_doubling_per_quiet_period_and_can_be_turned_off() -> None:
+    p = DetectionPolicy(confirm_window_us=5_000, dampen_decay_us=1_000_000)
+    d = record_dispute(p, record_dispute(p, Dampening(), 0), 10)
+    assert dampened(p, d, 10).confirm_window_us == 20_000
+    assert dampened(p, d, 1_000_009).confirm_window_us == 20_000
+    assert dampened(p, d, 1_000_010).confirm_window_us == 10_000
+    assert dampened(p, d, 2_000_010) is p
+    # A dispute after some decay builds on what is left.
+    assert dampened(p, record_dispute(p, d, 1_500_000), 1_500_000).confirm_window_us == 20_000
+    off = DetectionPolicy(dampen_max_us=0)
+    assert record_dispute(off, Dampening(), 5) == Dampening()
+    assert dampened(off, Dampening(3, 0), 1) is off
