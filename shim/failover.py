@@ -725,7 +725,10 @@ class FailoverMachine:
         peer: str | None = None,
         standby: str | None = None,
         now_us: int = 0,
+        dampening: Dampening | None = None,
     ) -> None:
+        """`dampening`: detection starts dampened (`policies.detection.dampened`), for a peer
+        known to be busy, such as a primary seeding this node with a full image."""
         if (pid is None) == (peer is None):
             raise ValueError("watch exactly one incarnation: a local pid or a peer data plane")
         self.unit = unit
@@ -741,7 +744,7 @@ class FailoverMachine:
         self._attempt: _Attempt | None = None
         self._suspicion: _Suspicion | None = None
         # Disputed suspicions of the watched peer: they lengthen detection (`dampened`).
-        self._damp = Dampening()
+        self._damp = dampening or Dampening()
         self._failure: str | None = None
         self._wake_at: int | None = None
 

@@ -78,7 +78,7 @@ from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, r
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames
 from hamgr.unitspec import UnitSpec, loads
-from policies.detection import DetectionPolicy
+from policies.detection import Dampening, DetectionPolicy
 from policies.placement import HostFacts
 from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
@@ -631,11 +631,17 @@ class RemoteAgent:
             self.event("watch_refused", unit=unit, primary=primary, reason="primary here")
             return
         spares = [str(x) for x in req.get("spares", []) if str(x) in self.plan.peers]
-        self._watch(spec, primary, int(req["term"]), spares)
+        self._watch(spec, primary, int(req["term"]), spares, busy=True)
         self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
 
-    def _watch(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
-        """Prepare `spec`'s NF netns, probe `primary`, and run a failover machine for it."""
+    def _watch(
+        self, spec: UnitSpec, primary: str, term: int, spares: list[str], *, busy: bool = False
+    ) -> None:
+        """Prepare `spec`'s NF netns, probe `primary`, and run a failover machine for it.
+
+        `busy`: the primary has just chosen this host (it is seeding it with a full image, and
+        may have just taken the unit over): its probes and its agent's answers run late then, so
+        detection starts dampened by two doublings, which decay in 20 s."""
         names = UnitNames(self.host, spec.name)
         if not netns.netns_exists(names.nf_netns):
             prepare_nf_netns(spec, names)
@@ -674,7 +680,15 @@ class RemoteAgent:
         )
         claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
         steps = StandbySteps(self, spec, names, spares, claim_timeout_s=claim_s)
-        machine = fo.FailoverMachine(spec.name, term, config, peer=primary, now_us=_now_us())
+        now = _now_us()
+        machine = fo.FailoverMachine(
+            spec.name,
+            term,
+            config,
+            peer=primary,
+            now_us=now,
+            dampening=Dampening(level=2, at_us=now) if busy else None,
+        )
         self.steps[spec.name] = steps
         self.drivers[spec.name] = RemoteFailover(machine, steps, on_report=self._on_report)
 

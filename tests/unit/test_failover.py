@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from policies.detection import DetectionPolicy
+from policies.detection import Dampening, DetectionPolicy
 from policies.placement import HostFacts
 from shim.failover import (
     ANY_STATE,
@@ -356,6 +356,21 @@ def test_disputes_dampen_detection_so_a_loaded_peer_is_not_failed_over() -> None
     # ...and quick detection again after 40 s (this suspicion was not disputed).
     t += 20_000_000
     assert pb >> PeerDown(PEER, last_rx_us=t - 3_000, now_us=t, term=TERM) << Confirm(PEER, 5_000)
+
+
+def test_a_busy_peer_is_watched_dampened_from_the_start() -> None:
+    """A primary that has just chosen this node (seeding it with a full image, perhaps just
+    after a takeover) answers late; its watch starts two doublings longer, for 20 s."""
+    config = FailoverConfig(detection=DETECT, standby_mem_bytes=1 << 29)
+    m = FailoverMachine(UNIT, TERM, config, peer=PEER, dampening=Dampening(2, 0))
+    pb = (
+        Playbook(m)
+        >> PeerDown(PEER, last_rx_us=0, now_us=3_000, term=TERM)
+        << Confirm(PEER, 20_000)
+    )
+    assert pb >> Tick(19_999)
+    assert m.state is State.CONFIRMING
+    assert pb >> Tick(23_000) << Report << RaiseTerm(NEW, T.raise_term_us)
 
 
 def test_no_answer_within_the_window_counts_as_dead_once_the_hold_down_passed() -> None:
