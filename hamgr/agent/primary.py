@@ -15,10 +15,15 @@ engine must neither release output that no checkpoint covers nor leave it held f
 3. If closed epochs are still held, one recovery cut commits them: pause, freeze, close the
    open epoch E, dump, thaw, resume, ship in full, and release up to E on the ack (cumulative:
    checkpoint E covers every earlier epoch). This is the epoch protocol run once by hand; the
-   NF pauses for one cut, as at any epoch boundary. This local release is the only one a
-   primary with a remote standby makes, and it waits for the commit: if the old standby took
-   the unit over meanwhile and claimed its term at this spare first, the ship is refused
-   (``NackedError``, stale_term, the higher term) and nothing is released; the caller fences.
+   NF pauses for one cut, as at any epoch boundary. With release at the standby (``outputs``,
+   the engine's saved-output folder: a remote standby's re-protection), the cut saves E's
+   output too, the image carries the saved output of every held epoch, and the standby sends
+   what it has not sent yet when it commits (it remembers what it sent, per term): the ack
+   only retires the buffers here. So a re-protection onto a standby this primary wrongly took
+   for lost (it committed and sent epochs whose acks never arrived) sends nothing twice. Either
+   way nothing leaves before the commit: if the old standby took the unit over meanwhile and
+   claimed its term at this spare first, the ship is refused (``NackedError``, stale_term, the
+   higher term) and nothing is released; the caller fences.
 4. The new machine starts at the data plane's open epoch with the unit's term, and the engine's
    count of closed packets starts from the data plane's counters, so it sees exactly the output
    of the open epoch as waiting (I5: an idle unit still takes no checkpoints).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -47,6 +53,7 @@ from shim import epoch as ep
 from shim.container import Container, Freezer
 from shim.engine import PrimaryEngine
 from shim.replication import ReplicationClient
+from shim.standby import output_name
 
 __all__ = [
     "Observed",
@@ -137,8 +144,12 @@ def take_over(
     term: int,
     committed: int | None,
     image_dir: Callable[[int], Path],
+    outputs: Path | None = None,
 ) -> TakeOver:
-    """Make the data plane's state of `unit` one a fresh machine can start from (module doc)."""
+    """Make the data plane's state of `unit` one a fresh machine can start from (module doc).
+
+    `outputs`: release at the standby; the folder where the engine saved each closed epoch's
+    output (`PrimaryEngine.output_path`). None: the recovery cut is released here."""
     _wait_for_orphan_dumps(nf.pid)
     stats = dp.stats(unit).units.get(unit)
     if stats is None:
@@ -163,6 +174,15 @@ def take_over(
         return TakeOver(stats.epoch, int(stats.nf_rx) - _held(stats), released, None)
     # Held epochs no checkpoint covers: commit them with one recovery cut.
     epoch = stats.epoch
+    # Closed epochs are consecutive and end just below the open one.
+    held = range(epoch - int(stats.epochs_in_flight), epoch + 1)
+    if outputs is not None:
+        missing = [e for e in held[:-1] if not (outputs / output_name(e)).exists()]
+        if missing:
+            raise TakeOverError(
+                f"unit {unit}: the saved output of held epochs {missing} is not in {outputs}; "
+                "a recovery cut without it would lose that output"
+            )
     # The cut goes with the image, as the engine's do: a lossless standby trims its input log
     # to it and replays after it.
     cut_seq = int(dp.pause_ingress(unit, term).cut)
@@ -174,7 +194,8 @@ def take_over(
             log.warning("unit %s: could not check the NF's receive queues: %s", unit, exc)
         nf.freeze()
         try:
-            dp.close_epoch(unit, epoch, term)
+            save = None if outputs is None else str(outputs / output_name(epoch))
+            dp.close_epoch(unit, epoch, term, save=save)
             # The NF is frozen and its port drained: the new open epoch is empty.
             closed_total = int(dp.stats(unit).units[unit].nf_rx)
             dest = image_dir(epoch)
@@ -184,6 +205,9 @@ def take_over(
             nf.thaw()
     finally:
         dp.resume_ingress(unit, term)
+    if outputs is not None:
+        for e in held:
+            os.link(outputs / output_name(e), dest / output_name(e))
     shipper.ship(
         unit,
         epoch,
@@ -193,7 +217,13 @@ def take_over(
         meta={"recovery": 1, "cut_seq": cut_seq},
         timeout=RECOVERY_SHIP_TIMEOUT_S,
     )
-    dp.release(unit, epoch, term)
+    if outputs is None:
+        dp.release(unit, epoch, term)
+    else:
+        # The standby sent it (or had sent it) before its ack.
+        dp.retire(unit, epoch, term)
+        for e in held:
+            (outputs / output_name(e)).unlink(missing_ok=True)
     log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})
     return TakeOver(epoch + 1, closed_total, released, epoch)
 

@@ -78,7 +78,7 @@ from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, r
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames
 from hamgr.unitspec import UnitSpec, loads
-from policies.detection import Dampening, DetectionPolicy
+from policies.detection import Dampening, DetectionPolicy, dampened, record_dispute
 from policies.placement import HostFacts
 from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
@@ -508,6 +508,13 @@ class RemoteAgent:
         self.control: ControlEndpoint | None = None
         self._stop = threading.Event()
         self._watching: dict[str, str] = {}  # peer -> unit whose standby it is (primary side)
+        self.detection = DetectionPolicy(
+            interval_us=plan.probe_interval_us,
+            misses=plan.probe_miss,
+            confirm_window_us=plan.confirm_window_us,
+        )
+        # Disputed verdicts on each standby (primary side), which lengthen the next check.
+        self._standby_damp: dict[str, Dampening] = {}
         # Units whose epoch machine a standby fenced (from the runners' threads).
         self._fenced: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._recheck_at = 0.0
@@ -668,11 +675,7 @@ class RemoteAgent:
             )
         lossless = spec.protection.lossless
         config = fo.FailoverConfig(
-            detection=DetectionPolicy(
-                interval_us=self.plan.probe_interval_us,
-                misses=self.plan.probe_miss,
-                confirm_window_us=self.plan.confirm_window_us,
-            ),
+            detection=self.detection,
             lossless=lossless,
             # A log that cannot replay (a gap, an overflow, a trim past the cut) costs the
             # inputs after the cut, as without lossless mode; the unit had better be up.
@@ -757,6 +760,8 @@ class RemoteAgent:
                         term=term,
                         committed=None,
                         image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
+                        # Released at the standby: the held output rides in the recovery image.
+                        outputs=self.plan.runtime / "images" / unit / "outputs",
                     )
                     first_epoch, closed = handover.first_epoch, handover.closed_total
                 engine = self._engine(role, dp, shipper, first_epoch=first_epoch, nf_rx_base=closed)
@@ -785,6 +790,9 @@ class RemoteAgent:
                 term=term,
             )
         self._watching[standby] = unit
+        # Seeding it with a full image keeps it busy: its first checks are dampened, as its
+        # watch of this primary is (`_watch`, busy).
+        self._standby_damp[standby] = Dampening(level=2, at_us=_now_us())
         # The new standby must also watch this primary, or a second failure would end the unit.
         # Its spares are ours but itself: the hosts it must claim the next term at.
         reply = self.links.request(
@@ -889,8 +897,15 @@ class RemoteAgent:
         role = self.primaries.get(unit or "")
         if role is None or role.standby != peer:
             return
-        if self.links.ping(peer, self.plan.confirm_window_us / 1e6):
-            self.event("standby_disputed", unit=unit, standby=peer)
+        # Dampened as a standby's watch of its primary is (`policies.detection.dampened`): a
+        # standby whose probes keep stopping while it answers is overloaded, not dead, and a
+        # false verdict costs a needless re-protection and its full image.
+        now = _now_us()
+        damp = self._standby_damp.get(peer, Dampening())
+        window_us = dampened(self.detection, damp, now).confirm_window_us
+        if self.links.ping(peer, window_us / 1e6):
+            self._standby_damp[peer] = record_dispute(self.detection, damp, now)
+            self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
             return
         self.event("standby_lost", unit=unit, standby=peer, last_rx_us=down.last_rx_mono_us)
         role.lost_standby = peer
