@@ -754,7 +754,7 @@ class Agent:
         runner.start()
         return runner
 
-    def _failover_hooks(self, rt: UnitRuntime) -> FailoverHooks:
+    def _failover_hooks(self, rt: UnitRuntime) -> FailoverHooks[Container]:
         """What a unit's failover changes in the agent's records (on the unit's thread)."""
         assert self.db is not None
         db = self.db

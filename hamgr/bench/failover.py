@@ -507,7 +507,7 @@ class LocalRig:
     this process steps."""
 
     bed: UnitBed
-    driver: LocalFailover
+    driver: LocalFailover[Container]
     protection: LocalProtection
 
     @staticmethod
@@ -517,7 +517,7 @@ class LocalRig:
         bed = UnitBed(work, prefix=prefix)
         try:
             with bed:
-                driver: LocalFailover | None = None
+                driver: LocalFailover[Container] | None = None
                 protection: LocalProtection | None = None
                 try:
                     dp = bed.start_dataplane()
