@@ -480,6 +480,12 @@ class Agent:
         assert self.db is not None
         if self.db.unit(spec.name) is not None:
             return "exists", f"unit {spec.name} is already protected on {self.host}"
+        if spec.chain:
+            return (
+                "unsupported",
+                "chain: this agent protects single-NF units only for now; a chain runs under "
+                "shim.chain (docs/containers.md, Chains); remove the [[chain]] tables",
+            )
         if spec.protection.lossless:
             return (
                 "unsupported",
