@@ -12,6 +12,7 @@ sequence) for every datagram.
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,15 @@ def test_killing_either_member_fails_the_whole_chain_over_without_a_visible_roll
     assert_no_visible_rollback(arrivals)
     sent = rig.sender.next_seq - 1
     print(f"\nchain: {sent} sent, {len(arrivals)} received, {sent - len(arrivals)} inputs lost")
+    for rec in rig.driver.records:
+        steps = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in rec.steps_us.items())
+        outage = rec.to_json()["outage_ms"]
+        print(f"chain failover to term {rec.term}: detect -> resume {outage} ms; steps ms: {steps}")
+    engine = rig.driver.engine
+    assert engine is not None
+    pauses = sorted(e.pause_us / 1e3 for e in engine.stats.epochs)
+    if pauses:
+        print(f"chain cut pause p50 {statistics.median(pauses):.1f} ms over {len(pauses)} epochs")
 
 
 def test_a_failed_dump_of_one_member_fails_the_whole_cut(bed: UnitBed) -> None:
