@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from hamgr import trafgen
-from hamgr.bench.failover import TCP_PORT, sink_gap_ms, summarize
+from hamgr.bench.failover import TCP_PORT, command, sink_gap_ms, summarize
 from hamgr.fabric import sequencer_spec
 from hamgr.trafgen import Record, TcpLedger, TcpSummary, run_tcp_client, tcp_survived
 from hamgr.unitspec import loads
@@ -313,3 +313,17 @@ def test_the_fabrics_spec_gets_the_sequencers_tcp_listener() -> None:
     plain = loads(sequencer_spec())
     assert unit.nf.args == (*plain.nf.args, "--tcp-listen", str(TCP_PORT))
     assert unit == attrs.evolve(plain, nf=attrs.evolve(plain.nf, args=unit.nf.args))
+
+
+def test_with_a_chain_every_members_rollbacks_count() -> None:
+    chained = {**run(100.0), "upstream_duplicates": [1], "upstream_gaps": [3]}
+    summary = summarize("local", [chained, run(200.0)], chain=2)
+    assert summary["chain"] == 2
+    assert (summary["duplicates"], summary["gaps"]) == (1, 2 + 3 + 2)
+    assert summarize("local", [run(100.0)])["chain"] == 1
+
+
+def test_chain_needs_the_local_scope() -> None:
+    result = CliRunner().invoke(command, ["--scope", "remote", "--chain", "--runs", "1"])
+    assert result.exit_code == 2
+    assert "--chain needs --scope local" in result.output
