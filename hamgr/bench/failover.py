@@ -48,10 +48,11 @@ With a remote standby, output is released at the standby (docs/failover.md), so 
 in either scope; ``gap runs`` counts the runs that had one, and each run reports how many missing
 counters fall outside the takeover (between the last output before and the first after it).
 
-``--chain`` (local only): the NF is a chain of two sequencers in one netns
-(`hamgr.testbed.chain_args`: the first forwards to the second over loopback, and also serves the
-TCP connection), protected as one unit (`shim.chain`); each run kills one member, chosen at
-random (``killed_member``), and the whole chain fails over. The sink records every member's
+``--chain``: the NF is a chain of two sequencers in one netns (`hamgr.testbed.chain_args`,
+`hamgr.fabric.sequencer_spec`: the first forwards to the second over loopback, and also serves
+the TCP connection), protected as one unit (`shim.chain`). Locally each run kills one member,
+chosen at random (``killed_member``), and the whole chain fails over; remotely host A dies and
+B restores every member. The sink records every member's
 counter: ``duplicates`` and ``gaps`` count the last member's, ``upstream_duplicates`` and
 ``upstream_gaps`` the first member's, and the summary's ``duplicates`` and ``gaps`` add them up
 (``"chain": 2`` in the summary; 1 without the option).
@@ -389,19 +390,33 @@ class FailoverRun:
     tcp: TcpSummary | None  # None: the run had no TCP flow
     # When B attached the unit (its ``attached`` event); None if it never did.
     attached_us: int | None = None
+    # A chain: the counters of every member but the last, as the sink saw them.
+    upstream: list[list[Record]] = attrs.Factory(list)
 
 
 def run_remote_failover(
-    work: Path, *, pps: int, epoch_ms: int, seed: int, tcp: bool = True, lossless: bool = False
+    work: Path,
+    *,
+    pps: int,
+    epoch_ms: int,
+    seed: int,
+    tcp: bool = True,
+    lossless: bool = False,
+    chain: int = 1,
 ) -> FailoverRun:
-    """Protect the sequencer on A, stream through it, kill host A, wait for B to take over."""
+    """Protect the sequencer (or a chain of `chain`) on A, stream through it, kill host A,
+    wait for B to take over."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     tcp_port = TCP_PORT if tcp else None
-    with Fabric(work / "fab", epoch_ms=epoch_ms, lossless=lossless, tcp_port=tcp_port) as fab:
+    with Fabric(
+        work / "fab", epoch_ms=epoch_ms, lossless=lossless, tcp_port=tcp_port, chain=chain
+    ) as fab:
         fab.start()
         warm = 1.0 + rng.random()
-        sink, sender, out = start_udp(fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps)
+        sink, sender, out = start_udp(
+            fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps, stamps=chain
+        )
         client: TcpClient | None = None
         try:
             # An idle unit takes no checkpoints (I5): the first commit follows the first output.
@@ -419,6 +434,7 @@ def run_remote_failover(
         finally:
             _stop([sink, sender, *([client.proc] if client is not None else [])])
         records = read_records(out)
+        upstream = [read_records(member_records(out, i)) for i in range(chain - 1)]
         attached = [e for e in fab.hosts["B"].events("attached") if e["mono_us"] >= kill_us]
     return FailoverRun(
         records,
@@ -427,22 +443,12 @@ def run_remote_failover(
         int(sent["sent"]),
         summary,
         attached[0]["mono_us"] if attached else None,
+        upstream,
     )
 
 
-def remote_run(
-    work: Path,
-    *,
-    pps: int,
-    epoch_ms: int,
-    seed: int,
-    tcp: bool = True,
-    lossless: bool = False,
-) -> dict[str, Any]:
-    """One remote failover on a fresh testbed; returns its measures."""
-    run = run_remote_failover(
-        work, pps=pps, epoch_ms=epoch_ms, seed=seed, tcp=tcp, lossless=lossless
-    )
+def remote_measures(run: FailoverRun, *, pps: int, lossless: bool) -> dict[str, Any]:
+    """The measures of one remote failover (`run_remote_failover`)."""
     done = run.record
     resumed_us = done.get("resumed_us")
     # The resume step's start: the first moment the new primary's output can leave.
@@ -455,6 +461,7 @@ def remote_run(
         interval_ns=int(1e9 / pps),
     )
     return {
+        **(chain_measures(run.upstream) if run.upstream else {}),
         "status": done["status"],
         "detect_ms": done["detect_us"] / 1000,
         "restore_ms": done["steps_us"].get("restore", 0) / 1000,
@@ -756,8 +763,8 @@ def chain_measures(upstream: list[list[Record]]) -> dict[str, Any]:
 @click.option(
     "--chain",
     is_flag=True,
-    help=f"Local only: the NF is a chain of {CHAIN_MEMBERS} sequencers; one member, chosen at "
-    "random, is killed, and every member's counter is checked.",
+    help=f"The NF is a chain of {CHAIN_MEMBERS} sequencers, checked at every member's counter; "
+    "locally one member, chosen at random, is killed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def command(
@@ -781,12 +788,8 @@ def command(
             "--lossless needs --scope remote: the local failover refuses lossless mode (it keeps "
             "no local input log)"
         )
-    if chain and scope != "local":
-        raise click.UsageError(
-            "--chain needs --scope local: the remote agent does not run chains yet "
-            "(docs/containers.md, Chains)"
-        )
     members = CHAIN_MEMBERS if chain else 1
+    common: dict[str, Any] = {"pps": pps, "epoch_ms": epoch_ms, "tcp": tcp, "chain": members}
     results = []
     with tempfile.TemporaryDirectory(
         prefix="hamgr-bench-failover-", dir=os.environ.get("HAMGR_BENCH_KEEP")
@@ -794,19 +797,10 @@ def command(
         for i in range(runs):
             work = Path(tmp) / f"run{i}"
             if scope == "remote":
-                r = remote_run(
-                    work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, tcp=tcp, lossless=lossless
-                )
+                run = run_remote_failover(work, seed=seed + i, lossless=lossless, **common)
+                r = remote_measures(run, pps=pps, lossless=lossless)
             else:
-                r = local_run(
-                    work,
-                    pps=pps,
-                    epoch_ms=epoch_ms,
-                    seed=seed + i,
-                    index=i,
-                    tcp=tcp,
-                    chain=members,
-                )
+                r = local_run(work, seed=seed + i, index=i, **common)
             results.append(r)
             _info(f"run {i}: {json.dumps(r)}")
     summary = summarize(scope, results, lossless, members)

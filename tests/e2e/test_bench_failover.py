@@ -90,3 +90,13 @@ def test_local_bench_with_a_chain_kills_one_member_and_no_member_rolls_back() ->
     assert (summary["duplicates"], summary["gaps"]) == (0, 0)
     assert summary["restore_ms_p50"] > 0
     check_tcp(summary, run)
+
+
+def test_remote_bench_with_a_chain_restores_every_member_on_the_standby() -> None:
+    summary, run = bench("remote", "--chain")
+    assert (summary["scope"], summary["runs"], summary["chain"]) == ("remote", 1, 2)
+    assert summary["failed_runs"] == 0
+    assert (run["duplicates"], run["gaps"]) == (0, 0)
+    assert (run["upstream_duplicates"], run["upstream_gaps"]) == ([0], [0])
+    assert summary["restore_ms_p50"] > 0
+    check_tcp(summary, run)

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from hamgr import trafgen
-from hamgr.bench.failover import TCP_PORT, command, sink_gap_ms, summarize
+from hamgr.bench.failover import TCP_PORT, sink_gap_ms, summarize
 from hamgr.fabric import sequencer_spec
 from hamgr.trafgen import Record, TcpLedger, TcpSummary, run_tcp_client, tcp_survived
 from hamgr.unitspec import loads
@@ -323,7 +323,11 @@ def test_with_a_chain_every_members_rollbacks_count() -> None:
     assert summarize("local", [run(100.0)])["chain"] == 1
 
 
-def test_chain_needs_the_local_scope() -> None:
-    result = CliRunner().invoke(command, ["--scope", "remote", "--chain", "--runs", "1"])
-    assert result.exit_code == 2
-    assert "--chain needs --scope local" in result.output
+def test_the_fabrics_spec_can_be_a_chain() -> None:
+    unit = loads(sequencer_spec(chain=3))
+    assert unit.nf.args[-2:] == ("--dest", "127.0.0.1:7001")
+    assert [m.args[2:] for m in unit.chain] == [
+        ("7001", "--dest", "127.0.0.1:7002"),
+        ("7002", "--dest", "198.18.0.3:9000"),
+    ]
+    assert loads(sequencer_spec()).chain == ()
