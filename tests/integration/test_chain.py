@@ -24,6 +24,7 @@ from shim import failover as fo
 from shim.chain import CHAIN_META, Chain, ChainBackend, ChainImage, member_dir
 from shim.container import CheckpointError, mount_image_tmpfs, remove_cgroup_parent
 from shim.criu import is_tmpfs
+from shim.local_failover import FailoverRecord
 from tests.integration.test_local_failover import Rig, protected_rig
 
 pytestmark = pytest.mark.root
@@ -159,3 +160,21 @@ def test_a_failed_dump_of_one_member_fails_the_whole_cut(bed: UnitBed) -> None:
     assert not is_tmpfs(images)
     image = chain.checkpoint(2, bed.work / "big" / "epoch-00000002")
     assert ChainImage.load(image.path).epoch == 2
+
+
+def test_a_planned_switchover_of_a_chain_loses_no_input(rig: Rig) -> None:
+    """The quiesce's last cut freezes and dumps every member; the restored chain gets the
+    inputs queued meanwhile, so every input sent comes out once, through both members."""
+    rig.steady(1.0)
+    old = rig.driver.nf
+    rec = rig.driver.request("maintenance", planned=True)
+    assert isinstance(rec, FailoverRecord), rec
+    assert (rec.status, rec.planned, rec.term) == (fo.Status.FINISHED, True, 2), rec.detail
+    assert rec.quiesced_epoch == rec.restored_epoch
+    assert all(m.exited() for m in old.members)
+    assert rig.until(lambda: rig.recovered(0), 15.0), rig.driver.records
+    rig.steady(1.0)
+    arrivals = rig.finish()
+    assert_no_visible_rollback(arrivals)
+    sent = rig.sender.next_seq - 1
+    assert [a[2] for a in arrivals] == list(range(1, sent + 1)), "an input was lost"
