@@ -397,3 +397,16 @@ def test_chain_image_paths_resolve_against_the_spec_file(tmp_path: Path) -> None
     with pytest.raises(SpecError) as info:
         unitspec.load(spec_file)
     assert str(info.value).startswith(f'{spec_file}:15: chain[1].image: "nope.tar" is neither')
+
+
+def test_key_lines_number_the_tables_of_an_array() -> None:
+    text = "[[chain]]\na = 1\n[[chain]]\nb = 2\n[ports]\nc = 3\n"
+    assert key_lines(text) == {
+        ("chain",): 1,
+        ("chain", "0"): 1,
+        ("chain", "0", "a"): 2,
+        ("chain", "1"): 3,
+        ("chain", "1", "b"): 4,
+        ("ports",): 5,
+        ("ports", "c"): 6,
+    }
