@@ -592,7 +592,7 @@ class LocalFailover(Generic[NF]):
         q = self._quiescing = _Quiescing()
         # Half the budget at most to settle, so the cut and its ship keep the rest.
         try:
-            settled = engine.drain(timeout=budget_s / 2)
+            settled = engine.drain(timeout=budget_s / 2, hold_cuts=True)
         except Exception as exc:
             q.engine_error = exc
             raise
@@ -659,7 +659,10 @@ class LocalFailover(Generic[NF]):
             self._engine_error = q.engine_error
             return
         if q.closed is None:
-            return  # the engine's view of the data plane still holds
+            # The engine's view of the data plane still holds; it cuts again from here on.
+            if self._engine is not None:
+                self._engine.hold_cuts(False)
+            return
         engine = self._protect(term, q.closed + 1, nf, q.nf_rx)
         old, self._engine = self._engine, engine
         if old is not None:

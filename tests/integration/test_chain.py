@@ -174,7 +174,10 @@ def test_a_planned_switchover_of_a_chain_loses_no_input(rig: Rig) -> None:
     assert all(m.exited() for m in old.members)
     assert rig.until(lambda: rig.recovered(0), 15.0), rig.driver.records
     rig.steady(1.0)
+    # The last inputs still have two members to cross: keep cutting until they are out.
+    rig.sender.stop_stream()
+    sent = rig.sender.next_seq - 1
+    rig.until(lambda: len(rig.sink.snapshot()) >= sent, 5.0)
     arrivals = rig.finish()
     assert_no_visible_rollback(arrivals)
-    sent = rig.sender.next_seq - 1
     assert [a[2] for a in arrivals] == list(range(1, sent + 1)), "an input was lost"
