@@ -38,8 +38,9 @@ goes on as after a crash: the output it produced since the last commit is discar
 unit restarts from the last committed image. Planned (a switchover with no input loss), the
 `Quiesce` step before the term is raised:
 
-1. the engine is stepped until nothing is in flight (``PrimaryEngine.drain``): no cut, dump or
-   ship of its own is left to race the last cut;
+1. the engine is stepped until nothing is in flight (``PrimaryEngine.drain``), starting no new
+   cut meanwhile (``hold_cuts``, or a unit that commits slower than its epochs never settles):
+   no cut, dump or ship of its own is left to race the last cut;
 2. ``pause_ingress``: from here on inputs wait in the wire port's queue, for the restored copy;
 3. the NF gets a moment to read what was delivered to its sockets (CRIU drops UDP receive
    queues), then it is frozen;
