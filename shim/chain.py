@@ -39,7 +39,7 @@ import os
 import secrets
 import select
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -432,7 +432,8 @@ class ChainBackend:
         return Chain(chain, tuple(restored[i] for i in range(len(image.members))))
 
 
-def _destroy_all(containers: Any) -> None:
+def _destroy_all(containers: Iterable[Container]) -> None:
+    """Destroy what a failed start or restore had made; its own error is what matters."""
     for c in containers:
         with contextlib.suppress(Exception):
             c.destroy()

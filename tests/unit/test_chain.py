@@ -14,6 +14,7 @@ import pytest
 from shim.chain import (
     CHAIN_META,
     Chain,
+    ChainBackend,
     ChainError,
     ChainImage,
     check_members,
@@ -260,3 +261,55 @@ def test_a_chain_has_two_or_three_members_in_one_netns() -> None:
 def test_member_names_follow_the_chain_across_generations() -> None:
     assert [member_name("u-chain", i) for i in range(2)] == ["u-chain-m0", "u-chain-m1"]
     assert member_name("u-chain-t3", 1) == "u-chain-t3-m1"
+
+
+@attrs.define
+class FakeRunc:
+    """A `RuncBackend` stand-in: restores and starts FakeMembers, and fails where told."""
+
+    log: list[tuple[str, str]]
+    fail: str = ""  # the name whose restore or start fails
+    made: list[FakeMember] = attrs.Factory(list)
+
+    def _make(self, op: str, name: str) -> FakeMember:
+        self.log.append((op, name))
+        if name == self.fail:
+            raise RestoreError(f"runc {op} of {name}: criu failed")
+        member = FakeMember.make(name, 200 + len(self.made), self.log)
+        self.made.append(member)
+        return member
+
+    def restore(self, image_dir: Path, netns: str, *, name: str | None = None) -> FakeMember:
+        assert name is not None
+        return self._make("restore", name)
+
+    def start(self, spec: ContainerSpec) -> FakeMember:
+        return self._make("start", spec.name)
+
+
+def test_a_chain_is_restored_downstream_first_under_new_names(tmp_path: Path) -> None:
+    path = torn(tmp_path)
+    log: list[tuple[str, str]] = []
+    chain = ChainBackend(FakeRunc(log)).restore(path, NETNS, name="c-t2")  # type: ignore[arg-type]
+    assert log == [("restore", "c-t2-m1"), ("restore", "c-t2-m0")]
+    assert (chain.name, [m.name for m in chain.members]) == ("c-t2", ["c-t2-m0", "c-t2-m1"])
+
+
+def test_a_member_that_fails_to_restore_takes_the_restored_ones_with_it(tmp_path: Path) -> None:
+    path = torn(tmp_path)
+    log: list[tuple[str, str]] = []
+    backend = ChainBackend(FakeRunc(log, fail="c-t2-m0"))  # type: ignore[arg-type]
+    with pytest.raises(RestoreError, match="member 0 failed, the members already restored"):
+        backend.restore(path, NETNS, name="c-t2")
+    assert log == [("restore", "c-t2-m1"), ("restore", "c-t2-m0"), ("destroy", "c-t2-m1")]
+
+
+def test_a_member_that_fails_to_start_takes_the_started_ones_with_it() -> None:
+    log: list[tuple[str, str]] = []
+    backend = ChainBackend(FakeRunc(log, fail="c-m0"))  # type: ignore[arg-type]
+    with pytest.raises(RestoreError, match="runc start of c-m0"):
+        backend.start("c", [spec("a"), spec("b")])
+    # Downstream first, so that each member listens before its upstream sends.
+    assert log == [("start", "c-m1"), ("start", "c-m0"), ("destroy", "c-m1")]
+    chain = ChainBackend(FakeRunc(log)).start("c", [spec("a"), spec("b")])  # type: ignore[arg-type]
+    assert [m.name for m in chain.members] == ["c-m0", "c-m1"]
