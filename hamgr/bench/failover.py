@@ -51,9 +51,9 @@ counters fall outside the takeover (between the last output before and the first
 ``--chain``: the NF is a chain of two sequencers in one netns (`hamgr.testbed.chain_args`,
 `hamgr.fabric.sequencer_spec`: the first forwards to the second over loopback, and also serves
 the TCP connection), protected as one unit (`shim.chain`). Locally each run kills one member,
-chosen at random (``killed_member``), and the whole chain fails over; remotely host A dies and
-B restores every member. The sink records every member's
-counter: ``duplicates`` and ``gaps`` count the last member's, ``upstream_duplicates`` and
+in turn (run i kills member i modulo 2, ``killed_member``), and the whole chain fails over;
+remotely host A dies and B restores every member. The sink records every member's counter:
+``duplicates`` and ``gaps`` count the last member's, ``upstream_duplicates`` and
 ``upstream_gaps`` the first member's, and the summary's ``duplicates`` and ``gaps`` add them up
 (``"chain": 2`` in the summary; 1 without the option).
 
@@ -675,14 +675,14 @@ def local_run(
     tcp: bool = True,
     chain: int = 1,
 ) -> dict[str, Any]:
-    """One local failover on a fresh one-host bed; returns its measures. A chain loses one
-    member, chosen at random."""
+    """One local failover on a fresh one-host bed; returns its measures. A chain loses member
+    `index` modulo its length, so that consecutive runs kill every member in turn."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     prefix = f"hl{os.getpid() % 10000}{index % 100:02d}"
     with LocalRig.open(work, prefix=prefix, epoch_ms=epoch_ms, tcp=tcp, chain=chain) as rig:
         warm = 1.0 + rng.random()
-        victim = rng.randrange(chain)
+        victim = index % chain
         sink, sender, out = start_udp(
             rig.bed.cl, rig.bed.cl, work, seconds=warm + 6.0, pps=pps, stamps=chain
         )
@@ -764,7 +764,7 @@ def chain_measures(upstream: list[list[Record]]) -> dict[str, Any]:
     "--chain",
     is_flag=True,
     help=f"The NF is a chain of {CHAIN_MEMBERS} sequencers, checked at every member's counter; "
-    "locally one member, chosen at random, is killed.",
+    "locally run i kills member i modulo its length.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def command(
