@@ -483,8 +483,8 @@ class Agent:
         if spec.chain:
             return (
                 "unsupported",
-                "chain: this agent protects single-NF units only for now; a chain runs under "
-                "shim.chain (docs/containers.md, Chains); remove the [[chain]] tables",
+                "chain: this agent protects single-NF units only for now (the remote roles' "
+                "agent runs chains: docs/containers.md, Chains); remove the [[chain]] tables",
             )
         if spec.protection.lossless:
             return (
