@@ -83,15 +83,28 @@ def sequencer_spec(
     image: str = "sequencer",
     lossless: bool = False,
     tcp_port: int | None = None,
+    chain: int = 1,
 ) -> str:
-    """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there."""
+    """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there.
+
+    With `chain` > 1 the unit is a chain of that many sequencers: each forwards to the next on
+    the next port over the NF netns's loopback, and the last one to the sink.
+    """
     tcp = "" if tcp_port is None else f', "--tcp-listen", "{tcp_port}"'
+    dest = f"{SINK_IP}:{SINK_PORT}" if chain == 1 else f"127.0.0.1:{NF_PORT + 1}"
+    members = ""
+    for i in range(1, chain):
+        to = f"{SINK_IP}:{SINK_PORT}" if i == chain - 1 else f"127.0.0.1:{NF_PORT + i + 1}"
+        members += (
+            f'\n[[chain]]\nimage = "{image}"\nargs = ["/usr/local/bin/sequencer", '
+            f'"--listen", "{NF_PORT + i}", "--dest", "{to}"]\n'
+        )
     return f"""\
 name = "{unit}"
 
 [nf]
 image = "{image}"
-args = ["/usr/local/bin/sequencer", "--listen", "{NF_PORT}", "--dest", "{SINK_IP}:{SINK_PORT}"{tcp}]
+args = ["/usr/local/bin/sequencer", "--listen", "{NF_PORT}", "--dest", "{dest}"{tcp}]
 address = "{NF_IP}/24"
 mac = "{NF_MAC}"
 
@@ -114,7 +127,7 @@ max_inflight = 4
 memory_budget_mb = 64
 lossless = {"true" if lossless else "false"}
 on_standby_loss = "stall"
-"""
+{members}"""
 
 
 def _ip(*args: str) -> None:
@@ -202,6 +215,8 @@ class Fabric(Testbed):
     lossless: bool = False
     # The sequencer also serves TCP on this port (a connection that must survive the takeover).
     tcp_port: int | None = None
+    # The unit is a chain of this many sequencers (`sequencer_spec`).
+    chain: int = 1
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
     _partition_table: bool = False
@@ -279,7 +294,10 @@ class Fabric(Testbed):
         }
         a, b, c = (self.hosts[x].name for x in HOSTS)
         spec = sequencer_spec(
-            epoch_ms=self.epoch_ms, lossless=self.lossless, tcp_port=self.tcp_port
+            epoch_ms=self.epoch_ms,
+            lossless=self.lossless,
+            tcp_port=self.tcp_port,
+            chain=self.chain,
         )
         role = {
             "A": UnitPlan(spec, "primary", standby=b, spares=(c,)),

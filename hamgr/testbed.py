@@ -28,6 +28,7 @@ from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.process import DataPlaneConfig, DataPlaneProcess
 from hamgr.nfs import images
 from shim import netns
+from shim.chain import Chain, ChainBackend
 from shim.container import Container, RuncBackend, remove_cgroup_parent
 from shim.oci import ContainerSpec
 from shim.replication import ReplicationServer
@@ -64,6 +65,18 @@ def sequencer_args(*extra: str) -> tuple[str, ...]:
         f"{CLIENT_IP}:{SINK_PORT}",
         *extra,
     )
+
+
+def chain_args(members: int) -> list[tuple[str, ...]]:
+    """The sequencer as every member of a chain, upstream first: member i listens on
+    NF_PORT + i and stamps and forwards to member i+1 over the netns's loopback; the last one
+    sends to the sink. The sink then sees one counter per member, the last member's first."""
+    out: list[tuple[str, ...]] = []
+    for i in range(members):
+        last = i == members - 1
+        dest = f"{CLIENT_IP}:{SINK_PORT}" if last else f"127.0.0.1:{NF_PORT + i + 1}"
+        out.append(("/usr/local/bin/sequencer", "--listen", str(NF_PORT + i), "--dest", dest))
+    return out
 
 
 class Testbed:
@@ -108,6 +121,7 @@ class UnitBed(Testbed):
     server: ReplicationServer | None = None
     images: Path | None = None
     backend: RuncBackend | None = None
+    chain: Chain | None = None
 
     @property
     def cgroup_parent(self) -> str:
@@ -180,6 +194,24 @@ class UnitBed(Testbed):
         self.nf.prepare_checkpoint()
         return self.nf
 
+    def start_chain(self, args: list[tuple[str, ...]]) -> Chain:
+        """The NF as a chain of sequencers (`chain_args`) in the NF netns."""
+        self.backend = RuncBackend(state_dir=self.work / "runc", network_lock="skip")
+        image = images.build_image("sequencer")
+        specs = [
+            ContainerSpec(
+                name=f"{self.prefix}-seq{i}",
+                image=image,
+                args=member_args,
+                netns=self.nfns,
+                cgroup_parent=self.cgroup_parent,
+            )
+            for i, member_args in enumerate(args)
+        ]
+        self.chain = ChainBackend(self.backend).start(f"{self.prefix}-chain", specs)
+        self.chain.prepare_checkpoint()
+        return self.chain
+
     def start_standby(self, endpoint: str = "tcp://127.0.0.1:*") -> str:
         store = Store(self.work / "standby" / UNIT)
         self.server = ReplicationServer(endpoint, {UNIT: store})
@@ -192,9 +224,10 @@ class UnitBed(Testbed):
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
-        if self.nf is not None:
-            with contextlib.suppress(Exception):
-                self.nf.destroy()
+        for handle in (self.nf, self.chain):
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.destroy()
         if self.client is not None:
             self.client.close()
         if self.dp is not None:

@@ -7,7 +7,9 @@ one JSON object as its last stdout line.
 
 Datagram payload from the sender: sender sequence (u64 BE), send time CLOCK_MONOTONIC ns (u64 BE),
 padding. The sequencer NF prepends its own per-flow counter (u64 BE), so the sink reads
-(counter, seq, sent_ns) and stamps its own receive time.
+(counter, seq, sent_ns) and stamps its own receive time. Behind a chain of N sequencers
+(``sink --stamps N``) each datagram carries N counters, the last member's first; the sink then
+also writes member i's counters to `member_records(out, i)` for every member but the last.
 
 TCP (``tcp``, against the sequencer's ``--tcp-listen``): one connection, request ``n`` is the line
 ``"<n>\\n"``, sent every ``--interval-ms`` whether or not earlier ones were answered, and the
@@ -18,6 +20,7 @@ as answers that stop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import select
@@ -38,6 +41,11 @@ PAYLOAD = struct.Struct("!QQ")
 STAMPED = struct.Struct("!QQQ")  # NF counter, sender seq, sent ns
 RECORD = struct.Struct("<QQQQ")  # counter, seq, sent_ns, recv_ns
 SO_RCVBUFFORCE = 33  # from <asm-generic/socket.h>; the socket module does not export it
+
+
+def member_records(out: Path, member: int) -> Path:
+    """The record file of chain member `member`'s counters, next to the sink's `out`."""
+    return out.with_name(f"{out.name}.member{member}")
 
 
 @attrs.frozen
@@ -411,10 +419,22 @@ def send(
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Record file.")
 @click.option("--idle-exit", type=float, default=0.0, help="Stop after this long with no data.")
 @click.option("--ready", type=click.Path(path_type=Path), help="Touch this file once bound.")
+@click.option("--stamps", type=click.IntRange(1, 3), default=1, help="NF counters per datagram.")
 def sink(
-    *, port: int, bind_ip: str, seconds: float, out: Path, idle_exit: float, ready: Path | None
+    *,
+    port: int,
+    bind_ip: str,
+    seconds: float,
+    out: Path,
+    idle_exit: float,
+    ready: Path | None,
+    stamps: int,
 ) -> None:
-    """Record (counter, seq, sent_ns, recv_ns) of every datagram; bounded in time."""
+    """Record (counter, seq, sent_ns, recv_ns) of every datagram; bounded in time.
+
+    Behind a chain of sequencers each datagram carries one counter per member (`--stamps`):
+    the last member's go to `--out`, member i's to `member_records(out, i)`.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     # SO_RCVBUF is capped by net.core.rmem_max (about 200 KiB); a released epoch arrives as one
     # burst of thousands of datagrams, so ask past the cap (root only) and fall back if refused.
@@ -437,9 +457,13 @@ def sink(
     deadline = clock() + int(seconds * 1e9)
     last_rx = clock()
     count = 0
-    buf = bytearray()
+    # One record file per counter: `out` for the first (the last member's), then the others.
+    paths = [out, *(member_records(out, stamps - 2 - i) for i in range(stamps - 1))]
+    bufs = [bytearray() for _ in paths]
+    stamped = STAMPED if stamps == 1 else struct.Struct(f"!{stamps + 2}Q")
     pack = RECORD.pack
-    with out.open("wb") as f:
+    with contextlib.ExitStack() as files:
+        outs = [files.enter_context(p.open("wb")) for p in paths]
         while not stop and clock() < deadline:
             try:
                 data = sock.recv(2048)
@@ -449,15 +473,18 @@ def sink(
                 continue
             now = clock()
             last_rx = now
-            if len(data) < STAMPED.size:
+            if len(data) < stamped.size:
                 continue
-            counter, seq, sent_ns = STAMPED.unpack_from(data)
-            buf += pack(counter, seq, sent_ns, now)
+            *counters, seq, sent_ns = stamped.unpack_from(data)
+            for buf, counter in zip(bufs, counters, strict=True):
+                buf.extend(pack(counter, seq, sent_ns, now))
             count += 1
-            if len(buf) >= 1 << 16:
-                f.write(buf)
-                buf.clear()
-        f.write(buf)
+            if len(bufs[0]) >= 1 << 16:
+                for f, buf in zip(outs, bufs, strict=True):
+                    f.write(buf)
+                    buf.clear()
+        for f, buf in zip(outs, bufs, strict=True):
+            f.write(buf)
     click.echo(json.dumps({"received": count}))
 
 

@@ -14,6 +14,11 @@ One file describes one protected unit::
     [nf.neighbors]                      # optional static neighbours inside the NF's netns:
     "198.18.0.1" = "02:00:c6:12:00:03"  # its output is held, so its ARP replies would be too
 
+    [[chain]]                           # optional, at most 2: the NFs that follow [nf] in a
+    image = "sequencer"                 # chain; each runs in the same netns as [nf] and gets
+    args = ["/usr/local/bin/sequencer", "--listen", "7001", "--dest", "198.18.0.1:9000"]
+    env = []                            # what the one before it sends (e.g. to 127.0.0.1:7001)
+
     [ports]
     wire = ["eth1"]                     # host interfaces whose input goes to the NF (1-4)
     egress = "eth2"                     # host interface its released output leaves by
@@ -54,6 +59,7 @@ import attrs
 
 __all__ = [
     "BUILTIN_NFS",
+    "ChainMemberSpec",
     "EpochSpec",
     "NfSpec",
     "PortsSpec",
@@ -75,6 +81,7 @@ _IFNAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _HOSTNAME: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _MAC: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_WIRE_PORTS: Final = 4
+MAX_CHAIN_MEMBERS: Final = 3  # [nf] and at most two [[chain]] tables
 MAX_INFLIGHT: Final = 64  # the data plane's limit
 MAX_EPOCH_MS: Final = 60_000
 MAX_BUDGET_MB: Final = 1 << 20
@@ -275,17 +282,12 @@ def _frozen_map(value: Any) -> Any:
 # --- the spec ---------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class NfSpec:
-    """What to run and how it is addressed."""
+class _ImageSource:
+    """What [nf] and a [[chain]] table share: an image, built-in or a path."""
 
-    image: str = attrs.field(validator=_nonempty_str)
-    args: tuple[str, ...] = attrs.field(validator=_args)
-    address: str = attrs.field(validator=_address)
-    mac: str = attrs.field(validator=_mac_field)
-    env: tuple[str, ...] = attrs.field(default=(), validator=_env)
-    image_ref: str | None = attrs.field(default=None, validator=_optional(_nonempty_str))
-    neighbors: Mapping[str, str] = attrs.field(factory=dict, validator=_neighbors)
+    __slots__ = ()
+    image: str
+    image_ref: str | None
 
     @property
     def builtin(self) -> bool:
@@ -296,6 +298,29 @@ class NfSpec:
         if self.builtin and self.image_ref is not None:
             return [("image_ref", f'applies to OCI archives, not the built-in "{self.image}"')]
         return []
+
+
+@attrs.frozen
+class NfSpec(_ImageSource):
+    """What to run and how it is addressed."""
+
+    image: str = attrs.field(validator=_nonempty_str)
+    args: tuple[str, ...] = attrs.field(validator=_args)
+    address: str = attrs.field(validator=_address)
+    mac: str = attrs.field(validator=_mac_field)
+    env: tuple[str, ...] = attrs.field(default=(), validator=_env)
+    image_ref: str | None = attrs.field(default=None, validator=_optional(_nonempty_str))
+    neighbors: Mapping[str, str] = attrs.field(factory=dict, validator=_neighbors)
+
+
+@attrs.frozen
+class ChainMemberSpec(_ImageSource):
+    """An NF that follows [nf] in a chain: same netns, its own image, args and env."""
+
+    image: str = attrs.field(validator=_nonempty_str)
+    args: tuple[str, ...] = attrs.field(validator=_args)
+    env: tuple[str, ...] = attrs.field(default=(), validator=_env)
+    image_ref: str | None = attrs.field(default=None, validator=_optional(_nonempty_str))
 
 
 @attrs.frozen
@@ -405,6 +430,8 @@ class UnitSpec:
     standby: StandbySpec = attrs.field(factory=StandbySpec)
     epoch: EpochSpec = attrs.field(factory=EpochSpec)
     protection: ProtectionSpec = attrs.field(factory=ProtectionSpec)
+    # The NFs after [nf] in a chain, in order; empty for a single NF.
+    chain: tuple[ChainMemberSpec, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types only; `from_json(to_json())` gives an equal spec."""
@@ -423,6 +450,8 @@ class UnitSpec:
         data: dict[str, Any] = {"name": self.name}
         for key in _SECTIONS:
             data[key] = section(getattr(self, key))
+        if self.chain:
+            data["chain"] = [section(m) for m in self.chain]
         return data
 
     @staticmethod
@@ -460,6 +489,7 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """
     lines: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
+    arrays: dict[tuple[str, ...], int] = {}  # [[name]] -> how many seen so far
     in_string: str | None = None
     depth = 0
     for number, line in enumerate(text.splitlines(), start=1):
@@ -474,6 +504,12 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
         if header is not None and not _KEY.match(line):
             table = _split_key(header.group(1))
             lines.setdefault(table, number)
+            if line.lstrip().startswith("[["):
+                # An array of tables: the n-th one is (name, "n"), as problems name it.
+                n = arrays.get(table, 0)
+                arrays[table] = n + 1
+                table = (*table, str(n))
+                lines.setdefault(table, number)
             continue
         key = _KEY.match(line)
         if key is None:
@@ -500,7 +536,13 @@ def _line(lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> int | 
 
 
 def _dotted(path: tuple[str, ...]) -> str:
-    return ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else _show(p) for p in path)
+    out = ""
+    for p in path:
+        if p.isdigit() and out:
+            out += f"[{p}]"  # the n-th table of an array of tables: chain[1]
+        else:
+            out += ("." if out else "") + (p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else _show(p))
+    return out
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -558,7 +600,7 @@ def _build(data: Any, source: str, lines: Mapping[tuple[str, ...], int]) -> Unit
     out = _Collector(lines)
     if not isinstance(data, Mapping):
         raise SpecError(source, [SpecProblem("spec", f"must be a table, got {_show(data)}")])
-    known = {"name", *_SECTIONS}
+    known = {"name", "chain", *_SECTIONS}
     for key in data:
         if key not in known:
             out.add((key,), _unknown(key, known))
@@ -577,10 +619,27 @@ def _build(data: Any, source: str, lines: Mapping[tuple[str, ...], int]) -> Unit
                 out.add((key,), f"the [{key}] table is required")
             continue
         sections[key] = _section(cls, (key,), data[key], out)
+    chain = _chain(data.get("chain", []), out)
     if out.problems:
         raise SpecError(source, out.problems)
     assert isinstance(name, str)
-    return UnitSpec(name=name, **{k: v for k, v in sections.items() if v is not None})
+    return UnitSpec(name=name, chain=chain, **{k: v for k, v in sections.items() if v is not None})
+
+
+def _chain(tables: Any, out: _Collector) -> tuple[ChainMemberSpec, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        out.add(("chain",), "must be [[chain]] tables, one per NF after [nf]")
+        return ()
+    if len(tables) > MAX_CHAIN_MEMBERS - 1:
+        out.add(
+            ("chain", str(MAX_CHAIN_MEMBERS - 1)),
+            f"a chain has at most {MAX_CHAIN_MEMBERS} NFs ([nf] and "
+            f"{MAX_CHAIN_MEMBERS - 1} [[chain]] tables), got {len(tables) + 1}; protect the "
+            "rest as another unit",
+        )
+        return ()
+    members = [_section(ChainMemberSpec, ("chain", str(i)), t, out) for i, t in enumerate(tables)]
+    return tuple(m for m in members if m is not None)
 
 
 _TOML_POSITION: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
@@ -602,20 +661,38 @@ def loads(text: str, *, source: str = "<spec>", base_dir: Path | None = None) ->
         raise SpecError(source, [SpecProblem("toml", f"not valid TOML: {message}", line)]) from None
     lines = key_lines(text)
     spec = _build(data, source, lines)
-    if base_dir is not None and not spec.nf.builtin:
-        image = Path(spec.nf.image)
-        if not image.is_absolute():
-            image = (base_dir / image).resolve()
-        if not image.exists():
-            problem = SpecProblem(
-                "nf.image",
-                f"{_show(spec.nf.image)} is neither a built-in NF ({', '.join(BUILTIN_NFS)}) "
-                f"nor an existing OCI archive or rootfs directory (looked at {image})",
-                _line(lines, ("nf", "image")),
-            )
-            raise SpecError(source, [problem])
-        spec = attrs.evolve(spec, nf=attrs.evolve(spec.nf, image=str(image)))
-    return spec
+    if base_dir is None:
+        return spec
+    out = _Collector(lines)
+    nf = _resolve_image(spec.nf, ("nf",), base_dir, out)
+    chain = tuple(
+        _resolve_image(m, ("chain", str(i)), base_dir, out) for i, m in enumerate(spec.chain)
+    )
+    if out.problems:
+        raise SpecError(source, out.problems)
+    return attrs.evolve(spec, nf=nf, chain=chain)
+
+
+_Imaged = TypeVar("_Imaged", NfSpec, ChainMemberSpec)
+
+
+def _resolve_image(
+    section: _Imaged, path: tuple[str, ...], base_dir: Path, out: _Collector
+) -> _Imaged:
+    """`section` with its image path made absolute (relative to `base_dir`); it must exist."""
+    if section.builtin:
+        return section
+    image = Path(section.image)
+    if not image.is_absolute():
+        image = (base_dir / image).resolve()
+    if not image.exists():
+        out.add(
+            (*path, "image"),
+            f"{_show(section.image)} is neither a built-in NF ({', '.join(BUILTIN_NFS)}) "
+            f"nor an existing OCI archive or rootfs directory (looked at {image})",
+        )
+        return section
+    return attrs.evolve(section, image=str(image))
 
 
 def load(path: Path) -> UnitSpec:

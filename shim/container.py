@@ -149,8 +149,22 @@ class RestoreError(ContainerError):
 # --------------------------------------------------------------------------- backend-neutral shape
 
 
+class UnitImage(Protocol):
+    """A complete checkpoint on disk: one container's (`CheckpointImage`) or a chain's."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+
 class UnitHandle(Protocol):
-    """One running NF instance (a container here, a VM in the libvirt backend)."""
+    """One running NF instance (a container here, a chain of them in `shim.chain`, a VM in the
+    libvirt backend)."""
 
     @property
     def name(self) -> str: ...
@@ -165,7 +179,7 @@ class UnitHandle(Protocol):
 
     def thaw(self, timeout: float = ...) -> None: ...
 
-    def checkpoint(self, epoch: int, dest_dir: Path) -> CheckpointImage: ...
+    def checkpoint(self, epoch: int, dest_dir: Path) -> UnitImage: ...
 
     def wait_rx_drained(self, timeout: float = ..., *, settle: float = ...) -> RxDrain: ...
 
@@ -211,20 +225,7 @@ class CheckpointImage:
     @staticmethod
     def load(path: Path) -> CheckpointImage:
         """Read an image's metadata and check every file is there at its recorded size."""
-        meta_path = path / IMAGE_META
-        try:
-            data = json.loads(meta_path.read_text())
-        except FileNotFoundError as exc:
-            raise RestoreError(
-                f"{path} is not a complete hamgr checkpoint ({IMAGE_META} missing); a dump "
-                "that failed or is still running leaves no metadata, so use an older epoch"
-            ) from exc
-        except ValueError as exc:
-            raise RestoreError(f"{meta_path}: unreadable ({exc}); use an older epoch") from exc
-        if data.get("format") != IMAGE_FORMAT:
-            raise RestoreError(
-                f"{meta_path}: format {data.get('format')!r}, this hamgr reads {IMAGE_FORMAT}"
-            )
+        data = read_image_meta(path, IMAGE_META, IMAGE_FORMAT, what="hamgr checkpoint")
         files = tuple(sorted((str(k), int(v)) for k, v in data["files"].items()))
         for fname, size in files:
             try:
@@ -241,6 +242,28 @@ class CheckpointImage:
             dump_seconds=float(data["dump_seconds"]),
             files=files,
         )
+
+
+def read_image_meta(path: Path, name: str, fmt: int, *, what: str) -> dict[str, Any]:
+    """The metadata file `name` of the image at `path`, which must be of format `fmt`.
+
+    Written last, after every other file of the image, it is what makes a directory a complete
+    image; without it, or unreadable, the image is refused.
+    """
+    meta_path = path / name
+    try:
+        data = json.loads(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise RestoreError(
+            f"{path} is not a complete {what} ({name} missing); a dump that failed or is "
+            "still running leaves no metadata, so use an older epoch"
+        ) from exc
+    except ValueError as exc:
+        raise RestoreError(f"{meta_path}: unreadable ({exc}); use an older epoch") from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else data
+        raise RestoreError(f"{meta_path}: format {found!r}, this hamgr reads {fmt}")
+    return data
 
 
 @attrs.frozen

@@ -176,6 +176,13 @@ class PrimaryEngine:
             events.append(ep.Tick(self.clock()))
             events.append(self._dumping.result())
             self._dumping = None
+        self._feed(events)
+
+    def hold_cuts(self, hold: bool) -> None:
+        """Start no new cut while `hold` (`ep.HoldCuts`); releasing it may start one at once."""
+        self._feed(deque([ep.Tick(self.clock()), ep.HoldCuts(hold)]))
+
+    def _feed(self, events: deque[ep.Event]) -> None:
         while events:
             event = events.popleft()
             for command in self.machine.handle(event):
@@ -192,8 +199,15 @@ class PrimaryEngine:
             self.step()
             time.sleep(idle_sleep)
 
-    def drain(self, timeout: float) -> bool:
-        """Step until nothing is in flight (every shipped epoch answered) or the timeout."""
+    def drain(self, timeout: float, *, hold_cuts: bool = False) -> bool:
+        """Step until nothing is in flight (every shipped epoch answered) or the timeout.
+
+        With `hold_cuts`, no new cut starts meanwhile, and none after: the caller releases the
+        hold (`hold_cuts(False)`) when it steps the engine again. Without it, a unit that always
+        has output waiting and commits slower than its epochs never settles.
+        """
+        if hold_cuts:
+            self.hold_cuts(True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.step()

@@ -18,9 +18,9 @@ States of the cut pipeline (DESIGN.md steps 1-5), and the transition table in wo
 - THAWING + Thawed -> RESUMING, commands ResumeIngress.
 - RESUMING + IngressResumed -> RUNNING, commands Ship(e) (step 6) if the checkpoint was taken and
   the standby is there; then a new cut may start at once.
-- Any state but FENCED accepts Tick, OutputWaiting, Acked, Nacked, StandbyLost, StandbyBack and
-  TermRaised without leaving the pipeline state; a TermRaised, Acked or Nacked carrying a term
-  above the machine's own moves it to FENCED.
+- Any state but FENCED accepts Tick, OutputWaiting, Acked, Nacked, StandbyLost, StandbyBack,
+  HoldCuts and TermRaised without leaving the pipeline state; a TermRaised, Acked or Nacked
+  carrying a term above the machine's own moves it to FENCED.
 - FENCED is final: the machine has commanded Discard of everything unreleased and ignores the
   rest. Late completions of commands issued before fencing are expected and dropped.
 
@@ -62,6 +62,10 @@ Decisions documented here because the design leaves them open:
   ResumeIngress of a cut; the data plane admits ingress only when neither holds it.
 - **Nacks.** A Nacked epoch is shipped again as a full image, up to `max_ship_attempts` times; then
   the standby counts as lost.
+- **Holding cuts.** HoldCuts(True) lets the cut in progress and every ship finish but starts no
+  new cut until HoldCuts(False), which may start one at once. A planned switchover holds cuts
+  while it lets the engine settle: a unit whose commit takes longer than an epoch (a chain, a
+  loaded host) otherwise always has a cut or a ship in flight, and never settles.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ __all__ = [
     "Event",
     "Freeze",
     "Frozen",
+    "HoldCuts",
     "Ignored",
     "IngressPaused",
     "IngressResumed",
@@ -152,6 +157,13 @@ class OutputWaiting(Event):
     epoch: int
     buffered_pkts: int
     buffered_bytes: int
+
+
+@attrs.frozen
+class HoldCuts(Event):
+    """Start no new cut while `hold` (a driver settling the unit); see the module docstring."""
+
+    hold: bool
 
 
 @attrs.frozen
@@ -371,7 +383,7 @@ TRANSITIONS: Mapping[State, Mapping[type[Event], State]] = MappingProxyType(
 
 # Events that do not belong to the cut pipeline and may come in any state.
 ANY_STATE: frozenset[type[Event]] = frozenset(
-    {Tick, OutputWaiting, Acked, Nacked, StandbyLost, StandbyBack, TermRaised}
+    {Tick, OutputWaiting, Acked, Nacked, StandbyLost, StandbyBack, HoldCuts, TermRaised}
 )
 
 
@@ -439,6 +451,7 @@ class PrimaryMachine:
         self._last_released = first_epoch - 1
         self._ship_base: int | None = None
         self._failures = 0
+        self._holding = False  # HoldCuts
         self._retry_at: int | None = None
         self._back_pressure = False
         self._wake_at: int | None = None
@@ -519,6 +532,8 @@ class PrimaryMachine:
                 self._now = now
             case OutputWaiting():
                 self._on_output(event, out)
+            case HoldCuts(hold=hold):
+                self._holding = hold
             case IngressPaused(cut_seq=cut_seq):
                 self._cut().cut_seq = cut_seq
                 out.append(Freeze())
@@ -722,6 +737,8 @@ class PrimaryMachine:
     def _maybe_cut(self, out: list[Command]) -> None:
         self._wake_at = None
         if self._state is not State.RUNNING or self._protection is not Protection.PROTECTED:
+            return
+        if self._holding:
             return
         waiting = self._open_pkts + self._uncovered_failed_pkts()
         decision = decide(

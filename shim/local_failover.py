@@ -38,8 +38,9 @@ goes on as after a crash: the output it produced since the last commit is discar
 unit restarts from the last committed image. Planned (a switchover with no input loss), the
 `Quiesce` step before the term is raised:
 
-1. the engine is stepped until nothing is in flight (``PrimaryEngine.drain``): no cut, dump or
-   ship of its own is left to race the last cut;
+1. the engine is stepped until nothing is in flight (``PrimaryEngine.drain``), starting no new
+   cut meanwhile (``hold_cuts``, or a unit that commits slower than its epochs never settles):
+   no cut, dump or ship of its own is left to race the last cut;
 2. ``pause_ingress``: from here on inputs wait in the wire port's queue, for the restored copy;
 3. the NF gets a moment to read what was delivered to its sockets (CRIU drops UDP receive
    queues), then it is frozen;
@@ -83,14 +84,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from shim import failover as fo
 from shim import netns
-from shim.container import CheckpointImage, Container, RuncBackend
+from shim.chain import load_image
+from shim.container import UnitHandle
 from shim.engine import PrimaryEngine
+from shim.oci import ContainerSpec
 
 __all__ = [
     "EngineFactory",
@@ -99,6 +102,8 @@ __all__ = [
     "LocalDataPlane",
     "LocalFailover",
     "LocalFailoverError",
+    "ProtectedNf",
+    "Restorer",
     "TermFile",
     "TermStore",
     "nf_interfaces",
@@ -125,7 +130,29 @@ class LocalDataPlane(Protocol):
     def stats(self, unit: str | None = None) -> Any: ...
 
 
-class EngineFactory(Protocol):
+class ProtectedNf(UnitHandle, Protocol):
+    """What the driver needs of the NF it protects: one `shim.container.Container`, or a
+    `shim.chain.Chain` of containers that share one netns and fail over as one."""
+
+    @property
+    def spec(self) -> ContainerSpec: ...
+    def exited(self, timeout: float = ...) -> bool: ...
+    def destroy(self) -> None: ...
+
+
+NF = TypeVar("NF", bound=ProtectedNf)
+NF_co = TypeVar("NF_co", bound=ProtectedNf, covariant=True)
+NF_contra = TypeVar("NF_contra", bound=ProtectedNf, contravariant=True)
+
+
+class Restorer(Protocol[NF_co]):
+    """Restores a committed local image into the unit's netns (`RuncBackend`, or
+    `shim.chain.ChainBackend` for a chain)."""
+
+    def restore(self, image_dir: Path, netns: str, *, name: str | None = None) -> NF_co: ...
+
+
+class EngineFactory(Protocol[NF_contra]):
     """Builds the epoch engine that protects `nf` at `term`, starting at epoch `first_epoch`.
 
     `nf_rx_base` is the data plane's count of NF output at the handover: output of the dead
@@ -136,7 +163,7 @@ class EngineFactory(Protocol):
     """
 
     def __call__(
-        self, term: int, first_epoch: int, nf: Container, nf_rx_base: int
+        self, term: int, first_epoch: int, nf: NF_contra, nf_rx_base: int
     ) -> PrimaryEngine: ...
 
 
@@ -239,7 +266,7 @@ def _ignore(*_args: object) -> None:
 
 
 @attrs.define
-class FailoverHooks:
+class FailoverHooks(Generic[NF]):
     """What the driver tells its owner, synchronously, on the driver's thread (`destroyed` also
     on a reaper thread). A hook that raises fails the step it runs in (`restored`: the copy is
     then destroyed, never left unrecorded)."""
@@ -247,11 +274,11 @@ class FailoverHooks:
     # Every `fo.Report` (running, finished, error, aborted), with the record it concerns.
     report: Callable[[fo.Report, FailoverRecord | None], None] = _ignore
     # A restored copy exists (term, container); it has received nothing yet.
-    restored: Callable[[int, Container], None] = _ignore
+    restored: Callable[[int, NF], None] = _ignore
     # A container the driver held is gone: reaped, or destroyed by a failed attempt's cleanup.
-    destroyed: Callable[[Container], None] = _ignore
+    destroyed: Callable[[NF], None] = _ignore
     # A new engine protects the running copy (after a failover, or after an aborted quiesce).
-    protected: Callable[[int, Container, PrimaryEngine], None] = _ignore
+    protected: Callable[[int, NF, PrimaryEngine], None] = _ignore
 
 
 @attrs.define
@@ -277,23 +304,26 @@ def _now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
-class LocalFailover:
-    """Protects one unit and fails it over locally when its NF dies. Single-threaded."""
+class LocalFailover(Generic[NF]):
+    """Protects one unit and fails it over locally when its NF dies. Single-threaded.
+
+    The NF is one container, or a chain (`shim.chain`): then the death of any member fails the
+    whole chain over, and every member is restored from the chain's one image."""
 
     def __init__(
         self,
         unit: str,
         *,
         dataplane: LocalDataPlane,
-        backend: RuncBackend,
-        nf: Container,
+        backend: Restorer[NF],
+        nf: NF,
         engine: PrimaryEngine,
-        protect: EngineFactory,
+        protect: EngineFactory[NF],
         term_file: TermStore,
         standby: str = "standby",
         config: fo.FailoverConfig | None = None,
         clock: Callable[[], int] = _now_us,
-        hooks: FailoverHooks | None = None,
+        hooks: FailoverHooks[NF] | None = None,
     ) -> None:
         config = config or fo.FailoverConfig()
         if config.lossless:
@@ -322,13 +352,13 @@ class LocalFailover:
         )
         self.records: list[FailoverRecord] = []
         self.alarms: list[str] = []
-        self.hooks = hooks or FailoverHooks()
+        self.hooks: FailoverHooks[NF] = hooks or FailoverHooks()
         self.last_ignored: str | None = None
         self._base_name = _GENERATION.sub("", nf.name)
         self._protect = protect
         self._engine: PrimaryEngine | None = engine
-        self._containers: dict[int, Container] = {nf.pid: nf}
-        self._restored: dict[int, Container] = {}
+        self._containers: dict[int, NF] = {nf.pid: nf}
+        self._restored: dict[int, NF] = {}
         self._committed: Path | None = None
         self._committed_epoch = -1
         self._reported: set[int] = set()
@@ -350,14 +380,14 @@ class LocalFailover:
         return self._engine
 
     @property
-    def nf(self) -> Container:
+    def nf(self) -> NF:
         """The container of the watched incarnation (dead while a failover runs)."""
         pid = self.machine.pid
         assert pid is not None
         return self._containers[pid]
 
     @property
-    def containers(self) -> list[Container]:
+    def containers(self) -> list[NF]:
         """Every container handle the driver still holds, for a caller's cleanup."""
         return [*self._containers.values(), *self._restored.values()]
 
@@ -459,7 +489,7 @@ class LocalFailover:
     # -- internals -----------------------------------------------------------------------
 
     @staticmethod
-    def _watch(nf: Container) -> select.poll:
+    def _watch(nf: NF) -> select.poll:
         poller = select.poll()
         poller.register(nf.pidfd, select.POLLIN)
         return poller
@@ -563,7 +593,7 @@ class LocalFailover:
         q = self._quiescing = _Quiescing()
         # Half the budget at most to settle, so the cut and its ship keep the rest.
         try:
-            settled = engine.drain(timeout=budget_s / 2)
+            settled = engine.drain(timeout=budget_s / 2, hold_cuts=True)
         except Exception as exc:
             q.engine_error = exc
             raise
@@ -630,7 +660,10 @@ class LocalFailover:
             self._engine_error = q.engine_error
             return
         if q.closed is None:
-            return  # the engine's view of the data plane still holds
+            # The engine's view of the data plane still holds; it cuts again from here on.
+            if self._engine is not None:
+                self._engine.hold_cuts(False)
+            return
         engine = self._protect(term, q.closed + 1, nf, q.nf_rx)
         old, self._engine = self._engine, engine
         if old is not None:
@@ -644,6 +677,11 @@ class LocalFailover:
             # new term is durable; what it produced since the last commit dies below.
             log.info("unit %s: stopping the running copy (pid %d)", self.unit, old.pid)
             old.kill()
+        else:
+            # A chain whose one member died: the others still run, hold their ports and send.
+            survivors = getattr(old, "kill_survivors", None)
+            if survivors is not None:
+                survivors()
         discarded = self.dp.set_term(self.unit, term)
         self.dp.pause_ingress(self.unit, term)
         # The dead NF's connections still hold the addresses its restored copy reconnects from;
@@ -667,7 +705,7 @@ class LocalFailover:
                 "no committed checkpoint: nothing was ever released, and starting the NF afresh "
                 "is not this driver's call"
             )
-        image = CheckpointImage.load(self._committed)
+        image = load_image(self._committed)
         if self._record is not None:
             self._record.restored_epoch = image.epoch
         # The cut sequence of a local image is not recorded; it only matters for replay.
@@ -756,7 +794,7 @@ class LocalFailover:
             log.exception("unit %s: the report hook failed", self.unit)
 
     @staticmethod
-    def _destroy(c: Container, destroyed: Callable[[Container], None] = _ignore) -> None:
+    def _destroy(c: NF, destroyed: Callable[[NF], None] = _ignore) -> None:
         try:
             c.destroy()
         except Exception as exc:

@@ -480,6 +480,12 @@ class Agent:
         assert self.db is not None
         if self.db.unit(spec.name) is not None:
             return "exists", f"unit {spec.name} is already protected on {self.host}"
+        if spec.chain:
+            return (
+                "unsupported",
+                "chain: this agent protects single-NF units only for now (the remote roles' "
+                "agent runs chains: docs/containers.md, Chains); remove the [[chain]] tables",
+            )
         if spec.protection.lossless:
             return (
                 "unsupported",
@@ -754,7 +760,7 @@ class Agent:
         runner.start()
         return runner
 
-    def _failover_hooks(self, rt: UnitRuntime) -> FailoverHooks:
+    def _failover_hooks(self, rt: UnitRuntime) -> FailoverHooks[Container]:
         """What a unit's failover changes in the agent's records (on the unit's thread)."""
         assert self.db is not None
         db = self.db

@@ -50,8 +50,9 @@ from policies.epoch import AdaptiveEpoch, FixedEpoch
 from policies.inflight import InflightPolicy
 from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
-from shim.container import Container, Freezer
+from shim.container import Freezer
 from shim.engine import PrimaryEngine
+from shim.local_failover import ProtectedNf
 from shim.replication import ReplicationClient
 from shim.standby import output_name
 
@@ -137,7 +138,7 @@ def _wait_for_orphan_dumps(pid: int, timeout: float = 35.0) -> None:
 
 def take_over(
     dp: DataPlaneClient,
-    nf: Container,
+    nf: ProtectedNf,
     shipper: ReplicationClient,
     *,
     unit: str,
@@ -291,7 +292,7 @@ class UnitRunner:
         unit: str,
         engine: PrimaryEngine,
         dp: DataPlaneClient,
-        nf: Container,
+        nf: ProtectedNf,
         shipper: ReplicationClient,
         *,
         commits_base: int,

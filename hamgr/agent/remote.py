@@ -77,6 +77,7 @@ from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames
+from hamgr.agent.unitnf import prepare_unit_images, restore_unit_nf, start_unit_nf
 from hamgr.unitspec import UnitSpec, loads
 from policies.detection import Dampening, DetectionPolicy, dampened, record_dispute
 from policies.placement import HostFacts
@@ -84,9 +85,9 @@ from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
 from shim import failover as fo
 from shim import netns
-from shim.container import Container, RuncBackend
+from shim.container import RuncBackend
 from shim.engine import PrimaryEngine
-from shim.local_failover import TermFile
+from shim.local_failover import ProtectedNf, TermFile
 from shim.oci import ContainerSpec
 from shim.remote_failover import RemoteFailover
 from shim.replication import NackedError, ReplicationClient, ReplicationServer
@@ -467,7 +468,7 @@ def set_mode_retrying(dp: DataPlaneClient, unit: str, mode: str, timeout_s: floa
 class PrimaryRole:
     spec: UnitSpec
     names: UnitNames
-    nf: Container
+    nf: ProtectedNf  # one container, or a chain
     term: int
     standby: str
     spares: list[str]
@@ -655,8 +656,8 @@ class RemoteAgent:
         from hamgr.nfs import images
 
         # The image's rootfs is unpacked now, not by the takeover's restore (~35 ms).
-        self.backend.prepare_image(
-            nf_container_spec(spec, names, images.build_image(spec.nf.image))
+        prepare_unit_images(
+            self.backend, spec, nf_container_spec(spec, names, images.build_image(spec.nf.image))
         )
         with self.dp_client() as dp:
             # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
@@ -702,8 +703,8 @@ class RemoteAgent:
         prepare_nf_netns(spec, names)
         with self.dp_client() as dp:
             attach_unit(dp, spec, names, term=1, paused=False)
-        nf = self.backend.start(nf_container_spec(spec, names, images.build_image(spec.nf.image)))
-        nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
+        first = nf_container_spec(spec, names, images.build_image(spec.nf.image))
+        nf = start_unit_nf(self.backend, spec, first)
         role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares), on_fenced=u.on_fenced)
         self.primaries[spec.name] = role
         self.write_status(ready=False)
@@ -1192,7 +1193,7 @@ class StandbySteps:
         self._claim_links = {
             s: agent._shipper(s, tcp_maxrt_ms=CLAIM_MAXRT_MS) for s in dict.fromkeys(spares)
         }
-        self.restored: dict[int, Container] = {}
+        self.restored: dict[int, ProtectedNf] = {}
         # term -> the new primary's epoch machine, born standby-lost (output not committed)
         # until `reprotect` seeds the new standby.
         self.unprotected: dict[int, tuple[ep.PrimaryMachine, ep.Alarm]] = {}
@@ -1269,8 +1270,11 @@ class StandbySteps:
         return str(cp.path), cp.epoch, int(cp.meta.get("cut_seq", 0))
 
     def restore(self, image: str, term: int) -> int:
-        nf = self.agent.backend.restore(
-            Path(image), self.names.nf_netns, name=f"{self.names.container}-t{term}"
+        nf = restore_unit_nf(
+            self.agent.backend,
+            Path(image),
+            self.names.nf_netns,
+            name=f"{self.names.container}-t{term}",
         )
         self.restored[term] = nf
         self.agent.write_status()

@@ -48,6 +48,15 @@ With a remote standby, output is released at the standby (docs/failover.md), so 
 in either scope; ``gap runs`` counts the runs that had one, and each run reports how many missing
 counters fall outside the takeover (between the last output before and the first after it).
 
+``--chain``: the NF is a chain of two sequencers in one netns (`hamgr.testbed.chain_args`,
+`hamgr.fabric.sequencer_spec`: the first forwards to the second over loopback, and also serves
+the TCP connection), protected as one unit (`shim.chain`). Locally each run kills one member,
+in turn (run i kills member i modulo 2, ``killed_member``), and the whole chain fails over;
+remotely host A dies and B restores every member. The sink records every member's counter:
+``duplicates`` and ``gaps`` count the last member's, ``upstream_duplicates`` and
+``upstream_gaps`` the first member's, and the summary's ``duplicates`` and ``gaps`` add them up
+(``"chain": 2`` in the summary; 1 without the option).
+
 ``--lossless`` (remote only) protects the unit in lossless mode (DESIGN.md I7): A mirrors its
 inputs to B, and B replays those after the restored image's cut. The summary line has the same
 fields (plus ``"lossless": true``); each run adds ``replayed`` (inputs B's replay delivered, from
@@ -78,11 +87,12 @@ import attrs
 import click
 
 from hamgr.fabric import NF_IP, NF_PORT, SINK_PORT, Fabric
-from hamgr.testbed import UNIT, UnitBed, sequencer_args, wait_udp_bound
+from hamgr.testbed import UNIT, UnitBed, chain_args, sequencer_args, wait_udp_bound
 from hamgr.trafgen import (
     Record,
     TcpSummary,
     check_sequence,
+    member_records,
     missing_outside_takeover,
     read_records,
     tcp_survived,
@@ -91,12 +101,16 @@ from policies.epoch import FixedEpoch
 from shim import epoch as ep
 from shim import failover as fo
 from shim import netns
+from shim.chain import Chain, ChainBackend
 from shim.container import Container, remove_cgroup_parent
 from shim.engine import PrimaryEngine
-from shim.local_failover import FailoverRecord, LocalFailover, TermFile
+from shim.local_failover import FailoverRecord, LocalFailover, Restorer, TermFile
 from shim.replication import ReplicationClient
 
 TCP_PORT = 7001  # the sequencer's TCP listener (UDP stays on NF_PORT)
+CHAIN_MEMBERS = 2  # --chain: two sequencers, the first forwarding to the second
+# What a local failover protects: one container, or a chain of them.
+Protected = Container | Chain
 TCP_INTERVAL_MS = 20.0
 TCP_DRAIN_S = 8.0  # the client's wait for answers after its last request
 START_TIMEOUT_S = 15.0
@@ -141,17 +155,19 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: 
 
 
 def start_udp(
-    client_ns: str, sink_ns: str, work: Path, *, seconds: float, pps: int
+    client_ns: str, sink_ns: str, work: Path, *, seconds: float, pps: int, stamps: int = 1
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
     """A sink in `sink_ns` (ready once it is bound) and a bounded sender in `client_ns`;
-    returns both and the sink's record file."""
+    returns both and the sink's record file (behind a chain, the last member's counters;
+    `trafgen.member_records` has the others')."""
     out, ready = work / "sink.rec", work / "sink.ready"
     py = sys.executable
     sink = subprocess.Popen(
         in_netns(
             sink_ns,
             [py, "-m", "hamgr.trafgen", "sink", "--port", str(SINK_PORT), "--out", str(out),
-             "--seconds", str(seconds + 30), "--idle-exit", "2", "--ready", str(ready)],
+             "--seconds", str(seconds + 30), "--idle-exit", "2", "--ready", str(ready),
+             "--stamps", str(stamps)],
         ),
         stdout=subprocess.PIPE,
     )  # fmt: skip
@@ -328,8 +344,16 @@ def classify_lost(
     return InputLoss(before, outage, after)
 
 
-def summarize(scope: str, results: list[dict[str, Any]], lossless: bool = False) -> dict[str, Any]:
-    """The bench's JSON line from the per-run results."""
+def rollbacks(r: dict[str, Any], what: str) -> int:
+    """A run's `what` ("duplicates" or "gaps") over every member's counter."""
+    return int(r[what]) + sum(int(n) for n in r.get(f"upstream_{what}", ()))
+
+
+def summarize(
+    scope: str, results: list[dict[str, Any]], lossless: bool = False, chain: int = 1
+) -> dict[str, Any]:
+    """The bench's JSON line from the per-run results. With a chain, ``duplicates`` and
+    ``gaps`` count every member's counter."""
     fo = [r["failover_ms"] for r in results if r["failover_ms"] is not None]
     detect = [r["detect_ms"] for r in results if r["detect_ms"] is not None]
     restore = [r["restore_ms"] for r in results if r["restore_ms"] is not None]
@@ -340,14 +364,15 @@ def summarize(scope: str, results: list[dict[str, Any]], lossless: bool = False)
         "failover_ms_max": round(max(fo), 1) if fo else None,
         "detect_ms_p50": round(_percentile(detect, 0.5), 2) if detect else None,
         "restore_ms_p50": round(_percentile(restore, 0.5), 1) if restore else None,
-        "duplicates": sum(r["duplicates"] for r in results),
-        "gaps": sum(r["gaps"] for r in results),
+        "duplicates": sum(rollbacks(r, "duplicates") for r in results),
+        "gaps": sum(rollbacks(r, "gaps") for r in results),
         "lost_packets": sum(r["lost_packets"] for r in results),
         "tcp_survived": sum(1 for r in results if r["tcp_survived"]),
         # Not in the issue's list: a failover that failed (the unit stayed down) has no
         # failover_ms, so without this count it would vanish from the figures above.
         "failed_runs": sum(1 for r in results if r["status"] != "finished"),
         "lossless": lossless,
+        "chain": chain,
     }
 
 
@@ -365,19 +390,33 @@ class FailoverRun:
     tcp: TcpSummary | None  # None: the run had no TCP flow
     # When B attached the unit (its ``attached`` event); None if it never did.
     attached_us: int | None = None
+    # A chain: the counters of every member but the last, as the sink saw them.
+    upstream: list[list[Record]] = attrs.Factory(list)
 
 
 def run_remote_failover(
-    work: Path, *, pps: int, epoch_ms: int, seed: int, tcp: bool = True, lossless: bool = False
+    work: Path,
+    *,
+    pps: int,
+    epoch_ms: int,
+    seed: int,
+    tcp: bool = True,
+    lossless: bool = False,
+    chain: int = 1,
 ) -> FailoverRun:
-    """Protect the sequencer on A, stream through it, kill host A, wait for B to take over."""
+    """Protect the sequencer (or a chain of `chain`) on A, stream through it, kill host A,
+    wait for B to take over."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     tcp_port = TCP_PORT if tcp else None
-    with Fabric(work / "fab", epoch_ms=epoch_ms, lossless=lossless, tcp_port=tcp_port) as fab:
+    with Fabric(
+        work / "fab", epoch_ms=epoch_ms, lossless=lossless, tcp_port=tcp_port, chain=chain
+    ) as fab:
         fab.start()
         warm = 1.0 + rng.random()
-        sink, sender, out = start_udp(fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps)
+        sink, sender, out = start_udp(
+            fab.cl, fab.sk, work, seconds=warm + 6.0, pps=pps, stamps=chain
+        )
         client: TcpClient | None = None
         try:
             # An idle unit takes no checkpoints (I5): the first commit follows the first output.
@@ -395,6 +434,7 @@ def run_remote_failover(
         finally:
             _stop([sink, sender, *([client.proc] if client is not None else [])])
         records = read_records(out)
+        upstream = [read_records(member_records(out, i)) for i in range(chain - 1)]
         attached = [e for e in fab.hosts["B"].events("attached") if e["mono_us"] >= kill_us]
     return FailoverRun(
         records,
@@ -403,22 +443,12 @@ def run_remote_failover(
         int(sent["sent"]),
         summary,
         attached[0]["mono_us"] if attached else None,
+        upstream,
     )
 
 
-def remote_run(
-    work: Path,
-    *,
-    pps: int,
-    epoch_ms: int,
-    seed: int,
-    tcp: bool = True,
-    lossless: bool = False,
-) -> dict[str, Any]:
-    """One remote failover on a fresh testbed; returns its measures."""
-    run = run_remote_failover(
-        work, pps=pps, epoch_ms=epoch_ms, seed=seed, tcp=tcp, lossless=lossless
-    )
+def remote_measures(run: FailoverRun, *, pps: int, lossless: bool) -> dict[str, Any]:
+    """The measures of one remote failover (`run_remote_failover`)."""
     done = run.record
     resumed_us = done.get("resumed_us")
     # The resume step's start: the first moment the new primary's output can leave.
@@ -431,6 +461,7 @@ def remote_run(
         interval_ns=int(1e9 / pps),
     )
     return {
+        **(chain_measures(run.upstream) if run.upstream else {}),
         "status": done["status"],
         "detect_ms": done["detect_us"] / 1000,
         "restore_ms": done["steps_us"].get("restore", 0) / 1000,
@@ -470,7 +501,7 @@ class LocalProtection:
     engines: list[PrimaryEngine] = attrs.Factory(list)
 
     def __call__(
-        self, term: int, first_epoch: int, nf: Container, nf_rx_base: int
+        self, term: int, first_epoch: int, nf: Protected, nf_rx_base: int
     ) -> PrimaryEngine:
         assert self.bed.client is not None
         assert self.bed.images is not None
@@ -504,34 +535,35 @@ class LocalProtection:
 @attrs.define
 class LocalRig:
     """The protected sequencer (UDP and TCP) in a `UnitBed`, driven by a `LocalFailover` that
-    this process steps."""
+    this process steps. With ``chain`` > 1 the NF is a chain of that many sequencers
+    (`hamgr.testbed.chain_args`; the first one also serves TCP)."""
 
     bed: UnitBed
-    driver: LocalFailover
+    driver: LocalFailover[Protected]
     protection: LocalProtection
 
     @staticmethod
     @contextlib.contextmanager
-    def open(work: Path, *, prefix: str, epoch_ms: int, tcp: bool = True) -> Iterator[LocalRig]:
+    def open(
+        work: Path, *, prefix: str, epoch_ms: int, tcp: bool = True, chain: int = 1
+    ) -> Iterator[LocalRig]:
         work.mkdir(parents=True, exist_ok=True)
         bed = UnitBed(work, prefix=prefix)
         try:
             with bed:
-                driver: LocalFailover | None = None
+                driver: LocalFailover[Protected] | None = None
                 protection: LocalProtection | None = None
                 try:
                     dp = bed.start_dataplane()
                     extra = ("--tcp-listen", str(TCP_PORT)) if tcp else ()
-                    nf = bed.start_nf(sequencer_args(*extra))
-                    wait_udp_bound(nf.pid, NF_PORT)
+                    nf, backend = _start_nf(bed, extra, chain)
                     if tcp:
                         wait_tcp_listening(nf.pid, TCP_PORT)
-                    assert bed.backend is not None
                     protection = LocalProtection(bed, bed.start_standby(), epoch_ms * 1000)
                     driver = LocalFailover(
                         UNIT,
                         dataplane=dp,
-                        backend=bed.backend,
+                        backend=backend,
                         nf=nf,
                         engine=protection(1, 1, nf, 0),
                         protect=protection,
@@ -548,7 +580,7 @@ class LocalRig:
                         for c in driver.containers:
                             with contextlib.suppress(Exception):
                                 c.destroy()
-                        bed.nf = None
+                        bed.nf = bed.chain = None
         finally:
             # The bed leaves its containers' cgroup parent behind once restored copies used it.
             remove_cgroup_parent(bed.cgroup_parent)
@@ -573,9 +605,11 @@ class LocalRig:
     def step_for(self, seconds: float) -> None:
         self.driver.run(seconds)
 
-    def kill_nf(self) -> int:
-        """SIGKILL the NF's process (the container's init); returns when, in monotonic ns."""
-        pid = self.driver.nf.pid
+    def kill_nf(self, member: int = 0) -> int:
+        """SIGKILL the NF's process (the container's init; of chain member `member`); returns
+        when, in monotonic ns."""
+        nf = self.driver.nf
+        pid = nf.members[member].pid if isinstance(nf, Chain) else nf.pid
         at = time.monotonic_ns()
         os.kill(pid, signal.SIGKILL)
         return at
@@ -599,6 +633,25 @@ class LocalRig:
             raise TimeoutError("the last epochs were not committed")
 
 
+def _start_nf(
+    bed: UnitBed, extra: tuple[str, ...], chain: int
+) -> tuple[Protected, Restorer[Protected]]:
+    """The NF (one sequencer, or a chain of `chain`) started in `bed`, bound, and what
+    restores it."""
+    if chain == 1:
+        nf = bed.start_nf(sequencer_args(*extra))
+        wait_udp_bound(nf.pid, NF_PORT)
+        assert bed.backend is not None
+        return nf, bed.backend
+    args = chain_args(chain)
+    args[0] = (*args[0], *extra)
+    members = bed.start_chain(args)
+    for i, m in enumerate(members.members):
+        wait_udp_bound(m.pid, NF_PORT + i)
+    assert bed.backend is not None
+    return members, ChainBackend(bed.backend)
+
+
 def wait_tcp_listening(pid: int, port: int, timeout: float = 10.0) -> None:
     """Wait until process `pid`'s netns has a TCP socket listening on `port`."""
     suffix = f":{port:04X}"
@@ -613,15 +666,26 @@ def wait_tcp_listening(pid: int, port: int, timeout: float = 10.0) -> None:
 
 
 def local_run(
-    work: Path, *, pps: int, epoch_ms: int, seed: int, index: int, tcp: bool = True
+    work: Path,
+    *,
+    pps: int,
+    epoch_ms: int,
+    seed: int,
+    index: int,
+    tcp: bool = True,
+    chain: int = 1,
 ) -> dict[str, Any]:
-    """One local failover on a fresh one-host bed; returns its measures."""
+    """One local failover on a fresh one-host bed; returns its measures. A chain loses member
+    `index` modulo its length, so that consecutive runs kill every member in turn."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     prefix = f"hl{os.getpid() % 10000}{index % 100:02d}"
-    with LocalRig.open(work, prefix=prefix, epoch_ms=epoch_ms, tcp=tcp) as rig:
+    with LocalRig.open(work, prefix=prefix, epoch_ms=epoch_ms, tcp=tcp, chain=chain) as rig:
         warm = 1.0 + rng.random()
-        sink, sender, out = start_udp(rig.bed.cl, rig.bed.cl, work, seconds=warm + 6.0, pps=pps)
+        victim = index % chain
+        sink, sender, out = start_udp(
+            rig.bed.cl, rig.bed.cl, work, seconds=warm + 6.0, pps=pps, stamps=chain
+        )
         client = start_tcp(rig.bed.cl, work, seconds=warm + 5.0) if tcp else None
         procs = [sink, sender, *([client.proc] if client is not None else [])]
         try:
@@ -630,7 +694,7 @@ def local_run(
             if client is not None:
                 rig.step_while(lambda: client.alive() and not client.connected(), START_TIMEOUT_S)
             rig.step_for(warm)
-            kill_ns = rig.kill_nf()
+            kill_ns = rig.kill_nf(victim)
             rec = rig.recover(timeout=30.0)
             # Keep the engine going while the flows run, then commit what they left. After a
             # failed failover this only waits for the flows' own bounds: the unit is down.
@@ -645,8 +709,10 @@ def local_run(
         finally:
             _stop(procs)
         records = read_records(out)
+        upstream = [read_records(member_records(out, i)) for i in range(chain - 1)]
     resumed_ns = None if rec.resumed_us is None else rec.resumed_us * 1000
     return {
+        **({"killed_member": victim, **chain_measures(upstream)} if chain > 1 else {}),
         "status": rec.status.value,
         "detail": rec.detail if rec.status is not fo.Status.FINISHED else "",
         "detect_ms": (rec.exited_us * 1000 - kill_ns) / 1e6,
@@ -661,6 +727,16 @@ def local_run(
             tcp=summary,
             takeover_ns=resumed_ns,
         ),
+    }
+
+
+def chain_measures(upstream: list[list[Record]]) -> dict[str, Any]:
+    """Duplicates and gaps in the counters of a chain's members before the last (whose own are
+    the run's ``duplicates`` and ``gaps``), as the sink saw them."""
+    checks = [check_sequence(records) for records in upstream]
+    return {
+        "upstream_duplicates": [c.duplicates for c in checks],
+        "upstream_gaps": [c.gaps for c in checks],
     }
 
 
@@ -684,6 +760,12 @@ def local_run(
     is_flag=True,
     help="Remote only: protect the unit in lossless mode (inputs mirrored to B and replayed).",
 )
+@click.option(
+    "--chain",
+    is_flag=True,
+    help=f"The NF is a chain of {CHAIN_MEMBERS} sequencers, checked at every member's counter; "
+    "locally run i kills member i modulo its length.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
 def command(
     *,
@@ -694,6 +776,7 @@ def command(
     seed: int,
     tcp: bool,
     lossless: bool,
+    chain: bool,
     as_json: bool,
 ) -> None:
     """Fail the sequencer over RUNS times under a UDP stream and one TCP connection.
@@ -705,6 +788,8 @@ def command(
             "--lossless needs --scope remote: the local failover refuses lossless mode (it keeps "
             "no local input log)"
         )
+    members = CHAIN_MEMBERS if chain else 1
+    common: dict[str, Any] = {"pps": pps, "epoch_ms": epoch_ms, "tcp": tcp, "chain": members}
     results = []
     with tempfile.TemporaryDirectory(
         prefix="hamgr-bench-failover-", dir=os.environ.get("HAMGR_BENCH_KEEP")
@@ -712,15 +797,14 @@ def command(
         for i in range(runs):
             work = Path(tmp) / f"run{i}"
             if scope == "remote":
-                r = remote_run(
-                    work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, tcp=tcp, lossless=lossless
-                )
+                run = run_remote_failover(work, seed=seed + i, lossless=lossless, **common)
+                r = remote_measures(run, pps=pps, lossless=lossless)
             else:
-                r = local_run(work, pps=pps, epoch_ms=epoch_ms, seed=seed + i, index=i, tcp=tcp)
+                r = local_run(work, seed=seed + i, index=i, **common)
             results.append(r)
             _info(f"run {i}: {json.dumps(r)}")
-    summary = summarize(scope, results, lossless)
-    gap_runs = sum(1 for r in results if r["gaps"])
+    summary = summarize(scope, results, lossless, members)
+    gap_runs = sum(1 for r in results if rollbacks(r, "gaps"))
     _info(f"gap runs: {gap_runs}/{runs}")
     _info(f"failed failovers: {summary['failed_runs']}/{runs}")
     for i, r in enumerate(results):

@@ -23,11 +23,11 @@ ISSUE_FIELDS = {
 }  # fmt: skip
 
 
-def bench(scope: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def bench(scope: str, *extra: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the bench once; return its last stdout line and its run's details."""
     proc = subprocess.run(
         [sys.executable, "-m", "hamgr", "bench", "failover", "--scope", scope, "--runs", "1",
-         "--json"],
+         "--json", *extra],
         capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,4 +75,28 @@ def test_remote_bench_kills_the_host_and_the_tcp_connection_survives() -> None:
     assert summary["detect_ms_p50"] > 0
     assert summary["restore_ms_p50"] > 0
     assert set(run["steps_ms"]) >= {"restore", "attach", "announce", "resume"}
+    check_tcp(summary, run)
+
+
+def test_local_bench_with_a_chain_kills_one_member_and_no_member_rolls_back() -> None:
+    summary, run = bench("local", "--chain")
+    assert set(summary) >= ISSUE_FIELDS
+    assert (summary["scope"], summary["runs"], summary["chain"]) == ("local", 1, 2)
+    assert summary["failed_runs"] == 0, run.get("detail", "")[-2000:]
+    assert run["killed_member"] in (0, 1)
+    # Neither the last member's counter nor the first one's shows a rollback.
+    assert (run["duplicates"], run["gaps"]) == (0, 0)
+    assert (run["upstream_duplicates"], run["upstream_gaps"]) == ([0], [0])
+    assert (summary["duplicates"], summary["gaps"]) == (0, 0)
+    assert summary["restore_ms_p50"] > 0
+    check_tcp(summary, run)
+
+
+def test_remote_bench_with_a_chain_restores_every_member_on_the_standby() -> None:
+    summary, run = bench("remote", "--chain")
+    assert (summary["scope"], summary["runs"], summary["chain"]) == ("remote", 1, 2)
+    assert summary["failed_runs"] == 0
+    assert (run["duplicates"], run["gaps"]) == (0, 0)
+    assert (run["upstream_duplicates"], run["upstream_gaps"]) == ([0], [0])
+    assert summary["restore_ms_p50"] > 0
     check_tcp(summary, run)

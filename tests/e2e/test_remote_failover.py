@@ -8,6 +8,8 @@ committed output with it. `Fabric.close` removes every process, namespace, cgrou
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,9 +17,9 @@ import pytest
 
 from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.protocol import Stats
-from hamgr.bench.failover import finish_traffic, outage_ms, start_traffic
+from hamgr.bench.failover import finish_traffic, outage_ms, start_traffic, start_udp
 from hamgr.fabric import Fabric
-from hamgr.trafgen import check_sequence, read_records
+from hamgr.trafgen import check_sequence, member_records, read_records
 
 pytestmark = [
     pytest.mark.root,
@@ -168,3 +170,53 @@ def test_two_failures_in_a_row_the_spare_takes_over_from_the_new_primary(tmp_pat
         assert check.duplicates == 0
         assert check.gaps == 0
         assert check.reordered == 0
+
+
+def test_a_chain_fails_over_to_the_standby_with_every_member(tmp_path: Path) -> None:
+    """A chain of two sequencers on A (`Fabric(chain=2)`): B restores both members from the
+    committed chain image, and neither member's counter repeats or skips at the sink."""
+    with Fabric(tmp_path / "fab", chain=2) as fab:
+        fab.start()
+        sink, sender, out = start_udp(fab.cl, fab.sk, tmp_path, seconds=6.0, pps=PPS, stamps=2)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(1.0)
+            kill_us = fab.kill_host("A")
+            rec = fab.wait_event("B", "failover_record", timeout=30, after_us=kill_us)
+            fab.wait_event("B", "first_commit", timeout=30, after_us=kill_us)
+            # Both members run on B, each a container of its own, restored under the new term.
+            names = {str(c["id"]) for c in _runc_list(fab, "B")}
+            (chain,) = _chain_names(names)
+            assert {f"{chain}-m0", f"{chain}-m1"} <= names, names
+        finally:
+            finish_traffic(sink, sender)
+        last = read_records(out)
+        first = read_records(member_records(out, 0))
+        print(f"chain failover {outage_ms(last, kill_us)} ms; record {rec}")
+        assert rec["status"] == "finished"
+        assert rec["term"] == 2
+        after = [r for r in last if r.recv_ns > kill_us * 1000]
+        assert after, "no output at the sink after the takeover"
+        for member, records in (("last", last), ("first", first)):
+            check = check_sequence(records)
+            assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), (member, check)
+        # Every datagram went through both members, which number it alike.
+        assert [r.counter for r in first] == [r.counter for r in last]
+
+
+def _runc_list(fab: Fabric, letter: str) -> list[dict[str, object]]:
+    root = fab.hosts[letter].work / "containers" / "runc"
+    proc = subprocess.run(
+        ["runc", "--root", str(root), "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+    listed: list[dict[str, object]] = json.loads(proc.stdout or "[]") or []
+    return [c for c in listed if c.get("status") == "running"]
+
+
+def _chain_names(names: set[str]) -> set[str]:
+    """The chains among runc container names `<chain>-m<i>`, restored under term 2."""
+    return {n.rsplit("-m", 1)[0] for n in names if "-t2-m" in n}

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -113,16 +114,22 @@ SEQ_HDR = struct.Struct("!QQ")  # stamped counter (from the NF), then the sender
 
 @attrs.define
 class UdpSink:
-    """Collects (stamped counter, sender sequence, arrival time) from the NF's output."""
+    """Collects (stamped counter, sender sequence, arrival time) from the NF's output.
+
+    Behind a chain of `stamps` sequencers each datagram carries one counter per member, the
+    last member's first: a record is then (last counter, ..., first counter, sender sequence,
+    arrival time).
+    """
 
     sock: socket.socket
-    records: list[tuple[int, int, float]] = attrs.Factory(list)
+    stamps: int = 1
+    records: list[tuple[Any, ...]] = attrs.Factory(list)
     _stop: threading.Event = attrs.Factory(threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = attrs.Factory(threading.Lock)
 
     @staticmethod
-    def open(netns_name: str, port: int) -> UdpSink:
+    def open(netns_name: str, port: int, *, stamps: int = 1) -> UdpSink:
         def make() -> socket.socket:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -130,12 +137,13 @@ class UdpSink:
             s.settimeout(0.05)
             return s
 
-        sink = UdpSink(in_netns(netns_name, make))
+        sink = UdpSink(in_netns(netns_name, make), stamps=stamps)
         sink._thread = threading.Thread(target=sink._run, daemon=True, name="udp-sink")
         sink._thread.start()
         return sink
 
     def _run(self) -> None:
+        header = SEQ_HDR if self.stamps == 1 else struct.Struct(f"!{self.stamps + 1}Q")
         while not self._stop.is_set():
             try:
                 data = self.sock.recv(2048)
@@ -143,16 +151,16 @@ class UdpSink:
                 continue
             except OSError:
                 return
-            if len(data) >= SEQ_HDR.size:
-                counter, seq = SEQ_HDR.unpack_from(data)
+            if len(data) >= header.size:
+                values = header.unpack_from(data)
                 with self._lock:
-                    self.records.append((counter, seq, time.monotonic()))
+                    self.records.append((*values, time.monotonic()))
 
-    def snapshot(self) -> list[tuple[int, int, float]]:
+    def snapshot(self) -> list[tuple[Any, ...]]:
         with self._lock:
             return list(self.records)
 
-    def wait_count(self, n: int, timeout: float = 5.0) -> list[tuple[int, int, float]]:
+    def wait_count(self, n: int, timeout: float = 5.0) -> list[tuple[Any, ...]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             snap = self.snapshot()
@@ -161,7 +169,7 @@ class UdpSink:
             time.sleep(0.01)
         return self.snapshot()
 
-    def wait_quiet(self, quiet: float = 0.1, timeout: float = 5.0) -> list[tuple[int, int, float]]:
+    def wait_quiet(self, quiet: float = 0.1, timeout: float = 5.0) -> list[tuple[Any, ...]]:
         """Wait until nothing has arrived for `quiet` seconds."""
         deadline = time.monotonic() + timeout
         last = len(self.snapshot())

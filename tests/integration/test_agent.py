@@ -484,6 +484,13 @@ def test_a_failed_protect_rolls_back_and_refusals_touch_nothing(
         assert proc.returncode == 1, proc
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert (out["code"], text in out["error"]) == (code, True), out
+    spec.write_text(
+        agent.bed.spec(UNIT)
+        + '\n[[chain]]\nimage = "sequencer"\nargs = ["/usr/local/bin/sequencer"]\n'
+    )
+    proc = agent.hamgr("protect", str(spec), "--json", check=False)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["code"], out["error"].startswith("chain: ")) == ("unsupported", True), out
     spec.write_text(agent.bed.spec(UNIT).replace(agent.bed.wire, "nosuchif0"))
     proc = agent.hamgr("protect", str(spec), "--json", check=False)
     out = json.loads(proc.stdout.strip().splitlines()[-1])

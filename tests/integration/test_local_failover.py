@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -111,17 +112,19 @@ class Rig:
         self.until(lambda: False, seconds)
         assert self.sink.snapshot(), "no output"
 
-    def kill(self) -> None:
-        """SIGKILL the NF by its PID, now, between two steps of the driver."""
+    def kill(self, target: Container | None = None) -> None:
+        """SIGKILL the NF (or `target`, one member of a chain) by its PID, now, between two
+        steps of the driver."""
         self.victims.append(self.driver.nf)
         self.kills.append(time.monotonic())
-        os.kill(self.victims[-1].pid, signal.SIGKILL)
+        os.kill((target or self.driver.nf).pid, signal.SIGKILL)
 
-    def kill_when_frozen(self) -> None:
-        """SIGKILL the NF from another thread at the moment the engine has frozen it for a
-        checkpoint: the signal waits for the thaw, with the dump in progress or just done."""
-        victim = self.driver.nf
-        self.victims.append(victim)
+    def kill_when_frozen(self, target: Container | None = None) -> None:
+        """SIGKILL the NF (or `target`, one member of a chain) from another thread at the moment
+        the engine has frozen it for a checkpoint: the signal waits for the thaw, with the dump
+        in progress or just done."""
+        self.victims.append(self.driver.nf)
+        victim = target or self.driver.nf
 
         def wait_and_kill() -> None:
             deadline = time.monotonic() + 10.0
@@ -142,7 +145,8 @@ class Rig:
         if len(records) <= n or records[n].first_commit_us is None:
             return False
         resumed = records[n].resumed_us
-        return resumed is not None and self.sink.snapshot()[-1][2] >= resumed / 1e6
+        # The arrival time is the last field, however many counters a chain stamped.
+        return resumed is not None and self.sink.snapshot()[-1][-1] >= resumed / 1e6
 
     def finish(self) -> list[Arrival]:
         self.sender.stop_stream()
@@ -159,14 +163,22 @@ def rig(bed: UnitBed, tmp_path: Path) -> Iterator[Rig]:
     dp = bed.start_dataplane()
     nf = bed.start_nf()
     wait_udp_bound(nf.pid, NF_PORT)
+    yield from protected_rig(bed, dp, nf, RuncBackend(state_dir=bed.work / "runc"), tmp_path)
+
+
+def protected_rig(
+    bed: UnitBed, dp: DataPlaneClient, nf: Any, backend: Any, tmp_path: Path, *, stamps: int = 1
+) -> Iterator[Rig]:
+    """A `Rig` protecting `nf` (a container or a chain, restored by `backend`) under a steady
+    stream, once its first epoch committed; everything is removed when the generator ends."""
     protection = Protection(bed, bed.start_standby())
-    sink = UdpSink.open(bed.cl, SINK_PORT)
+    sink = UdpSink.open(bed.cl, SINK_PORT, stamps=stamps)
     sender = UdpSender.open(bed.cl, NF_PORT)
     term_file = TermFile(tmp_path / "term")
     driver = LocalFailover(
         UNIT,
         dataplane=dp,
-        backend=RuncBackend(state_dir=bed.work / "runc"),
+        backend=backend,
         nf=nf,
         engine=protection(1, 1, nf, 0),
         protect=protection,
@@ -185,7 +197,7 @@ def rig(bed: UnitBed, tmp_path: Path) -> Iterator[Rig]:
         for c in driver.containers:
             with contextlib.suppress(Exception):
                 c.destroy()
-        bed.nf = None
+        bed.nf = bed.chain = None
 
 
 def assert_no_visible_rollback(arrivals: list[Arrival]) -> None:

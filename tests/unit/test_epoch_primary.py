@@ -31,6 +31,7 @@ from shim.epoch import (
     Event,
     Freeze,
     Frozen,
+    HoldCuts,
     Ignored,
     IngressPaused,
     IngressResumed,
@@ -929,3 +930,24 @@ def test_random_runs_that_run_unprotected_after_a_loss(seed: int) -> None:
     for _ in range(2_000):
         sim.step()
     sim.drain()
+
+
+# --- holding cuts (a planned switchover settling the engine) --------------------------------
+
+
+def test_held_cuts_let_the_cut_and_the_ships_finish_and_start_no_new_one() -> None:
+    m = make()
+    pb = Playbook(m) >> OutputWaiting(1, 3, 300) >> Tick(LEN) << PauseIngress()
+    # Held in the middle of a cut: that cut still runs to its ship, and its ack releases.
+    pb >> HoldCuts(True)
+    cut(pb, 1, seq=10, parent=None)
+    # Output waits and the epoch is long over: no new cut while held, however long it waits.
+    pb >> OutputWaiting(2, 5, 500) >> Tick(3 * LEN) >> Acked(UNIT, 1, TERM) << Release(1)
+    pb >> Tick(10 * LEN)
+    assert pb
+    assert m.state is State.RUNNING
+    assert m.inflight == 0
+    assert m.next_wakeup_us is None
+    # Released: the waiting output is cut at once.
+    assert pb >> HoldCuts(False) << PauseIngress()
+    assert m.state is State.PAUSING

@@ -313,3 +313,21 @@ def test_the_fabrics_spec_gets_the_sequencers_tcp_listener() -> None:
     plain = loads(sequencer_spec())
     assert unit.nf.args == (*plain.nf.args, "--tcp-listen", str(TCP_PORT))
     assert unit == attrs.evolve(plain, nf=attrs.evolve(plain.nf, args=unit.nf.args))
+
+
+def test_with_a_chain_every_members_rollbacks_count() -> None:
+    chained = {**run(100.0), "upstream_duplicates": [1], "upstream_gaps": [3]}
+    summary = summarize("local", [chained, run(200.0)], chain=2)
+    assert summary["chain"] == 2
+    assert (summary["duplicates"], summary["gaps"]) == (1, 2 + 3 + 2)
+    assert summarize("local", [run(100.0)])["chain"] == 1
+
+
+def test_the_fabrics_spec_can_be_a_chain() -> None:
+    unit = loads(sequencer_spec(chain=3))
+    assert unit.nf.args[-2:] == ("--dest", "127.0.0.1:7001")
+    assert [m.args[2:] for m in unit.chain] == [
+        ("7001", "--dest", "127.0.0.1:7002"),
+        ("7002", "--dest", "198.18.0.3:9000"),
+    ]
+    assert loads(sequencer_spec()).chain == ()

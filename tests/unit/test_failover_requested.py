@@ -148,6 +148,7 @@ class Engine:
     drain_error: Exception | None = None
     first_epoch: int = 0
     nf_rx_base: int = 0
+    holding: bool = False  # new cuts held (HoldCuts)
 
     @property
     def machine(self) -> Any:
@@ -159,8 +160,12 @@ class Engine:
     def step(self) -> None:
         self.calls.append(("step", self.term))
 
-    def drain(self, timeout: float) -> bool:
+    def hold_cuts(self, hold: bool) -> None:
+        self.holding = hold
+
+    def drain(self, timeout: float, *, hold_cuts: bool = False) -> bool:
         self.calls.append(("drain",))
+        self.holding = self.holding or hold_cuts
         if self.drain_error is not None:
             raise self.drain_error
         return self.settles
@@ -238,6 +243,8 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
 def test_a_planned_switchover_commits_a_last_cut_then_restores_exactly_that(rig: Rig) -> None:
     rec = rig.driver.request("maintenance", planned=True)
     assert isinstance(rec, lf.FailoverRecord)
+    # The engine settled with new cuts held, so nothing of its own raced the last cut.
+    assert rig.engines[0].holding
     rig.driver.close()
     reaped = ("destroy", 100)  # on a reaper thread, after the resume
     assert reaped in rig.calls
@@ -313,6 +320,8 @@ def test_a_failed_quiesce_aborts_and_the_copy_runs_on_at_its_term(rig: Rig, wher
     else:
         assert rig.driver.engine is rig.engines[0]  # type: ignore[comparison-overlap]
         assert not [c for c in rig.calls if c[0] == "protect"]
+        # It settled with new cuts held; running on, it cuts again.
+        assert rig.engines[0].holding is False
     # The engine that protects the copy is stepped again.
     rig.driver.step()
     assert rig.calls[-1] == ("step", 1)

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from hamgr.trafgen import Record, check_sequence, missing_outside_takeover
+import json
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from hamgr import trafgen
+from hamgr.trafgen import (
+    Record,
+    check_sequence,
+    member_records,
+    missing_outside_takeover,
+    read_records,
+)
 
 KILL = 1_000
 
@@ -29,3 +45,38 @@ def test_a_gap_anywhere_else_is_reported() -> None:
 
 def test_without_output_on_both_sides_every_gap_counts() -> None:
     assert missing_outside_takeover(records((1, 10), (3, 20)), KILL) == {2}
+
+
+def test_behind_a_chain_the_sink_keeps_every_members_counter(tmp_path: Path) -> None:
+    """`sink --stamps 2`: datagrams carry (last member's counter, first member's, sender seq,
+    sent ns); each member's counters go to their own record file."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    receiver.close()
+    out, ready = tmp_path / "sink.rec", tmp_path / "ready"
+    args = ["sink", "--port", str(port), "--bind", "127.0.0.1", "--out", str(out)]
+    args += ["--seconds", "10", "--idle-exit", "0.3", "--ready", str(ready), "--stamps", "2"]
+
+    def send() -> None:
+        deadline = time.monotonic() + 5
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for seq in range(1, 6):
+                s.sendto(
+                    struct.pack("!QQQQ", 100 + seq, seq * 2, seq, 7) + b"pad", ("127.0.0.1", port)
+                )
+            s.sendto(b"short", ("127.0.0.1", port))  # not a stamped datagram: skipped
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    result = CliRunner().invoke(trafgen.cli, args)
+    sender.join()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1]) == {"received": 5}
+    last = read_records(out)
+    first = read_records(member_records(out, 0))
+    assert [(r.counter, r.seq, r.sent_ns) for r in last] == [(100 + s, s, 7) for s in range(1, 6)]
+    assert [(r.counter, r.seq) for r in first] == [(2 * s, s) for s in range(1, 6)]
+    assert [r.recv_ns for r in first] == [r.recv_ns for r in last]

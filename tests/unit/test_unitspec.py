@@ -316,3 +316,97 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         unitspec.load(tmp_path / "missing.toml")
     assert "file: cannot read" in str(info.value)
+
+
+CHAIN = MINIMAL + textwrap.dedent(
+    """\
+    [[chain]]
+    image = "sequencer"
+    args = ["/usr/local/bin/sequencer", "--listen", "7001"]
+    env = ["SEQ_DEST=198.18.0.1:9000"]
+    """
+)
+
+
+def test_a_chain_lists_the_nfs_after_nf_in_order() -> None:
+    assert loads(MINIMAL).chain == ()
+    spec = loads(CHAIN + '[[chain]]\nimage = "tcpnf"\nargs = ["/usr/local/bin/tcpnf"]\n')
+    assert [m.image for m in spec.chain] == ["sequencer", "tcpnf"]
+    assert spec.chain[0].args[2] == "7001"
+    assert spec.chain[0].env == ("SEQ_DEST=198.18.0.1:9000",)
+    assert UnitSpec.from_json(spec.to_json()) == spec
+    assert "chain" not in loads(MINIMAL).to_json()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        # The second [[chain]] table (line 14) has no args; each table is named by its index.
+        (
+            '[[chain]]\nimage = "sequencer"\n',
+            ["spec.toml:14: chain[1].args: is required in [chain[1]]"],
+        ),
+        (
+            '[[chain]]\nimage = "sequencer"\nargs = []\nmem = 4\n',
+            [
+                "spec.toml:16: chain[1].args: must name the program to run first, e.g. "
+                '["/usr/local/bin/nf"]',
+                "spec.toml:17: chain[1].mem: unknown key; known: args, env, image, image_ref",
+            ],
+        ),
+        (
+            '[[chain]]\nimage = "sequencer"\nargs = ["a"]\n' * 2,
+            [
+                "spec.toml:17: chain[2]: a chain has at most 3 NFs ([nf] and 2 [[chain]] "
+                "tables), got 4; protect the rest as another unit"
+            ],
+        ),
+        (
+            '[[chain]]\nimage = "sequencer"\nargs = ["a"]\nimage_ref = "v1"\n',
+            [
+                "spec.toml:17: chain[1].image_ref: applies to OCI archives, not the built-in "
+                '"sequencer"'
+            ],
+        ),
+    ],
+)
+def test_a_bad_chain_names_the_table_the_field_and_the_line(
+    extra: str, expected: list[str]
+) -> None:
+    assert _errors(CHAIN + extra) == expected
+
+
+def test_chain_must_be_tables() -> None:
+    errors = _errors('chain = "sequencer"\n' + MINIMAL)
+    assert errors == ["spec.toml:1: chain: must be [[chain]] tables, one per NF after [nf]"]
+
+
+def test_chain_image_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
+    (tmp_path / "fw").mkdir()
+    spec_file = tmp_path / "unit.toml"
+    spec_file.write_text(
+        CHAIN.replace(
+            'image = "sequencer"\nargs = ["/usr/local/bin/sequencer", "--listen"',
+            'image = "fw"\nargs = ["/usr/local/bin/sequencer", "--listen"',
+        )
+    )
+    spec = unitspec.load(spec_file)
+    assert spec.chain[0].image == str(tmp_path / "fw")
+    assert spec.nf.image == "sequencer"
+    spec_file.write_text(CHAIN + '[[chain]]\nimage = "nope.tar"\nargs = ["a"]\n')
+    with pytest.raises(SpecError) as info:
+        unitspec.load(spec_file)
+    assert str(info.value).startswith(f'{spec_file}:15: chain[1].image: "nope.tar" is neither')
+
+
+def test_key_lines_number_the_tables_of_an_array() -> None:
+    text = "[[chain]]\na = 1\n[[chain]]\nb = 2\n[ports]\nc = 3\n"
+    assert key_lines(text) == {
+        ("chain",): 1,
+        ("chain", "0"): 1,
+        ("chain", "0", "a"): 2,
+        ("chain", "1"): 3,
+        ("chain", "1", "b"): 4,
+        ("ports",): 5,
+        ("ports", "c"): 6,
+    }
