@@ -137,8 +137,14 @@ def take_over(
     term: int,
     committed: int | None,
     image_dir: Callable[[int], Path],
+    sent: int | None = None,
 ) -> TakeOver:
-    """Make the data plane's state of `unit` one a fresh machine can start from (module doc)."""
+    """Make the data plane's state of `unit` one a fresh machine can start from (module doc).
+
+    `committed`: the standby's committed epoch at this term, whose output this primary releases
+    (a local standby). `sent`: the same for a standby that releases output itself (a remote
+    one): it has sent those epochs already, so they are retired here, never sent.
+    """
     _wait_for_orphan_dumps(nf.pid)
     stats = dp.stats(unit).units.get(unit)
     if stats is None:
@@ -154,6 +160,9 @@ def take_over(
         log.warning("unit %s: ingress was left paused mid-cut; resuming it", unit)
         dp.resume_ingress(unit, term)
     released = False
+    if stats.epochs_in_flight and sent is not None and sent < stats.epoch:
+        retired = dp.retire(unit, sent, term)
+        log.info("unit %s: %d epochs up to %d were sent by the standby", unit, retired, sent)
     if stats.epochs_in_flight and committed is not None and committed < stats.epoch:
         dp.release(unit, committed, term)
         released = True
@@ -163,6 +172,46 @@ def take_over(
         return TakeOver(stats.epoch, int(stats.nf_rx) - _held(stats), released, None)
     # Held epochs no checkpoint covers: commit them with one recovery cut.
     epoch = stats.epoch
+    k = int(stats.k)
+    full = int(stats.epochs_in_flight) >= k
+    if full:
+        # Back-pressure took every slot (a standby lost for a while): the cut needs one more,
+        # until its release frees them all.
+        dp.configure_unit(unit, k=k + 1)
+    try:
+        closed_total, dest, cut_seq = _recovery_cut(
+            dp, nf, unit=unit, term=term, epoch=epoch, image_dir=image_dir
+        )
+        shipper.ship(
+            unit,
+            epoch,
+            term,
+            dest,
+            full=True,
+            meta={"recovery": 1, "cut_seq": cut_seq},
+            timeout=RECOVERY_SHIP_TIMEOUT_S,
+        )
+        dp.release(unit, epoch, term)
+    finally:
+        if full:
+            try:
+                dp.configure_unit(unit, k=k)
+            except Exception:
+                log.exception("unit %s: setting k back to %d failed", unit, k)
+    log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})
+    return TakeOver(epoch + 1, closed_total, released, epoch)
+
+
+def _recovery_cut(
+    dp: DataPlaneClient,
+    nf: Container,
+    *,
+    unit: str,
+    term: int,
+    epoch: int,
+    image_dir: Callable[[int], Path],
+) -> tuple[int, Path, int]:
+    """Pause, freeze, close `epoch`, dump, thaw, resume: (closed packets, image, cut_seq)."""
     # The cut goes with the image, as the engine's do: a lossless standby trims its input log
     # to it and replays after it.
     cut_seq = int(dp.pause_ingress(unit, term).cut)
@@ -184,18 +233,7 @@ def take_over(
             nf.thaw()
     finally:
         dp.resume_ingress(unit, term)
-    shipper.ship(
-        unit,
-        epoch,
-        term,
-        dest,
-        full=True,
-        meta={"recovery": 1, "cut_seq": cut_seq},
-        timeout=RECOVERY_SHIP_TIMEOUT_S,
-    )
-    dp.release(unit, epoch, term)
-    log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})
-    return TakeOver(epoch + 1, closed_total, released, epoch)
+    return closed_total, dest, cut_seq
 
 
 def _not_watched(_unit: str) -> None:
