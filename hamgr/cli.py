@@ -614,7 +614,8 @@ def _last_failover(record: Any) -> str:
 @_state_dir_option
 @_json_option
 def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
-    """Show every unit on this host (or UNIT): role, term, protection, commits, held output."""
+    """Show every unit on this host (or UNIT): role, peer (the other role's host), term,
+    protection, commits, held output."""
     data = _call(state_dir.absolute(), as_json, lambda c: c.status(unit))
     if as_json:
         click.echo(json.dumps({"ok": True, **data}))
@@ -623,6 +624,7 @@ def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
     header = (
         "UNIT",
         "ROLE",
+        "PEER",
         "TERM",
         "STATE",
         "PROTECTION",
@@ -639,6 +641,7 @@ def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
         (
             u["unit"],
             u["role"],
+            _cell(u.get("peer") or None),
             _cell(u.get("term")),
             _cell(u.get("state")),
             _cell(u.get("protection")),
@@ -659,7 +662,7 @@ def status(unit: str | None, state_dir: Path, as_json: bool) -> None:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
         colour = _PROTECTION_COLOURS.get(u.get("protection") or "")
         if colour:
-            cells[4] = click.style(cells[4], fg=colour)
+            cells[5] = click.style(cells[5], fg=colour)
         click.echo("  ".join(cells).rstrip(), color=_color())
         if u.get("error"):
             _say(f"{u['unit']}/{u['role']}: {u['error']}")

@@ -28,7 +28,17 @@ events         seconds: number in (0, 86400],                  a stream: ``event
                kinds?: [str] (all when absent)                 ``end`` with {events: count}
 shutdown       teardown?: bool (also stop units and the        stopping: true
                data plane; default false: leave them running)
+standby_add    spec: unit spec, primary: host name (the        unit, role ("standby"), primary,
+               agent asking), term: int >= 1, spares?:         term, replication (the endpoint
+               [host name] (where a takeover claims its        the primary ships to)
+               term), source?: str
+standby_remove unit: unit name, primary: host name (the        unit, removed: bool, detail
+               agent asking)
 =============  ==============================================  ====================================
+
+``standby_add`` and ``standby_remove`` are sent by one agent to another (docs/agent.md, "Remote
+standby"); the receiving agent also checks that the key the request came with is the configured
+key of `primary`.
 
 Replies (agent -> client), with the request's ``id`` (null when it could not be read):
 ``{"type": "result", "data": {...}}``, ``{"type": "error", "code": C, "message": M}``,
@@ -74,6 +84,8 @@ __all__ = [
     "Request",
     "SchemaError",
     "Shutdown",
+    "StandbyAdd",
+    "StandbyRemove",
     "Status",
     "Unprotect",
     "check_reply",
@@ -90,6 +102,9 @@ MAX_EVENT_SECONDS: Final = 86_400
 _ID: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _UNIT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
 _KIND: Final = re.compile(r"^[a-z_]{1,32}$")
+# An agent's host name (hamgr.agent.config).
+_HOST: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,30}[A-Za-z0-9])?$")
+MAX_SPARES: Final = 8
 _ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 _ZAP_DOMAIN: Final = b"hamgr-control"
 
@@ -175,9 +190,9 @@ class _Fields:
             raise self.fail(field, f"must be in ({low:g}, {high:g}], got {value}")
         return float(value)
 
-    def integer(self, field: str, *, low: int, high: int) -> int | None:
-        """An optional integer in [low, high]."""
-        value = self._get(field, False)
+    def integer(self, field: str, *, low: int, high: int, required: bool = False) -> int | None:
+        """An integer in [low, high] (optional unless `required`)."""
+        value = self._get(field, required)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
@@ -265,6 +280,25 @@ class Shutdown(Request):
     teardown: bool = False
 
 
+@attrs.frozen
+class StandbyAdd(Request):
+    """Agent to agent: become the standby of the unit `spec` whose primary is `primary`."""
+
+    spec: Mapping[str, Any] = attrs.field(factory=dict)
+    primary: str = ""
+    term: int = 1
+    spares: tuple[str, ...] = ()
+    source: str = "<request>"
+
+
+@attrs.frozen
+class StandbyRemove(Request):
+    """Agent to agent: drop the standby of `unit` that `primary` set up here."""
+
+    unit: str = ""
+    primary: str = ""
+
+
 def _ping(f: _Fields, rid: str) -> Request:
     return Ping(rid)
 
@@ -308,6 +342,29 @@ def _shutdown(f: _Fields, rid: str) -> Request:
     return Shutdown(rid, f.boolean("teardown", default=False))
 
 
+def _standby_add(f: _Fields, rid: str) -> Request:
+    spec = f.obj_field("spec")
+    primary = f.string("primary", pattern=_HOST, max_len=32)
+    term = f.integer("term", low=1, high=2**62, required=True)
+    spares = f.strings("spares", pattern=_HOST, max_items=MAX_SPARES) or ()
+    source = f.string("source", required=False, max_len=1024) or "<request>"
+    assert primary is not None
+    assert term is not None
+    if primary in spares:
+        raise f.fail("spares", f"{primary!r} is the primary, not a spare")
+    if len(set(spares)) != len(spares):
+        raise f.fail("spares", "names a host twice")
+    return StandbyAdd(rid, spec, primary, term, spares, source)
+
+
+def _standby_remove(f: _Fields, rid: str) -> Request:
+    unit = f.string("unit", pattern=_UNIT)
+    primary = f.string("primary", pattern=_HOST, max_len=32)
+    assert unit is not None
+    assert primary is not None
+    return StandbyRemove(rid, unit, primary)
+
+
 REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "ping": _ping,
     "status": _status,
@@ -316,6 +373,8 @@ REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "failover": _failover,
     "events": _events,
     "shutdown": _shutdown,
+    "standby_add": _standby_add,
+    "standby_remove": _standby_remove,
 }
 _REQUEST_NAMES: Final = {
     Ping: "ping",
@@ -325,6 +384,8 @@ _REQUEST_NAMES: Final = {
     Failover: "failover",
     Events: "events",
     Shutdown: "shutdown",
+    StandbyAdd: "standby_add",
+    StandbyRemove: "standby_remove",
 }
 
 
@@ -679,7 +740,12 @@ class ControlError(Exception):
 
 
 class ControlTimeoutError(ControlError):
-    pass
+    """No answer in time. `sent` tells whether the request left this client at all: a request
+    that was never sent (no connection) cannot have been carried out."""
+
+    def __init__(self, code: str, message: str, *, sent: bool = True) -> None:
+        super().__init__(code, message)
+        self.sent = sent
 
 
 class ControlAuthError(ControlError):
@@ -757,11 +823,13 @@ class ControlClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                what = "connect to" if flags == zmq.POLLOUT else "get a reply from"
+                connecting = flags == zmq.POLLOUT
+                what = "connect to" if connecting else "get a reply from"
                 raise ControlTimeoutError(
                     "timeout",
                     f"could not {what} the agent at {self.endpoint} within {self.timeout:g} s; "
                     "is it running (`hamgr up`)?",
+                    sent=not connecting,
                 )
             ready = dict(poller.poll(max(1, int(left * 1000))))
             if self._monitor in ready:
@@ -865,3 +933,21 @@ class ControlClient:
 
     def shutdown(self, *, teardown: bool = False, timeout: float = 120.0) -> Mapping[str, Any]:
         return self.call(Shutdown(self.new_id(), teardown), timeout=timeout)
+
+    def standby_add(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        primary: str,
+        term: int,
+        spares: tuple[str, ...] = (),
+        source: str = "<request>",
+        timeout: float = 120.0,
+    ) -> Mapping[str, Any]:
+        request = StandbyAdd(self.new_id(), dict(spec), primary, term, spares, source)
+        return self.call(request, timeout=timeout)
+
+    def standby_remove(
+        self, unit: str, *, primary: str, timeout: float = 60.0
+    ) -> Mapping[str, Any]:
+        return self.call(StandbyRemove(self.new_id(), unit, primary), timeout=timeout)

@@ -15,6 +15,13 @@ which starts its own data plane (own ``--file-prefix``). The data link is the da
 kernel IP for the agents' control endpoints and replication (zmq, CURVE; the keys are made here
 and handed to each agent in its plan file, 0600).
 
+With ``agents="main"`` each host runs the main agent instead (``hamgr up`` inside its netns, on
+a state dir of its own): ``hamgr init`` makes its config and keys, then the testbed adds
+``[remote]`` (the data link, the replication endpoint) and the two other hosts as
+``[peers.NAME]`` to its ``agent.toml`` and their agent keys to its ``authorized_keys``. No unit
+is protected at start: a test protects one with `cli` (``hamgr protect`` on a host, its
+standby named in the spec, `sequencer_spec(standby=...)`).
+
 The NF (the sequencer) is 198.18.0.2 with a fixed MAC on every host: in its netns on the
 primary, and in a prepared netns on the standby whose veth stays out of the data plane until a
 takeover. All neighbours are static: an ARP reply of the NF would be held in an epoch buffer.
@@ -49,6 +56,8 @@ import attrs
 import zmq
 
 from dpdk_vhost.process import remove_dpdk_files
+from hamgr import keys
+from hamgr.agent.config import AgentConfig, PeerConfig, RemoteConfig
 from hamgr.agent.remote import HostPlan, PeerPlan, UnitPlan
 from hamgr.agent.unitnet import UnitNames
 from hamgr.testbed import Testbed
@@ -84,13 +93,16 @@ def sequencer_spec(
     lossless: bool = False,
     tcp_port: int | None = None,
     chain: int = 1,
+    standby: str | None = None,
 ) -> str:
-    """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there.
+    """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there; with
+    `standby` (a host's name) its standby is on that host (for the main agents).
 
     With `chain` > 1 the unit is a chain of that many sequencers: each forwards to the next on
     the next port over the NF netns's loopback, and the last one to the sink.
     """
     tcp = "" if tcp_port is None else f', "--tcp-listen", "{tcp_port}"'
+    standby_table = "" if standby is None else f'\n[standby]\nhost = "{standby}"\n'
     dest = f"{SINK_IP}:{SINK_PORT}" if chain == 1 else f"127.0.0.1:{NF_PORT + 1}"
     members = ""
     for i in range(1, chain):
@@ -117,7 +129,7 @@ mac = "{NF_MAC}"
 [ports]
 wire = ["fab"]
 egress = "fabout"
-
+{standby_table}
 [epoch]
 policy = "fixed"
 length_ms = {epoch_ms}
@@ -192,8 +204,10 @@ class HostHandle:
         return out
 
     def log(self) -> str:
-        path = self.work / "agent.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        for path in (self.work / "agent.log", self.work / "log" / "agent.log"):
+            if path.exists():
+                return path.read_text(errors="replace")
+        return ""
 
 
 _TESTBEDS = itertools.count()
@@ -217,6 +231,8 @@ class Fabric(Testbed):
     tcp_port: int | None = None
     # The unit is a chain of this many sequencers (`sequencer_spec`).
     chain: int = 1
+    # "plan": each host runs `hamgr.agent.remote` from a plan; "main": `hamgr up` (module doc).
+    agents: str = attrs.field(default="plan", validator=attrs.validators.in_(("plan", "main")))
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
     _partition_table: bool = False
@@ -321,6 +337,9 @@ class Fabric(Testbed):
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start the agents: spare and standby first, so the primary's first ship finds them."""
+        if self.agents == "main":
+            self._start_main(timeout)
+            return
         for letter in ("C", "B", "A"):
             h = self.hosts[letter]
             h.work.mkdir(parents=True, exist_ok=True)
@@ -345,6 +364,74 @@ class Fabric(Testbed):
             )
             log.close()
             self.wait_event(letter, "ready", timeout=timeout)
+
+    # -- main agents (agents="main") -----------------------------------------------------
+
+    def _start_main(self, timeout: float) -> None:
+        for letter in HOSTS:
+            self.init_main(letter)
+        for letter in HOSTS:
+            self.configure_main(letter)
+        for letter in ("C", "B", "A"):
+            self.cli(letter, "up", "--timeout", str(timeout), timeout=timeout + 30)
+
+    def init_main(self, letter: str) -> None:
+        """``hamgr init`` for host `letter`: its config (control on its management IP) and
+        keys; the host's keys are the ones init made from now on."""
+        h = self.hosts[letter]
+        subprocess.run(
+            [sys.executable, "-m", "hamgr", "init", "--state-dir", str(h.work),
+             "--host", h.name, "--control", h.control, "--metrics", "127.0.0.1:0",
+             "--runtime-dir", str(h.runtime), "--dp-cpu", str(h.cpu)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        kp = keys.load_keypair(keys.keys_dir(h.work), keys.AGENT)
+        h.public, h.secret = kp.public.decode(), kp.secret.decode()
+
+    def configure_main(self, letter: str) -> None:
+        """[remote] and the two other hosts as peers in the host's agent.toml; their agent
+        keys in its authorized_keys."""
+        h = self.hosts[letter]
+        config = AgentConfig.load(h.work)
+        others = [o for o in self.hosts.values() if o.letter != letter]
+        config = attrs.evolve(
+            config,
+            remote=RemoteConfig(
+                data_link=f"{self.prefix}d{letter}",
+                replication=f"tcp://{h.mgmt_ip}:{REPL_PORT}",
+            ),
+            peers={
+                o.name: PeerConfig(o.name, o.control, f"tcp://{o.mgmt_ip}:{REPL_PORT}", o.public)
+                for o in others
+            },
+        )
+        config.write()
+        authorized = keys.AuthorizedKeys(h.work / keys.AUTHORIZED_KEYS)
+        for o in others:
+            authorized.add(o.public, f"agent of {o.name}")
+
+    def cli(
+        self, letter: str, *args: str, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``hamgr ARGS --state-dir DIR`` inside host `letter`'s netns (agents="main")."""
+        h = self.hosts[letter]
+        argv = [sys.executable, "-m", "hamgr", *args, "--state-dir", str(h.work)]
+        proc = subprocess.run(
+            self.in_ns(h.ns, argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"`hamgr {' '.join(args)}` on {h.name} exited {proc.returncode}\n"
+                f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def cli_json(self, letter: str, *args: str, check: bool = True) -> dict[str, Any]:
+        """The last line of ``hamgr ARGS --json`` on host `letter`."""
+        proc = self.cli(letter, *args, "--json", check=check)
+        data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        data["exit"] = proc.returncode
+        return data
 
     def wait_event(
         self, letter: str, kind: str, *, timeout: float, after_us: int = 0, **match: Any
@@ -393,6 +480,8 @@ class Fabric(Testbed):
         for key in ("agent_pid", "dp_pid"):
             if st.get(key):
                 roots.add(int(st[key]))
+        with contextlib.suppress(OSError, ValueError):  # a main agent's own pid file
+            roots.add(int((h.work / "agent.pid").read_text().strip()))
         if h.proc is not None and h.proc.poll() is None:
             roots.add(h.proc.pid)
         return _children(roots)

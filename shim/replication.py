@@ -532,6 +532,20 @@ class Receiver:
     def units(self) -> frozenset[str]:
         return frozenset(self._stores)
 
+    def add(self, unit: str, store: Store) -> None:
+        """Hold `unit` from now on (a standby set up at run time); its machine starts from what
+        `store` holds durably, as after a restart."""
+        if unit in self._stores:
+            raise ValueError(f"already a standby for {unit}")
+        self._stores[unit] = store
+        self._machines[unit] = _machine_for(unit, store)
+
+    def remove(self, unit: str) -> Store | None:
+        """Stop holding `unit`: its messages are refused (unknown_unit) from now on."""
+        self._machines.pop(unit, None)
+        self._committed.discard(unit)
+        return self._stores.pop(unit, None)
+
     def store(self, unit: str) -> Store:
         return self._stores[unit]
 
@@ -736,7 +750,9 @@ class ReplicationServer:
 
     With `secret_key` the socket is a CURVE server; clients must then know its public key. With
     `allowed_clients` as well (public keys, z85 or binary), a ZAP handler on the server's own zmq
-    context admits only those clients. Acks are sent only after verify and commit.
+    context admits only those clients; a callable is asked at every handshake, so a key added
+    to an authorized-keys file is admitted without a restart. Acks are sent only after verify
+    and commit. `add_store` and `remove_store` change the units it holds while it serves.
     """
 
     def __init__(
@@ -745,7 +761,7 @@ class ReplicationServer:
         stores: Mapping[str, Store],
         *,
         secret_key: bytes | None = None,
-        allowed_clients: Iterable[bytes] | None = None,
+        allowed_clients: Iterable[bytes] | Callable[[], Iterable[bytes]] | None = None,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         poll_ms: int = 50,
         emit: Emit | None = None,
@@ -757,8 +773,10 @@ class ReplicationServer:
         self._endpoint = endpoint
         self._receiver = Receiver(stores, emit=emit, on_term=on_term, on_commit=on_commit)
         self._secret_key = secret_key
-        self._allowed = (
-            None if allowed_clients is None else frozenset(map(_binary_key, allowed_clients))
+        self._allowed: frozenset[bytes] | Callable[[], Iterable[bytes]] | None = (
+            allowed_clients
+            if allowed_clients is None or callable(allowed_clients)
+            else frozenset(map(_binary_key, allowed_clients))
         )
         self._own_context = context is None
         self._context = context if context is not None else zmq.Context()
@@ -834,6 +852,20 @@ class ReplicationServer:
         with self._lock:
             return self._receiver.store(unit).committed()
 
+    def add_store(self, unit: str, store: Store) -> None:
+        """Hold `unit` from the next message on (raises ValueError if it is held already)."""
+        with self._lock:
+            self._receiver.add(unit, store)
+
+    def remove_store(self, unit: str) -> Store | None:
+        """Stop holding `unit`, between two messages; returns its store (None if not held)."""
+        with self._lock:
+            return self._receiver.remove(unit)
+
+    def holds(self, unit: str) -> bool:
+        with self._lock:
+            return unit in self._receiver.units
+
     def _close_zap(self) -> None:
         if self._zap is not None:
             self._zap.close()
@@ -881,7 +913,14 @@ class ReplicationServer:
         request = self._zap.recv_multipart()
         version, request_id, mechanism = request[0], request[1], request[5]
         key = request[6] if len(request) > 6 else b""
-        ok = mechanism == b"CURVE" and key in self._allowed
+        allowed = self._allowed
+        if callable(allowed):
+            try:
+                allowed = frozenset(map(_binary_key, allowed()))
+            except Exception:
+                log.exception("replication: cannot read the allowed client keys; refusing")
+                allowed = frozenset()
+        ok = mechanism == b"CURVE" and key in allowed
         if not ok:
             log.warning("replication: refused a client (%s)", mechanism.decode(errors="replace"))
         status = (b"200", b"OK") if ok else (b"400", b"client key not allowed")

@@ -18,9 +18,17 @@ while the control loop and every unit loop made progress recently, so a wedged a
 instead of shown `active` (the Masakari lesson). With ``KillMode=process`` a restart leaves the
 data plane and the NFs running, and the new agent adopts them (`hamgr.agent.primary.take_over`).
 
-This milestone's limits: the standby of a unit is always this same agent (a local standby, in
-the same process: it covers an agent crash and an NF's death, not a host failure), and
-lossless mode is refused.
+- **hamgr-remote** (with ``[remote]`` in agent.toml): the remote roles' loop
+  (`hamgr.agent.remote.RemoteAgent` inside this agent): units whose standby is on another host,
+  the standbys this host holds for other hosts' units, probes of those peers and the takeover
+  of a unit whose primary host died. Every change of those roles runs on this thread
+  (`RemoteAgent.call`); its epoch loops are `unit-U` threads too.
+- **hamgr-peer**: ``standby_add`` and ``standby_remove`` from peer agents, one at a time (a
+  worker of its own: two agents protecting units onto each other never wait on each other).
+
+A unit's standby is this same agent (a local standby, in the same process: it covers an agent
+crash and an NF's death), or, with ``[standby] host`` naming a peer, that peer's agent (a remote
+standby: it covers this host's failure). Lossless mode is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,7 +52,7 @@ import attrs
 
 from dpdk_vhost.client import DataPlaneClient
 from hamgr import control, keys
-from hamgr.agent import local, unitnet
+from hamgr.agent import local, peers, unitnet
 from hamgr.agent.config import AgentConfig
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.events import EventBus
@@ -55,8 +64,9 @@ from hamgr.agent.primary import (
     primary_config,
     take_over,
 )
+from hamgr.agent.remote import FABRIC_PORT, RemoteAgent, RoleHooks
 from hamgr.agent.sdnotify import Notifier
-from hamgr.agent.state import StateDB, UnitRow
+from hamgr.agent.state import Resource, RoleRow, StateDB, UnitRow
 from hamgr.metrics import AgentMetrics
 from hamgr.unitspec import SpecError, UnitSpec
 from shim import epoch as ep
@@ -64,7 +74,7 @@ from shim import failover as fo
 from shim import netns
 from shim.container import Container, RuncBackend
 from shim.engine import PrimaryEngine
-from shim.local_failover import FailoverHooks, FailoverRecord
+from shim.local_failover import FailoverHooks, FailoverRecord, ProtectedNf
 from shim.replication import ReplicationClient, ReplicationServer
 from shim.store import Store
 
@@ -81,6 +91,9 @@ UNIT_STALL_S = 45.0
 FAILOVER_STALL_S = 120.0
 UNPROTECT_DRAIN_S = 5.0
 STOP_DRAIN_S = 2.0
+# A peer's standby_add builds a netns, unpacks the image and joins its data plane: seconds.
+STANDBY_ADD_TIMEOUT_S = 60.0
+STANDBY_REMOVE_TIMEOUT_S = 30.0
 
 
 class AgentError(Exception):
@@ -132,6 +145,69 @@ class UnitRuntime:
             self.standby = None
 
 
+def _one_container(nf: ProtectedNf) -> Container:
+    """The main agent runs one container per unit (it refuses chains): its records assume it."""
+    if not isinstance(nf, Container):
+        raise TypeError(f"the agent records one container per unit, not {type(nf).__name__}")
+    return nf
+
+
+class _RoleRecorder(RoleHooks):
+    """The remote roles' changes, written to ``state.db`` and published as events."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    @property
+    def db(self) -> StateDB:
+        assert self.agent.db is not None
+        return self.agent.db
+
+    def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        self.agent.bus.publish(kind, **fields)
+
+    def restored(self, unit: str, term: int, nf: ProtectedNf) -> None:
+        # Before it gets traffic: an agent that dies from here on removes it, or adopts it.
+        local.record_container(self.db, unit, _one_container(nf))
+
+    def destroyed(self, unit: str, nf: ProtectedNf) -> None:
+        self.db.remove_resource(unit, "container", _one_container(nf).name)
+
+    def attached(self, unit: str, term: int) -> None:
+        self.db.add_resource(unit, "dp_unit", unit)
+
+    def report(self, unit: str, report: fo.Report, record: Mapping[str, Any] | None) -> None:
+        db = self.db
+        status = local.STATUS_NAMES[report.status]
+        if report.status is fo.Status.RUNNING:
+            log.warning("takeover started: %s", report.detail, extra={"unit": unit})
+            return
+        data = {**(record or {}), "status": status, "term": report.term, "detail": report.detail}
+        db.add_failover(unit, report.term, status, data)
+        if report.status is fo.Status.FINISHED:
+            remote = self.agent.remote
+            role = remote.primaries.get(unit) if remote is not None else None
+            # This host is the unit's primary now; its standby is the one it re-protected on.
+            db.set_role(unit, "primary", role.standby if role is not None else "", report.term)
+            db.remove_role(unit, "standby")
+            db.set_unit_state(unit, "running")
+            log.info("took the unit over", extra={"unit": unit, "term": report.term})
+        elif report.status is fo.Status.ERROR:
+            reason = f"takeover at term {report.term} failed, the unit is down: {report.detail}"
+            db.set_unit_state(unit, "error", reason)
+            log.error(reason, extra={"unit": unit})
+        else:
+            log.warning("takeover aborted: %s", report.detail, extra={"unit": unit})
+
+    def standby_changed(self, unit: str, standby: str, term: int) -> None:
+        self.db.set_role(unit, "primary", standby, term)
+
+    def fenced(self, unit: str, term: int | None, cause: str) -> None:
+        reason = f"deposed (a higher term {term} exists): {cause}; `hamgr unprotect` it"
+        self.db.set_unit_state(unit, "error", reason)
+        log.error(reason, extra={"unit": unit})
+
+
 class Agent:
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -149,6 +225,9 @@ class Agent:
         self.control: control.ControlServer | None = None
         self.metrics: AgentMetrics | None = None
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hamgr-worker")
+        self.peer_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hamgr-peer")
+        self.remote: RemoteAgent | None = None
+        self.peer_caller: peers.PeerCaller | None = None
         self.backend = RuncBackend(state_dir=config.state_dir / "containers", network_lock="skip")
         self.keypair: keys.Keypair | None = None
         self.authorized = keys.AuthorizedKeys(config.state_dir / keys.AUTHORIZED_KEYS)
@@ -236,6 +315,8 @@ class Agent:
             except OSError as exc:
                 raise AgentError(f"metrics: cannot listen on {cfg.metrics}: {exc}") from None
         self._start_dataplane()
+        if cfg.remote is not None:
+            self._start_remote()
         self._recover()
         assert self.keypair is not None
         self.control = control.ControlServer(
@@ -249,6 +330,34 @@ class Agent:
             self.control.start()
         except Exception as exc:
             raise AgentError(f"control: cannot listen on {cfg.control}: {exc}") from None
+        if self.remote is not None:
+            self.remote.start_loop()
+
+    def _start_remote(self) -> None:
+        """The remote roles: the data link in the data plane, the replication server for the
+        standbys this host holds, the links to the peers (docs/agent.md, "Remote standby")."""
+        assert self.keypair is not None
+        cfg = self.config
+        assert cfg.remote is not None
+        if not netns.link_exists(cfg.remote.data_link):
+            raise AgentError(
+                f"remote.data_link: interface {cfg.remote.data_link} does not exist on {self.host}"
+            )
+        plan = peers.host_plan(cfg, self.keypair)
+        links = peers.ControlLinks(plan.peers, self.keypair)
+        self.remote = RemoteAgent(
+            plan,
+            dp=self.dp,
+            backend=self.backend,
+            links=links,
+            hooks=_RoleRecorder(self),
+            allowed_clients=self._authorized_keys,
+        )
+        try:
+            self.remote.start()
+        except Exception as exc:
+            raise AgentError(f"remote: {type(exc).__name__}: {exc}") from None
+        self.peer_caller = peers.PeerCaller(self.host, plan.peers, self.keypair)
 
     def _authorized_keys(self) -> frozenset[bytes]:
         return frozenset(self.authorized.load())
@@ -282,6 +391,7 @@ class Agent:
     def _close(self, *, teardown: bool) -> None:
         self.bus.expire(everyone=True)
         self.worker.shutdown(wait=True, cancel_futures=True)
+        self.peer_worker.shutdown(wait=True, cancel_futures=True)
         with self._units_lock:
             runtimes = dict(self.units)
         for rt in runtimes.values():
@@ -292,6 +402,9 @@ class Agent:
                 u.name for u in self.db.units() if u.name not in runtimes
             ]:
                 self._teardown_unit(name, runtimes.get(name))
+        if self.remote is not None:
+            # Its epoch loops let in-flight epochs commit at their standbys before they stop.
+            self.remote.close(drain_seconds=STOP_DRAIN_S)
         if self.dp is not None:
             if teardown:
                 self.dp.stop()
@@ -340,14 +453,19 @@ class Agent:
         assert self.control is not None
         if not self.control.alive() or now - self.control.last_loop > CONTROL_STALL_S:
             return "the control loop is stuck"
+        if self.remote is not None and not self.remote.loop_alive():
+            return "the remote roles' loop died"
         with self._units_lock:
-            runners = [rt.runner for rt in self.units.values() if rt.runner is not None]
+            runners: list[Any] = [rt.runner for rt in self.units.values() if rt.runner is not None]
+        if self.remote is not None:
+            runners += [r.runner for r in list(self.remote.primaries.values()) if r.runner]
         for runner in runners:
             if runner.failed:
                 continue  # reported as an error in status; restarting the agent cannot fix it
             if not runner.alive():
                 return f"the epoch loop of {runner.unit} died"
-            limit = UNIT_STALL_S if runner.failing_over is None else FAILOVER_STALL_S
+            failing_over = getattr(runner, "failing_over", None)
+            limit = UNIT_STALL_S if failing_over is None else FAILOVER_STALL_S
             if now - runner.last_step > limit:
                 return (
                     f"the epoch loop of {runner.unit} is stuck for {now - runner.last_step:.0f} s"
@@ -377,6 +495,21 @@ class Agent:
                     )
             except Exception:
                 log.exception("persisting %s failed", rt.spec.name)
+        if self.remote is None:
+            return
+        for entry in self.remote.snapshot():
+            try:
+                if entry["role"] == "primary":
+                    self.db.update_role(entry["unit"], "primary", **counters(entry))
+                else:
+                    self.db.update_role(
+                        entry["unit"],
+                        "standby",
+                        last_committed=entry.get("last_committed"),
+                        term=entry.get("term"),
+                    )
+            except Exception:
+                log.exception("persisting %s failed", entry["unit"])
 
     # --- snapshots ---
 
@@ -393,6 +526,12 @@ class Agent:
             if rt.standby is not None:
                 units.append(rt.standby.snapshot(self.host))
                 seen.add((name, "standby"))
+        for remote_entry in self.remote.snapshot() if self.remote is not None else []:
+            if remote_entry["role"] == "primary" and self.db is not None:
+                count, last = self.db.failover_summary(remote_entry["unit"])
+                remote_entry.update(failovers=count, last_failover=last)
+            units.append(remote_entry)
+            seen.add((remote_entry["unit"], remote_entry["role"]))
         if self.db is not None:
             rows = {u.name: u for u in self.db.units()}
             for role in self.db.roles():
@@ -450,6 +589,22 @@ class Agent:
                     return
                 work = self._protect if isinstance(request, control.Protect) else self._unprotect
                 self.worker.submit(self._guarded, work, request, responder)
+            case control.StandbyAdd() | control.StandbyRemove():
+                if self._stop.is_set():
+                    responder.error("busy", "the agent is stopping")
+                    return
+                if self.remote is None:
+                    responder.error(
+                        "unsupported",
+                        f"{self.host} holds no remote standbys: its agent.toml has no [remote]",
+                    )
+                    return
+                peer_work = (
+                    self._standby_add
+                    if isinstance(request, control.StandbyAdd)
+                    else self._standby_remove
+                )
+                self.peer_worker.submit(self._guarded, peer_work, request, responder)
             case control.Shutdown(teardown=teardown):
                 responder.result({"stopping": True, "teardown": teardown, "pid": os.getpid()})
                 self.request_stop(teardown=teardown)
@@ -476,6 +631,10 @@ class Agent:
 
     # --- protect / unprotect (worker thread) ---
 
+    def _remote_standby(self, spec: UnitSpec) -> str | None:
+        """The peer that holds `spec`'s standby, or None for a local standby."""
+        return None if spec.standby.host in ("auto", self.host) else spec.standby.host
+
     def _refuse(self, spec: UnitSpec) -> tuple[str, str] | None:
         assert self.db is not None
         if self.db.unit(spec.name) is not None:
@@ -492,12 +651,9 @@ class Agent:
                 "protection.lossless: lossless mode needs input replay after restore, which "
                 "this agent does not do yet; set lossless = false",
             )
-        if spec.standby.host not in ("auto", self.host):
-            return (
-                "unsupported",
-                f"standby.host: {spec.standby.host!r} is another host; this agent keeps a local "
-                f'standby only for now (use "auto" or "{self.host}")',
-            )
+        peer = self._remote_standby(spec)
+        if peer is not None:
+            return self._refuse_remote(spec, peer)
         for field, iface in [("ports.wire", w) for w in spec.ports.wire] + [
             ("ports.egress", spec.ports.egress)
         ]:
@@ -515,6 +671,30 @@ class Agent:
             return (
                 "busy",
                 f"ports.egress: {spec.ports.egress} is a port of unit {used[spec.ports.egress]}",
+            )
+        return None
+
+    def _refuse_remote(self, spec: UnitSpec, peer: str) -> tuple[str, str] | None:
+        if self.remote is None:
+            return (
+                "unsupported",
+                f"standby.host: {peer!r} is another host, and this agent has no [remote] in "
+                f'{self.config.path}: it keeps local standbys only (use "auto" or '
+                f'"{self.host}", or configure [remote] and [peers.{peer}])',
+            )
+        if peer not in self.config.peers:
+            known = ", ".join(sorted(self.config.peers)) or "none"
+            return (
+                "bad_spec",
+                f"standby.host: {peer!r} is not a peer of {self.host} (its peers: {known}); "
+                f"add [peers.{peer}] to {self.config.path} and restart the agent",
+            )
+        if spec.protection.on_standby_loss == "run-unprotected":
+            return (
+                "unsupported",
+                'protection.on_standby_loss: "run-unprotected" is refused with a remote '
+                "standby: a primary cannot tell a dead standby from a partitioned one, and "
+                'a partitioned standby takes the unit over; use "stall" (docs/failover.md)',
             )
         return None
 
@@ -539,6 +719,10 @@ class Agent:
         refusal = self._refuse(spec)
         if refusal is not None:
             responder.error(*refusal)
+            return
+        peer = self._remote_standby(spec)
+        if peer is not None:
+            self._protect_remote(spec, peer, responder)
             return
         unit, term = spec.name, 1
         names = unitnet.UnitNames(self.host, unit)
@@ -605,6 +789,240 @@ class Agent:
                 "seconds": seconds,
             }
         )
+
+    # --- remote standbys (worker threads; the roles themselves run on hamgr-remote) ---
+
+    def _protect_remote(self, spec: UnitSpec, peer: str, responder: control.Responder) -> None:
+        """Protect `spec` here with its standby on `peer` (docs/agent.md, "Remote standby").
+
+        The standby comes first: `peer` prepares the unit's netns, image and store and starts
+        watching this host, so that the first ship finds it. Then this host builds the NF's
+        network (its wire and egress are the data link), starts the NF and its epoch engine.
+        A step that fails undoes everything, here and at `peer`.
+        """
+        assert self.db is not None
+        assert self.dp is not None
+        assert self.remote is not None
+        assert self.peer_caller is not None
+        unit, term = spec.name, 1
+        names = unitnet.UnitNames(self.host, unit)
+        started = time.monotonic()
+        self.db.add_unit(unit, spec.to_json(), {"primary": peer}, term)
+        step = f"set up its standby on {peer}"
+        dp: DataPlaneClient | None = None
+        nf: Container | None = None
+        try:
+            try:
+                self.peer_caller.call(
+                    peer,
+                    lambda c: c.standby_add(
+                        spec.to_json(),
+                        primary=self.host,
+                        term=term,
+                        source=f"{self.host}:{unit}",
+                        timeout=STANDBY_ADD_TIMEOUT_S,
+                    ),
+                    timeout=STANDBY_ADD_TIMEOUT_S,
+                )
+            except peers.PeerError as exc:
+                if exc.sent and exc.code in (None, "timeout"):
+                    # No answer to a request it may have carried out: the teardown asks it
+                    # to drop whatever it made.
+                    self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+                raise RuntimeError(exc.message) from None
+            self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+            step = "build the image"
+            image = self._image(spec)
+            dp = self.dp.client()
+            step = "build the network"
+            unitnet.build_remote_network(self.db, dp, spec, names, data_port=FABRIC_PORT, term=term)
+            step = "start the NF"
+            self.db.add_resource(unit, "images", unit, {"root": str(self.images_root / unit)})
+            nf = unitnet.start_nf(self.db, self.backend, spec, names, image)
+            step = f"start the epoch engine (its first hello to {peer})"
+            started_nf = nf
+            self.remote.call(lambda: self._remote().add_primary(spec, started_nf, peer, term=term))
+            self.db.set_unit_state(unit, "running")
+        except Exception as exc:
+            log.exception("protect %s failed at: %s", unit, step, extra={"unit": unit})
+            problems = self._teardown_unit(unit, None, nf=nf)
+            if problems:
+                log.error("rollback of %s left: %s", unit, "; ".join(problems))
+            if dp is not None:
+                dp.close()
+            left = f"; the rollback left: {'; '.join(problems)}" if problems else ""
+            responder.error("failed", f"protect {unit}: could not {step}: {exc}{left}")
+            return
+        if dp is not None:
+            dp.close()
+        assert nf is not None
+        seconds = round(time.monotonic() - started, 3)
+        self.bus.publish(
+            "protect", unit=unit, term=term, nf_pid=nf.pid, standby=peer, seconds=seconds
+        )
+        log.info(
+            "unit protected",
+            extra={"unit": unit, "nf_pid": nf.pid, "standby": peer, "seconds": seconds},
+        )
+        responder.result(
+            {
+                "unit": unit,
+                "role": "primary",
+                "standby": peer,
+                "term": term,
+                "nf_pid": nf.pid,
+                "protection": "protected",
+                "seconds": seconds,
+            }
+        )
+
+    def _remote(self) -> RemoteAgent:
+        assert self.remote is not None
+        return self.remote
+
+    def _peer_key_of(self, host: str) -> str | None:
+        peer = self.config.peers.get(host)
+        return None if peer is None else peer.public_key
+
+    def _standby_add(self, request: control.StandbyAdd, responder: control.Responder) -> None:
+        """A peer's request: hold the standby of its unit (peer_worker thread)."""
+        assert self.db is not None
+        assert self.dp is not None
+        remote = self._remote()
+        primary = request.primary
+        if primary not in self.config.peers:
+            responder.error(
+                "unsupported",
+                f"{primary} is not a peer of {self.host}: add [peers.{primary}] to "
+                f"{self.host}'s {self.config.path} and restart its agent",
+            )
+            return
+        if responder.peer_key != self._peer_key_of(primary):
+            responder.error(
+                "unsupported",
+                f"this request came with key {responder.peer_key}, which is not {primary}'s "
+                f"public_key in {self.host}'s [peers.{primary}]",
+            )
+            return
+        try:
+            spec = UnitSpec.from_json(request.spec, source=request.source)
+        except SpecError as exc:
+            responder.error("bad_spec", str(exc))
+            return
+        unit = spec.name
+        if spec.standby.host != self.host:
+            responder.error(
+                "bad_spec",
+                f"standby.host: {spec.standby.host!r} names another host than {self.host}",
+            )
+            return
+        unknown = [s for s in request.spares if s not in self.config.peers]
+        if unknown:
+            responder.error("unsupported", f"spares {unknown} are not peers of {self.host}")
+            return
+        if self.db.unit(unit) is not None:
+            responder.error("exists", f"unit {unit} already has a role on {self.host}")
+            return
+        names = unitnet.UnitNames(self.host, unit)
+        started = time.monotonic()
+        self.db.add_unit(unit, spec.to_json(), {"standby": primary}, request.term)
+        step = "prepare the NF's network"
+        dp: DataPlaneClient | None = None
+        try:
+            dp = self.dp.client()
+            unitnet.build_remote_network(self.db, dp, spec, names, data_port=FABRIC_PORT, term=None)
+            step = "prepare the image and the store"
+            root = self.standby_root(unit)
+            self.db.add_resource(unit, "standby", unit, {"root": str(root), "remote": True})
+            remote.prepare_standby(spec)
+            step = f"watch {primary}"
+            spares = list(request.spares)
+            remote.call(lambda: remote.add_standby(spec, primary, request.term, spares))
+            self.db.set_unit_state(unit, "running")
+        except Exception as exc:
+            log.exception("standby_add %s failed at: %s", unit, step, extra={"unit": unit})
+            problems = self._teardown_unit(unit, None)
+            if dp is not None:
+                dp.close()
+            left = f"; the rollback left: {'; '.join(problems)}" if problems else ""
+            responder.error(
+                "failed", f"standby of {unit} on {self.host}: could not {step}: {exc}{left}"
+            )
+            return
+        dp.close()
+        seconds = round(time.monotonic() - started, 3)
+        self.bus.publish("standby_add", unit=unit, primary=primary, term=request.term)
+        log.info("standby set up", extra={"unit": unit, "primary": primary, "seconds": seconds})
+        responder.result(
+            {
+                "unit": unit,
+                "role": "standby",
+                "primary": primary,
+                "term": request.term,
+                "replication": self.config.remote.replication if self.config.remote else "",
+                "seconds": seconds,
+            }
+        )
+
+    def _standby_remove(self, request: control.StandbyRemove, responder: control.Responder) -> None:
+        """A peer's request: drop the standby of its unit (peer_worker thread).
+
+        Only the standby that `primary` set up, asked with `primary`'s key: a unit this host
+        took over (it is the primary now) or holds for another host is left alone, and the
+        answer says so with ``removed: false``."""
+        assert self.db is not None
+        unit, primary = request.unit, request.primary
+        if responder.peer_key != self._peer_key_of(primary):
+            responder.error(
+                "unsupported",
+                f"this request came with key {responder.peer_key}, which is not {primary}'s "
+                f"public_key in {self.host}'s [peers.{primary}]",
+            )
+            return
+        row = self.db.unit(unit)
+        standby = self.db.role(unit, "standby")
+        if row is None or standby is None or standby.peer != primary:
+            own = self.db.role(unit, "primary")
+            if own is not None:
+                why = f"{self.host} is the primary of {unit} at term {own.term} now"
+            elif row is None:
+                why = f"{self.host} holds no role of {unit}"
+            else:
+                why = f"{self.host} holds {unit}'s standby for {standby.peer if standby else '?'}"
+            responder.result({"unit": unit, "removed": False, "detail": why})
+            return
+        problems = self._teardown_unit(unit, None)
+        if problems:
+            responder.error(
+                "failed", f"dropping the standby of {unit} left: " + "; ".join(problems)
+            )
+            return
+        self.bus.publish("standby_remove", unit=unit, primary=primary)
+        log.info("standby dropped", extra={"unit": unit, "primary": primary})
+        responder.result({"unit": unit, "removed": True, "detail": ""})
+
+    def _drop_remote_standby(self, unit: str) -> Any:
+        """The teardown of a `remote_standby` resource: the peer drops what it holds."""
+
+        def drop(res: Resource) -> None:
+            assert self.peer_caller is not None
+            try:
+                reply = self.peer_caller.call(
+                    res.name,
+                    lambda c: c.standby_remove(
+                        unit, primary=self.host, timeout=STANDBY_REMOVE_TIMEOUT_S
+                    ),
+                    timeout=STANDBY_REMOVE_TIMEOUT_S,
+                )
+            except peers.PeerError as exc:
+                raise RuntimeError(
+                    f"the standby on {res.name} could not be dropped: {exc.message}; "
+                    f"`hamgr unprotect {unit}` tries again"
+                ) from None
+            if not reply.get("removed"):
+                log.info("standby of %s on %s: %s", unit, res.name, reply.get("detail"))
+
+        return drop
 
     def _start_standby(self, unit: str) -> StandbyRole:
         assert self.db is not None
@@ -823,6 +1241,14 @@ class Agent:
         with self._units_lock:
             rt = self.units.get(unit)
         runner = rt.runner if rt is not None else None
+        if runner is None and self.remote is not None and self.remote.holds(unit):
+            responder.error(
+                "unsupported",
+                f"unit {unit} has a remote role here: its standby takes it over when its "
+                "primary's host fails; an operator's failover of a remote unit is not "
+                "implemented yet",
+            )
+            return
         if runner is None:
             row = self.db.unit(unit)
             if row is None:
@@ -874,11 +1300,26 @@ class Agent:
         log.info("unit unprotected", extra={"unit": unit})
         responder.result({"unit": unit, "removed": True})
 
-    def _teardown_unit(self, unit: str, rt: UnitRuntime | None) -> list[str]:
+    def _teardown_unit(
+        self, unit: str, rt: UnitRuntime | None, *, nf: Container | None = None
+    ) -> list[str]:
         assert self.db is not None
         assert self.dp is not None
+        handles: list[Container] = [] if nf is None else [nf]
+        # The peers this unit's remote roles probe: forgotten once it is all gone.
+        probed = {r.peer for r in self.db.roles(unit) if r.peer and r.peer != self.host}
+        if self.remote is not None and self.remote.holds(unit):
+            remote = self.remote
+            try:
+                detached = remote.call(lambda: remote.remove(unit))
+            except RuntimeError as exc:
+                return [str(exc)]  # a takeover runs: nothing was touched
+            if detached.runner is not None:
+                # With release at the standby, what commits there meanwhile still goes out.
+                detached.runner.stop(drain_seconds=UNPROTECT_DRAIN_S)
+            handles += [_one_container(h) for h in detached.nfs]
+            probed.update(detached.peers)
         self.db.set_unit_state(unit, "stopping")
-        handles: list[Container] = []
         if rt is not None:
             runner = rt.runner
             rt.stop(drain_seconds=UNPROTECT_DRAIN_S)
@@ -894,13 +1335,22 @@ class Agent:
         with contextlib.suppress(Exception):
             dp = self.dp.client()
         try:
-            problems += unitnet.teardown(self.db, unit, dp=dp, backend=self.backend)
+            problems += unitnet.teardown(
+                self.db,
+                unit,
+                dp=dp,
+                backend=self.backend,
+                others={"remote_standby": self._drop_remote_standby(unit)},
+            )
         finally:
             if dp is not None:
                 dp.close()
         if problems:
             self.db.set_unit_state(unit, "error", "teardown left: " + "; ".join(problems))
             return problems
+        if self.remote is not None and probed:
+            remote = self.remote
+            remote.call(lambda: remote.forget_probes(tuple(sorted(probed))))
         self.db.remove_unit(unit)
         if self.metrics is not None:
             self.metrics.forget(unit)
@@ -921,6 +1371,9 @@ class Agent:
                 self.bus.publish("rollback", unit=row.name, problems=problems)
                 continue
             try:
+                if self._is_remote(row.name):
+                    self._adopt_remote(row)
+                    continue
                 rt = self._adopt(row)
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {exc}"
@@ -933,6 +1386,57 @@ class Agent:
                 continue
             with self._units_lock:
                 self.units[row.name] = rt
+
+    def _is_remote(self, unit: str) -> bool:
+        """A unit whose other role is on another host (or that has none: taken over here)."""
+        assert self.db is not None
+        return any(r.peer != self.host for r in self.db.roles(unit))
+
+    def _adopt_remote(self, row: UnitRow) -> None:
+        """Find a remote role again after a restart (docs/agent.md, "Remote standby").
+
+        A primary's NF is adopted as it runs, and its engine taken over with a recovery cut
+        shipped in full to its standby; a unit this host took over and runs without a standby
+        needs no engine; a standby reopens its store and watches its primary again.
+        """
+        assert self.db is not None
+        if self.remote is None:
+            raise RuntimeError(
+                f"it has a remote role, and {self.config.path} has no [remote] any more"
+            )
+        remote = self.remote
+        spec = UnitSpec.from_json(row.spec, source=f"state.db unit {row.name}")
+        unit = spec.name
+        primary: RoleRow | None = self.db.role(unit, "primary")
+        standby: RoleRow | None = self.db.role(unit, "standby")
+        if primary is not None:
+            newest = local.newest_container(self.db, unit)
+            if newest is None:
+                raise RuntimeError("no container was recorded for it")
+            for stale in local.stale_containers(self.db, unit):
+                log.info("unit %s: removing replaced container %s", unit, stale.name)
+                unitnet.destroy_container(self.backend, stale, None)
+                self.db.remove_resource(unit, "container", stale.name)
+            nf = unitnet.adopt_container(self.backend, newest)
+            if primary.peer:
+                remote.add_primary(spec, nf, primary.peer, term=primary.term, first=False)
+            else:
+                remote.add_unprotected(spec, nf, primary.term)
+            term, peer, role = primary.term, primary.peer, "primary"
+        elif standby is not None:
+            if self.db.resources(unit, "container"):
+                raise RuntimeError(
+                    f"a takeover of {unit} was under way when the agent stopped (a restored "
+                    "NF is recorded): the unit is down; `hamgr unprotect` it"
+                )
+            remote.prepare_standby(spec)
+            remote.add_standby(spec, standby.peer, standby.term, [])
+            term, peer, role = standby.term, standby.peer, "standby"
+        else:
+            raise RuntimeError("no role was recorded for it")
+        self.db.set_unit_state(unit, "running")
+        self.bus.publish("adopt", unit=unit, role=role, peer=peer, term=term)
+        log.info("unit adopted", extra={"unit": unit, "role": role, "peer": peer, "term": term})
 
     def _adopt(self, row: UnitRow) -> UnitRuntime:
         """Take over a unit a previous agent protected, without restarting anything of it."""

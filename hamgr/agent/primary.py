@@ -145,12 +145,18 @@ def take_over(
     term: int,
     committed: int | None,
     image_dir: Callable[[int], Path],
+    sent: int | None = None,
     outputs: Path | None = None,
 ) -> TakeOver:
     """Make the data plane's state of `unit` one a fresh machine can start from (module doc).
 
+    `committed`: the standby's committed epoch at this term, whose output this primary releases
+    (a local standby). `sent`: the same for a standby that releases output itself (a remote
+    one): it has sent those epochs already, so they are retired here, never sent.
     `outputs`: release at the standby; the folder where the engine saved each closed epoch's
-    output (`PrimaryEngine.output_path`). None: the recovery cut is released here."""
+    output (`PrimaryEngine.output_path`): the recovery cut carries the held output, and the
+    standby sends what it has not sent. None: the recovery cut is released here.
+    """
     _wait_for_orphan_dumps(nf.pid)
     stats = dp.stats(unit).units.get(unit)
     if stats is None:
@@ -166,6 +172,9 @@ def take_over(
         log.warning("unit %s: ingress was left paused mid-cut; resuming it", unit)
         dp.resume_ingress(unit, term)
     released = False
+    if stats.epochs_in_flight and sent is not None and sent < stats.epoch:
+        retired = dp.retire(unit, sent, term)
+        log.info("unit %s: %d epochs up to %d were sent by the standby", unit, retired, sent)
     if stats.epochs_in_flight and committed is not None and committed < stats.epoch:
         dp.release(unit, committed, term)
         released = True
@@ -184,6 +193,58 @@ def take_over(
                 f"unit {unit}: the saved output of held epochs {missing} is not in {outputs}; "
                 "a recovery cut without it would lose that output"
             )
+    k = int(stats.k)
+    full = int(stats.epochs_in_flight) >= k
+    if full:
+        # Back-pressure took every slot (a standby lost for a while): the cut needs one more,
+        # until its release frees them all.
+        dp.configure_unit(unit, k=k + 1)
+    try:
+        save = None if outputs is None else outputs / output_name(epoch)
+        closed_total, dest, cut_seq = _recovery_cut(
+            dp, nf, unit=unit, term=term, epoch=epoch, image_dir=image_dir, save=save
+        )
+        if outputs is not None:
+            for e in held:
+                os.link(outputs / output_name(e), dest / output_name(e))
+        shipper.ship(
+            unit,
+            epoch,
+            term,
+            dest,
+            full=True,
+            meta={"recovery": 1, "cut_seq": cut_seq},
+            timeout=RECOVERY_SHIP_TIMEOUT_S,
+        )
+        if outputs is None:
+            dp.release(unit, epoch, term)
+        else:
+            # The standby sent it (or had sent it) before its ack.
+            dp.retire(unit, epoch, term)
+            for e in held:
+                (outputs / output_name(e)).unlink(missing_ok=True)
+    finally:
+        if full:
+            try:
+                dp.configure_unit(unit, k=k)
+            except Exception:
+                log.exception("unit %s: setting k back to %d failed", unit, k)
+    log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})
+    return TakeOver(epoch + 1, closed_total, released, epoch)
+
+
+def _recovery_cut(
+    dp: DataPlaneClient,
+    nf: ProtectedNf,
+    *,
+    unit: str,
+    term: int,
+    epoch: int,
+    image_dir: Callable[[int], Path],
+    save: Path | None,
+) -> tuple[int, Path, int]:
+    """Pause, freeze, close `epoch` (its output saved to `save`), dump, thaw, resume:
+    (closed packets, image, cut_seq)."""
     # The cut goes with the image, as the engine's do: a lossless standby trims its input log
     # to it and replays after it.
     cut_seq = int(dp.pause_ingress(unit, term).cut)
@@ -195,8 +256,7 @@ def take_over(
             log.warning("unit %s: could not check the NF's receive queues: %s", unit, exc)
         nf.freeze()
         try:
-            save = None if outputs is None else str(outputs / output_name(epoch))
-            dp.close_epoch(unit, epoch, term, save=save)
+            dp.close_epoch(unit, epoch, term, save=None if save is None else str(save))
             # The NF is frozen and its port drained: the new open epoch is empty.
             closed_total = int(dp.stats(unit).units[unit].nf_rx)
             dest = image_dir(epoch)
@@ -206,27 +266,7 @@ def take_over(
             nf.thaw()
     finally:
         dp.resume_ingress(unit, term)
-    if outputs is not None:
-        for e in held:
-            os.link(outputs / output_name(e), dest / output_name(e))
-    shipper.ship(
-        unit,
-        epoch,
-        term,
-        dest,
-        full=True,
-        meta={"recovery": 1, "cut_seq": cut_seq},
-        timeout=RECOVERY_SHIP_TIMEOUT_S,
-    )
-    if outputs is None:
-        dp.release(unit, epoch, term)
-    else:
-        # The standby sent it (or had sent it) before its ack.
-        dp.retire(unit, epoch, term)
-        for e in held:
-            (outputs / output_name(e)).unlink(missing_ok=True)
-    log.info("unit %s: recovery cut committed epoch %d", unit, epoch, extra={"unit": unit})
-    return TakeOver(epoch + 1, closed_total, released, epoch)
+    return closed_total, dest, cut_seq
 
 
 def _not_watched(_unit: str) -> None:

@@ -1,10 +1,9 @@
 """Remote roles of a host's agent: primary with a remote standby, standby, spare.
 
 ``python -m hamgr.agent.remote run --plan FILE`` runs one host's agent for these roles, inside
-the host's netns (the fabric starts it under ``nsenter --net``). This is milestone 1 of remote
-failover: the roles come from a *plan* file written by whoever builds the cluster (today
-`hamgr.fabric`), because the control channel's schema (`hamgr.control`) has no request yet to
-set up a standby on another agent; docs/agent.md says what is missing.
+the host's netns (the fabric starts it under ``nsenter --net``): the roles come from a *plan*
+file written by whoever builds the cluster (`hamgr.fabric`). The same class also runs inside
+``hamgr agent run``, where ``hamgr protect`` sets the roles up (end of this docstring).
 
 What the agent does, per role of a unit U:
 
@@ -48,24 +47,37 @@ that ping is the `Confirm` check of a suspect peer. ``failover`` requests (an op
 The agent writes ``status.json`` (its PIDs, the data plane's, each NF's) whenever they change,
 so the testbed can kill the host at once, and ``events.jsonl``: one JSON object per line with
 ``kind`` and ``mono_us`` (CLOCK_MONOTONIC), for benchmarks and tests.
+
+**Inside the host's main agent** (`hamgr.agent.daemon`, docs/agent.md "Remote standby"). The
+same class runs the remote roles of ``hamgr agent run``, built with the main agent's data plane,
+container backend, peer links over `hamgr.control` (`hamgr.agent.peers.ControlLinks`) and a
+`RoleHooks` that records every change in ``state.db``. Its plan then has no units: roles are
+added and removed while it runs (`add_standby`, `add_primary`, `remove`), each change carried
+out on the agent's loop thread (`call`), which owns the failover drivers. That agent's own
+control server answers the peers' requests (``ping``, ``standby_add``, ``standby_remove``), so
+this class serves no control endpoint of its own and asks no ``watch``: a standby is set up by
+``standby_add`` before the primary's first ship.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import struct
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import click
@@ -93,7 +105,18 @@ from shim.remote_failover import RemoteFailover
 from shim.replication import NackedError, ReplicationClient, ReplicationServer
 from shim.store import Checkpoint, Store
 
-__all__ = ["HostPlan", "PeerPlan", "PlanError", "RemoteAgent", "UnitPlan", "ping", "request"]
+__all__ = [
+    "Detached",
+    "HostPlan",
+    "Links",
+    "PeerPlan",
+    "PlanError",
+    "RemoteAgent",
+    "RoleHooks",
+    "UnitPlan",
+    "ping",
+    "request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +138,14 @@ SHIP_MAXRT_MS = 2000
 # How often a primary whose standby is lost and not replaced tries again (its spares, then the
 # lost standby): when a link heals it re-protects, or learns the higher term and is fenced.
 RECHECK_S = 1.0
+# A change of roles handed to the loop thread (`RemoteAgent.call`) waits at most this long; the
+# longest is a primary's first hello to its standby (5 s) plus a recovery cut's ship (20 s).
+CALL_TIMEOUT_S = 60.0
+# How long a peer whose host is up but whose agent does not answer (it restarts, or is busy)
+# counts as alive for the main agent's check of a suspect peer (`RemoteAgent.confirm_peer`).
+AGENT_GRACE_S = 15.0
+
+_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -135,6 +166,60 @@ class PeerPlan:
 
 class PlanError(ValueError):
     """A plan this agent refuses to run; the message says why and what to use instead."""
+
+
+class Links(Protocol):
+    """Requests to peer agents: `PeerLinks` (a plan's agents), or
+    `hamgr.agent.peers.ControlLinks` (the main agent's control channel)."""
+
+    def request(self, peer: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """The reply (``{"error": ...}`` for a refusal), or None without one in `timeout_s`."""
+        ...
+
+    def ping(self, peer: str, timeout_s: float) -> bool: ...
+    def close(self) -> None: ...
+
+
+class RoleHooks:
+    """What the host's main agent records of the remote roles (`hamgr.agent.daemon`).
+
+    A plan's agent records nothing: every method here does nothing. They are called from the
+    loop thread and from the failover steps' worker threads, and must not block for long.
+    """
+
+    def event(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Every event, as written to ``events.jsonl``."""
+
+    def restored(self, unit: str, term: int, nf: ProtectedNf) -> None:
+        """A takeover restored `nf`, before it gets any traffic."""
+
+    def destroyed(self, unit: str, nf: ProtectedNf) -> None:
+        """A restored NF was destroyed (a takeover that failed, or a late restore)."""
+
+    def attached(self, unit: str, term: int) -> None:
+        """A takeover added the unit to this host's data plane."""
+
+    def report(self, unit: str, report: fo.Report, record: Mapping[str, Any] | None) -> None:
+        """A takeover's report; once FINISHED this host is the unit's primary at its term."""
+
+    def standby_changed(self, unit: str, standby: str, term: int) -> None:
+        """The primary `unit` ships to `standby` now."""
+
+    def fenced(self, unit: str, term: int | None, cause: str) -> None:
+        """This primary was deposed: its NF is stopped and the unit left the data plane."""
+
+
+@attrs.frozen
+class Detached:
+    """What `RemoteAgent.remove` took out of its roles, for the caller to stop and destroy."""
+
+    unit: str
+    runner: UnitRunner | None  # the primary's epoch loop, still running (its drain is the caller's)
+    nfs: tuple[ProtectedNf, ...]  # the unit's NFs on this host: the primary's, restored ones
+    store: Path | None  # the standby store's directory, no longer served
+    # The peers the unit's roles probed: their probes stay until `forget_probes`, so that the
+    # other side does not see this host go silent before it dropped its own role.
+    peers: tuple[str, ...] = ()
 
 
 def _check_spec(_inst: object, _attr: object, value: str) -> None:
@@ -299,6 +384,46 @@ class PeerLinks:
         self._ctx.term()
 
 
+def agent_check_verdict(
+    answered: bool, host: str, since: float | None, now: float, grace_s: float
+) -> tuple[bool, float | None]:
+    """Whether a suspect peer is alive, from its agent's answer and a connection attempt to
+    its agent's port (`TcpProbe`); returns (alive, since when its host has been up with its
+    agent silent, None once the agent answered). `RemoteAgent.confirm_peer` says why."""
+    if answered:
+        return True, None
+    if host == "silent":
+        return False, since
+    since = now if since is None else since
+    return now - since <= grace_s, since
+
+
+class TcpProbe:
+    """A connection attempt to a peer's agent port, started now and judged later: "open"
+    (something listens), "refused" (a reset: the host is up, nothing listens), or "silent"
+    (no answer yet: a dead host, a cut link, or a kernel too busy to answer in time)."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self._error = self._sock.connect_ex((ip, port))
+
+    def result(self, wait_s: float = 0.0) -> str:
+        try:
+            if self._error == errno.ECONNREFUSED:
+                return "refused"
+            if self._error not in (0, errno.EINPROGRESS):
+                return "silent"
+            _r, writable, _x = select.select([], [self._sock], [], max(0.0, wait_s))
+            if not writable:
+                return "silent"
+            error = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error == 0:
+                return "open"
+            return "refused" if error == errno.ECONNREFUSED else "silent"
+        finally:
+            self._sock.close()
+
+
 def ping(endpoint: str, server_key: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     """One request to an agent's control endpoint (tests, benchmarks)."""
     mgmt_ip, _, port = endpoint.removeprefix("tcp://").rpartition(":")
@@ -347,8 +472,21 @@ def nf_container_spec(spec: UnitSpec, names: UnitNames, image: Path) -> Containe
         args=spec.nf.args,
         netns=names.nf_netns,
         env=spec.nf.env,
+        image_ref=spec.nf.image_ref,
         cgroup_parent=names.cgroup_parent,
     )
+
+
+def nf_image(spec: UnitSpec) -> Path:
+    """The NF's image on this host: a built-in one is built here, a path must exist here."""
+    if spec.nf.builtin:
+        from hamgr.nfs import images
+
+        return images.build_image(spec.nf.image)
+    path = Path(spec.nf.image)
+    if not path.exists():
+        raise FileNotFoundError(f"nf.image: {path} does not exist on this host")
+    return path
 
 
 def attach_unit(
@@ -482,27 +620,48 @@ class PrimaryRole:
 
 
 class RemoteAgent:
-    """One host's agent for remote roles (module doc)."""
+    """One host's agent for remote roles (module doc).
 
-    def __init__(self, plan: HostPlan) -> None:
+    Alone (``python -m hamgr.agent.remote run``) it starts its own data plane and serves its own
+    control endpoint, and its roles come from the plan. Given `dp` (the main agent's data plane),
+    it is part of ``hamgr agent run``: `links`, `hooks` and `allowed_clients` (the keys its
+    replication server admits) then come from that agent, and roles come and go at run time.
+    """
+
+    def __init__(
+        self,
+        plan: HostPlan,
+        *,
+        dp: OwnedDataPlane | None = None,
+        backend: RuncBackend | None = None,
+        links: Links | None = None,
+        hooks: RoleHooks | None = None,
+        allowed_clients: Callable[[], frozenset[bytes]] | None = None,
+    ) -> None:
         self.plan = plan
         self.host = plan.host
+        self.embedded = dp is not None
         plan.work.mkdir(parents=True, exist_ok=True)
         plan.runtime.mkdir(parents=True, exist_ok=True)
         self.public = plan.public_key.encode()
         self.secret = plan.secret_key.encode()
-        self.backend = RuncBackend(state_dir=plan.work / "containers", network_lock="skip")
+        self.backend = backend or RuncBackend(
+            state_dir=plan.work / "containers", network_lock="skip"
+        )
+        self.hooks = hooks or RoleHooks()
+        self._allowed = allowed_clients
         self.events_path = plan.work / "events.jsonl"
         self._events = self.events_path.open("a", buffering=1)
         self._lock = threading.Lock()
-        self.dp: OwnedDataPlane | None = None
+        self.dp: OwnedDataPlane | None = dp
         self.server: ReplicationServer | None = None
         self.stores: dict[str, Store] = {}
+        self.specs: dict[str, UnitSpec] = {loads(u.spec).name: loads(u.spec) for u in plan.units}
         self.primaries: dict[str, PrimaryRole] = {}
         self.drivers: dict[str, RemoteFailover] = {}
         self.steps: dict[str, StandbySteps] = {}
         self.requests: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self.links = PeerLinks(plan.peers, self.public, self.secret)
+        self.links: Links = links or PeerLinks(plan.peers, self.public, self.secret)
         # Lossless units this host keeps a store for (standby or spare), and their input logs.
         self.lossless: set[str] = set()
         self.inputs = InputLogs(self.dp_client, FABRIC_PORT)
@@ -522,6 +681,12 @@ class RemoteAgent:
         # Peers whose probes arrived at least once: silence from a peer that never spoke is
         # a peer still starting, not a failure.
         self._seen: set[str] = set()
+        # Role changes handed to the loop thread (`call`), and that thread once it runs.
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._calls = queue.SimpleQueue()
+        self._loop: threading.Thread | None = None
+        # Peers whose host is up but whose agent did not answer: since when (`confirm_peer`).
+        self._agent_silent_since: dict[str, float] = {}
 
     # -- bookkeeping for the testbed -----------------------------------------------------
 
@@ -529,10 +694,14 @@ class RemoteAgent:
         line = json.dumps({"kind": kind, "host": self.host, "mono_us": _now_us(), **fields})
         with self._lock:
             self._events.write(line + "\n")
+        try:
+            self.hooks.event(kind, fields)
+        except Exception:
+            log.exception("the event hook failed for %s", kind)
 
     def write_status(self, ready: bool = True) -> None:
         nfs = {u: r.nf.pid for u, r in list(self.primaries.items())}
-        for u, s in self.steps.items():
+        for u, s in list(self.steps.items()):
             nfs.update({f"{u}-t{t}": c.pid for t, c in list(s.restored.items())})
         status = {
             "host": self.host,
@@ -542,9 +711,10 @@ class RemoteAgent:
             "nf_pids": nfs,
             "ready": ready,
         }
-        tmp = self.plan.work / ".status.json"
-        tmp.write_text(json.dumps(status))
-        tmp.replace(self.plan.work / "status.json")
+        with self._lock:
+            tmp = self.plan.work / ".status.json"
+            tmp.write_text(json.dumps(status))
+            tmp.replace(self.plan.work / "status.json")
 
     def dp_client(self) -> DataPlaneClient:
         assert self.dp is not None
@@ -574,11 +744,20 @@ class RemoteAgent:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Plan mode: the data plane, stores, control endpoint, then the plan's roles.
+
+        Inside the main agent: the data link joins its data plane (once: an adopted data plane
+        has it already) and the replication server starts with no unit; roles come later.
+        """
         plan = self.plan
-        self.dp = OwnedDataPlane.start(host=self.host, work=plan.work / "dataplane", cpu=plan.cpu)
+        if self.dp is None:
+            self.dp = OwnedDataPlane.start(
+                host=self.host, work=plan.work / "dataplane", cpu=plan.cpu
+            )
         self.write_status(ready=False)
         with self.dp_client() as dp:
-            dp.add_af_packet_port(FABRIC_PORT, plan.data_iface)
+            if FABRIC_PORT not in dp.stats().ports:
+                dp.add_af_packet_port(FABRIC_PORT, plan.data_iface)
         stores: dict[str, Store] = {}
         for u in plan.units:
             if u.role in ("standby", "spare"):
@@ -587,25 +766,31 @@ class RemoteAgent:
                 if spec.protection.lossless:
                     self.lossless.add(spec.name)
                     self.inputs.shadow(spec.name, spec.nf.mac)
-        if stores:
+        if stores or self.embedded:
             self.stores = stores
+            allowed: Callable[[], frozenset[bytes]] | list[bytes] = (
+                self._allowed
+                if self._allowed is not None
+                else [p.public_key.encode() for p in plan.peers.values()]
+            )
             self.server = ReplicationServer(
                 f"tcp://{plan.mgmt_ip}:{plan.repl_port}",
                 stores,
                 secret_key=self.secret,
-                allowed_clients=[p.public_key.encode() for p in plan.peers.values()],
+                allowed_clients=allowed,
                 emit=self._emit_output,
                 on_term=self._on_term,
                 on_commit=self._on_commit,
             )
             self.server.start()
-        self.control = ControlEndpoint(
-            f"tcp://{plan.mgmt_ip}:{plan.control_port}", self.secret, self._handle
-        )
+        if not self.embedded:
+            self.control = ControlEndpoint(
+                f"tcp://{plan.mgmt_ip}:{plan.control_port}", self.secret, self._handle
+            )
         for u in plan.units:
             spec = loads(u.spec)
             if u.role == "standby":
-                self._start_standby(spec, u)
+                self._start_standby(spec, u.primary, 1, list(u.spares))
         for u in plan.units:
             spec = loads(u.spec)
             if u.role == "primary":
@@ -613,12 +798,12 @@ class RemoteAgent:
         self.write_status()
         self.event("ready", pid=os.getpid())
 
-    def _start_standby(self, spec: UnitSpec, u: UnitPlan) -> None:
+    def _start_standby(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
         if spec.protection.lossless:
             # The primary's hello records its term here too; a restarted standby whose store
             # already holds it gets no new one.
-            self._on_term(spec.name, max(1, self.stores[spec.name].term))
-        self._watch(spec, u.primary, 1, list(u.spares))
+            self._on_term(spec.name, max(term, self.stores[spec.name].term))
+        self._watch(spec, primary, term, spares)
 
     def _watch_request(self, req: dict[str, Any]) -> None:
         """A primary made this host its standby (re-protection): watch it from now on.
@@ -628,7 +813,7 @@ class RemoteAgent:
         agent's loop, which owns the failover drivers.
         """
         unit, primary = str(req.get("unit")), str(req.get("primary"))
-        spec = next((loads(u.spec) for u in self.plan.units if loads(u.spec).name == unit), None)
+        spec = self.specs.get(unit)
         if spec is None or unit not in self.stores or primary not in self.plan.peers:
             self.event("watch_refused", unit=unit, primary=primary)
             return
@@ -642,6 +827,22 @@ class RemoteAgent:
         self._watch(spec, primary, int(req["term"]), spares, busy=True)
         self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
 
+    def prepare_standby(self, spec: UnitSpec) -> None:
+        """What a takeover of `spec` needs ready on this host: the NF's netns (same IP, MAC,
+        neighbours), its rootfs unpacked, its port in the data plane. Idempotent; it touches no
+        role, so the main agent calls it off the loop thread (it takes hundreds of ms)."""
+        names = UnitNames(self.host, spec.name)
+        if not netns.netns_exists(names.nf_netns):
+            prepare_nf_netns(spec, names)
+        # The image's rootfs is unpacked now, not by the takeover's restore (~35 ms).
+        prepare_unit_images(self.backend, spec, nf_container_spec(spec, names, nf_image(spec)))
+        with self.dp_client() as dp:
+            # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
+            # costs tens of milliseconds. Until a unit owns it, the data plane drains it (it
+            # carries nothing: the prepared netns is silent).
+            if names.nf_port not in dp.stats().ports:
+                dp.add_af_packet_port(names.nf_port, names.host_veth)
+
     def _watch(
         self, spec: UnitSpec, primary: str, term: int, spares: list[str], *, busy: bool = False
     ) -> None:
@@ -651,20 +852,8 @@ class RemoteAgent:
         may have just taken the unit over): its probes and its agent's answers run late then, so
         detection starts dampened by two doublings, which decay in 20 s."""
         names = UnitNames(self.host, spec.name)
-        if not netns.netns_exists(names.nf_netns):
-            prepare_nf_netns(spec, names)
-        from hamgr.nfs import images
-
-        # The image's rootfs is unpacked now, not by the takeover's restore (~35 ms).
-        prepare_unit_images(
-            self.backend, spec, nf_container_spec(spec, names, images.build_image(spec.nf.image))
-        )
+        self.prepare_standby(spec)
         with self.dp_client() as dp:
-            # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
-            # costs tens of milliseconds. Until a unit owns it, the data plane drains it (it
-            # carries nothing: the prepared netns is silent).
-            if names.nf_port not in dp.stats().ports:
-                dp.add_af_packet_port(names.nf_port, names.host_veth)
             with contextlib.suppress(DataPlaneError):  # a probe left from an earlier role
                 dp.remove_probe(primary)
             dp.add_probe(
@@ -693,22 +882,296 @@ class RemoteAgent:
             now_us=now,
             dampening=Dampening(level=2, at_us=now) if busy else None,
         )
+        old = self.steps.get(spec.name)
+        if old is not None:  # an earlier watch of this unit (a repeated request): its links go
+            old.close()
         self.steps[spec.name] = steps
         self.drivers[spec.name] = RemoteFailover(machine, steps, on_report=self._on_report)
 
     def _start_primary(self, spec: UnitSpec, u: UnitPlan) -> None:
-        from hamgr.nfs import images
-
         names = UnitNames(self.host, spec.name)
         prepare_nf_netns(spec, names)
         with self.dp_client() as dp:
             attach_unit(dp, spec, names, term=1, paused=False)
-        first = nf_container_spec(spec, names, images.build_image(spec.nf.image))
-        nf = start_unit_nf(self.backend, spec, first)
+        nf = start_unit_nf(self.backend, spec, nf_container_spec(spec, names, nf_image(spec)))
         role = PrimaryRole(spec, names, nf, 1, u.standby, list(u.spares), on_fenced=u.on_fenced)
         self.primaries[spec.name] = role
         self.write_status(ready=False)
         self.protect(role, u.standby, first=True)
+
+    # -- roles at run time (the main agent) ----------------------------------------------
+
+    def start_loop(self) -> None:
+        """Run `run` on a thread of its own (the main agent's); `close` stops it."""
+        if self._loop is not None:
+            raise RuntimeError("the loop runs already")
+        self._loop = threading.Thread(target=self._run_loop, name="hamgr-remote", daemon=True)
+        self._loop.start()
+
+    def _run_loop(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            log.exception("the remote roles' loop failed")
+            raise
+
+    def loop_alive(self) -> bool:
+        return self._loop is not None and self._loop.is_alive()
+
+    def call(self, fn: Callable[[], _T], timeout: float = CALL_TIMEOUT_S) -> _T:
+        """`fn()` on the loop thread, which owns the roles; in place while no loop runs."""
+        loop = self._loop
+        if loop is None or threading.current_thread() is loop or not loop.is_alive():
+            return fn()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return future.result(timeout)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def confirm_peer(self, peer: str, timeout_s: float) -> bool:
+        """The agent's own check of a suspect peer: True if it is alive.
+
+        Its agent answers a ping within `timeout_s`: alive. Inside the main agent, a peer
+        whose host is up but whose agent does not answer also counts as alive, for
+        `AGENT_GRACE_S` from the first such check until its agent answers again: the host's
+        kernel refuses a connection to the agent's port (a TCP reset: nothing listens, the
+        agent restarts) or accepts it (the agent listens but is busy: adopting its units, a
+        recovery cut). An agent that restarts (``hamgr down``/``up``, systemd) leaves its data
+        plane and NFs running, and its probes' flaps on a busy host must not turn the restart
+        into a takeover; an agent that stays silent past the grace is as good as dead. A dead
+        host or a cut link neither refuses nor accepts: no answer at all, and no grace. The
+        connection attempt runs alongside the ping, within the same window.
+        """
+        p = self.plan.peers.get(peer)
+        if not self.embedded or p is None:
+            return self.links.ping(peer, timeout_s)
+        probe = TcpProbe(p.mgmt_ip, p.control_port)
+        # The driver waits for this check no longer than the window: leave it a margin.
+        answered = self.links.ping(peer, timeout_s * 0.8)
+        host = probe.result()
+        before = self._agent_silent_since.get(peer)
+        alive, since = agent_check_verdict(answered, host, before, time.monotonic(), AGENT_GRACE_S)
+        if since is None:
+            self._agent_silent_since.pop(peer, None)
+        else:
+            self._agent_silent_since[peer] = since
+            if before is None:
+                self.event("peer_agent_silent", peer=peer, check=host, grace_s=AGENT_GRACE_S)
+        return alive
+
+    def holds(self, unit: str) -> bool:
+        """A role of `unit` runs here (standby, primary, or a takeover's restored copy)."""
+        return unit in self.primaries or unit in self.drivers or unit in self.stores
+
+    def add_standby(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
+        """Become `spec`'s standby for `primary` at `term` (loop thread; `prepare_standby`
+        first, off it). The store reopens what an earlier incarnation of this agent left."""
+        unit = spec.name
+        if self.holds(unit):
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        if primary not in self.plan.peers:
+            raise ValueError(f"{primary} is not a peer of {self.host}")
+        assert self.server is not None
+        store = Store(self.plan.runtime / "standby" / unit)
+        self.server.add_store(unit, store)
+        self.stores[unit] = store
+        self.specs[unit] = spec
+        if spec.protection.lossless:
+            self.lossless.add(unit)
+        try:
+            self._start_standby(spec, primary, max(term, store.term), spares)
+        except BaseException:
+            self._drop_standby(unit)
+            raise
+        self.event("watching", unit=unit, primary=primary, term=term, spares=spares)
+
+    def add_primary(
+        self,
+        spec: UnitSpec,
+        nf: ProtectedNf,
+        standby: str,
+        *,
+        term: int = 1,
+        first: bool = True,
+    ) -> None:
+        """Run `spec`'s epoch engine on its NF `nf`, shipping to `standby` (loop thread).
+
+        The unit is in the data plane already (`hamgr.agent.unitnet.build_remote_network`).
+        `first`: a unit just started; otherwise one an earlier agent ran, taken over with a
+        recovery cut (`take_over`)."""
+        unit = spec.name
+        if self.holds(unit):
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, [])
+        self.primaries[unit] = role
+        self.specs[unit] = spec
+        try:
+            self.protect(role, standby, first=first)
+        except BaseException:
+            self.primaries.pop(unit, None)
+            with self.dp_client() as c, contextlib.suppress(DataPlaneError):
+                if not self._peer_in_use(standby):
+                    c.remove_probe(standby)
+            self._watching.pop(standby, None)
+            raise
+        self.write_status()
+
+    def add_unprotected(self, spec: UnitSpec, nf: ProtectedNf, term: int) -> None:
+        """A unit this host took over and runs without a standby, found again after a restart:
+        its output is not held (plain mode), so it needs no epoch engine."""
+        unit = spec.name
+        if self.holds(unit):
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, "", [])
+        role.protection = "unprotected"
+        self.primaries[unit] = role
+        self.specs[unit] = spec
+        self.write_status()
+
+    def remove(self, unit: str) -> Detached:
+        """Take every role of `unit` out of this agent (loop thread).
+
+        Refused (RuntimeError) while a takeover of the unit runs. The primary's runner keeps
+        running, for the caller to stop with the drain it wants; the NFs and the store's files
+        are left for the caller to destroy, and the probes of its peers for `forget_probes`
+        once the peer dropped its own role (a primary that stopped probing its standby first
+        would look dead to it)."""
+        driver = self.drivers.get(unit)
+        if driver is not None and driver.machine.state not in (
+            fo.State.WATCHING,
+            fo.State.FAILED,
+        ):
+            raise RuntimeError(
+                f"a takeover of {unit} is running ({driver.machine.state.value}); try again "
+                "once it ended"
+            )
+        nfs: list[ProtectedNf] = []
+        runner: UnitRunner | None = None
+        role = self.primaries.pop(unit, None)
+        peers: set[str] = set()
+        if role is not None:
+            runner, role.runner = role.runner, None
+            nfs.append(role.nf)
+            for peer in (role.standby, role.lost_standby):
+                if peer:
+                    peers.add(peer)
+                    if self._watching.get(peer) == unit:
+                        del self._watching[peer]
+        if driver is not None:
+            del self.drivers[unit]
+            driver.close()
+            if driver.machine.peer:
+                peers.add(driver.machine.peer)
+        steps = self.steps.pop(unit, None)
+        if steps is not None:
+            steps.close()
+            nfs.extend(c for c in steps.restored.values() if c not in nfs)
+        store = self._drop_standby(unit)
+        self.specs.pop(unit, None)
+        self.write_status()
+        return Detached(unit, runner, tuple(nfs), store, tuple(sorted(peers)))
+
+    def forget_probes(self, peers: tuple[str, ...]) -> None:
+        """Stop probing each of `peers` that no role watches any more (loop thread)."""
+        with self.dp_client() as c:
+            for peer in peers:
+                if not self._peer_in_use(peer):
+                    with contextlib.suppress(DataPlaneError):
+                        c.remove_probe(peer)
+
+    def _drop_standby(self, unit: str) -> Path | None:
+        """Stop serving `unit`'s store; returns its directory (None if it had none)."""
+        store = self.stores.pop(unit, None)
+        if self.server is not None:
+            self.server.remove_store(unit)
+        if unit in self.lossless:
+            self.lossless.discard(unit)
+            with contextlib.suppress(DataPlaneError, KeyError):
+                self.inputs.remove(unit)
+        return None if store is None else store.root
+
+    def _peer_in_use(self, peer: str) -> bool:
+        """Some role still watches `peer` (its probe must stay)."""
+        return any(d.machine.peer == peer for d in list(self.drivers.values())) or any(
+            peer in (r.standby, r.lost_standby) for r in list(self.primaries.values())
+        )
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """One entry per (unit, role) in `hamgr status`'s form; from any thread."""
+        out: list[dict[str, Any]] = []
+        primaries = dict(self.primaries)
+        for unit, role in sorted(primaries.items()):
+            runner = role.runner
+            snap = runner.snapshot() if runner is not None else {}
+            protection = snap.get("protection") or role.protection
+            if role.protection == "unprotected":
+                protection = "unprotected"
+            elif role.lost_standby is not None:
+                protection = "stalled"
+            out.append(
+                {
+                    **snap,
+                    "unit": unit,
+                    "role": "primary",
+                    "peer": role.standby or "",
+                    "term": role.term,
+                    "state": snap.get("state", "running"),
+                    "protection": protection,
+                    "nf_pid": role.nf.pid,
+                    "lost_standby": role.lost_standby,
+                }
+            )
+        for unit, steps in sorted(dict(self.steps).items()):
+            if unit in primaries or not steps.unprotected:
+                continue
+            term = max(steps.unprotected)
+            nf = steps.restored.get(term)
+            out.append(
+                {
+                    "unit": unit,
+                    "role": "primary",
+                    "peer": "",
+                    "term": term,
+                    "state": "running",
+                    "protection": "unprotected",
+                    "nf_pid": None if nf is None else nf.pid,
+                }
+            )
+        promoted = {u["unit"] for u in out}
+        for unit, driver in sorted(dict(self.drivers).items()):
+            if unit in promoted:
+                continue  # it took the unit over: the primary's entry says so
+            m = driver.machine
+            server = self.server
+            committed = (
+                server.committed(unit) if server is not None and unit in self.stores else None
+            )
+            store = self.stores.get(unit)
+            out.append(
+                {
+                    "unit": unit,
+                    "role": "standby",
+                    "peer": m.peer,
+                    "term": max(m.term, store.term if store is not None else 0),
+                    "state": m.state.value,
+                    "protection": None,
+                    "last_committed": None if committed is None else committed.epoch,
+                    "committed_term": None if committed is None else committed.term,
+                }
+            )
+        return out
 
     # -- the primary side ----------------------------------------------------------------
 
@@ -739,7 +1202,7 @@ class RemoteAgent:
         dp = self.dp_client()
         shipper = self._shipper(standby, tcp_maxrt_ms=SHIP_MAXRT_MS)
         try:
-            shipper.hello(unit, term, timeout=5.0)
+            hello = shipper.hello(unit, term, timeout=5.0)
             if role.spec.protection.lossless:
                 # After the hello (the standby's log for this term exists) and before the first
                 # cut: every input after any cut this standby commits is mirrored to it.
@@ -760,6 +1223,11 @@ class RemoteAgent:
                         unit=unit,
                         term=term,
                         committed=None,
+                        # What this standby committed at this term it has sent already (it
+                        # releases): those epochs are retired here, never sent again. A standby
+                        # that comes back after its agent restarted, or a partition, may hold a
+                        # commit whose ack never arrived.
+                        sent=(hello.committed_epoch if hello.committed_term == term else None),
                         image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
                         # Released at the standby: the held output rides in the recovery image.
                         outputs=self.plan.runtime / "images" / unit / "outputs",
@@ -794,6 +1262,10 @@ class RemoteAgent:
         # Seeding it with a full image keeps it busy: its first checks are dampened, as its
         # watch of this primary is (`_watch`, busy).
         self._standby_damp[standby] = Dampening(level=2, at_us=_now_us())
+        if self.embedded:
+            # Its standby_add made the standby watch this primary before the first ship.
+            self._announce_protection(role, standby)
+            return
         # The new standby must also watch this primary, or a second failure would end the unit.
         # Its spares are ours but itself: the hosts it must claim the next term at.
         reply = self.links.request(
@@ -809,6 +1281,10 @@ class RemoteAgent:
         )
         if reply is None or not reply.get("queued"):
             self.event("alarm", unit=unit, reason=f"{standby} did not confirm it watches {unit}")
+        self._announce_protection(role, standby)
+
+    def _announce_protection(self, role: PrimaryRole, standby: str) -> None:
+        unit, term = role.spec.name, role.term
         if role.protection == "protected":
             self.event("protected", unit=unit, term=term, standby=standby, nf_pid=role.nf.pid)
         else:
@@ -898,6 +1374,8 @@ class RemoteAgent:
         role = self.primaries.get(unit or "")
         if role is None or role.standby != peer:
             return
+        if self.embedded and role.lost_standby == peer:
+            return  # lost already: `_recheck` retries it
         # Dampened as a standby's watch of its primary is (`policies.detection.dampened`): a
         # standby whose probes keep stopping while it answers is overloaded, not dead, and a
         # false verdict costs a needless re-protection and its full image.
@@ -930,7 +1408,9 @@ class RemoteAgent:
                 role.runner.stop(drain_seconds=0)
                 role.runner = None
             lost = role.lost_standby
-            if lost is not None:
+            # The main agent keeps probing a lost standby it protects the unit onto again:
+            # a pause in the probes would look like this host's death to it.
+            if lost is not None and not (self.embedded and lost == candidate):
                 with self.dp_client() as c, contextlib.suppress(DataPlaneError):
                     c.remove_probe(lost)
                 self._watching.pop(lost, None)
@@ -952,6 +1432,10 @@ class RemoteAgent:
             role.spares = [s for s in role.spares if s != candidate]
             role.lost_standby = None
             self.event("reprotected", unit=unit, standby=candidate, term=role.term)
+            try:
+                self.hooks.standby_changed(unit, candidate, role.term)
+            except Exception:
+                log.exception("unit %s: recording the new standby %s failed", unit, candidate)
             return True
         return False
 
@@ -961,7 +1445,23 @@ class RemoteAgent:
         Its spares first, then the lost standby itself: whichever answers again after a
         partition heals either takes the unit (if no one took it over) or answers with the
         higher term that fences this primary.
+
+        Inside the main agent, a standby counts as lost, too, once the unit's engine stalled
+        because its checkpoints went unacknowledged (`ep.StandbyLost`) without a probe saying
+        so: the probe was down already (a flap the standby's agent disputed, then a real
+        death), or the standby's agent restarted and a transfer in flight was lost with it.
+        The engine alone never recovers from that; a re-protection does (onto the same
+        standby, once it answers: what it committed and sent is retired, not sent again).
         """
+        for role in list(self.primaries.values()) if self.embedded else []:
+            runner = role.runner
+            if runner is None or role.lost_standby is not None or not role.standby:
+                continue
+            machine = runner.engine.machine
+            if machine.protection is ep.Protection.STALLED and machine.state is not ep.State.FENCED:
+                unit = role.spec.name
+                self.event("standby_lost", unit=unit, standby=role.standby, cause="no ack: stalled")
+                role.lost_standby = role.standby
         for role in list(self.primaries.values()):
             lost = role.lost_standby
             if lost is None:
@@ -1029,6 +1529,10 @@ class RemoteAgent:
                 self._watching.pop(peer, None)
         del self.primaries[unit]
         self.write_status()
+        try:
+            self.hooks.fenced(unit, term, cause)
+        except Exception:
+            log.exception("unit %s: recording its fencing failed", unit)
         self.event(
             "fenced",
             unit=unit,
@@ -1052,8 +1556,14 @@ class RemoteAgent:
             elapsed_us=report.elapsed_us,
         )
         driver = self.drivers.get(report.unit)
+        record: dict[str, Any] | None = None
         if report.status is not fo.Status.RUNNING and driver and driver.records:
-            self.event("failover_record", unit=report.unit, **driver.records[-1].to_json())
+            record = driver.records[-1].to_json()
+            self.event("failover_record", unit=report.unit, **record)
+        try:
+            self.hooks.report(report.unit, report, record)
+        except Exception:
+            log.exception("unit %s: recording the takeover's report failed", report.unit)
 
     def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         seq = req.get("seq")
@@ -1149,14 +1659,23 @@ class RemoteAgent:
                 if time.monotonic() >= self._recheck_at:
                     self._recheck_at = time.monotonic() + RECHECK_S
                     self._recheck()
+                self._run_calls()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def close(self) -> None:
+    def close(self, drain_seconds: float = 0.0) -> None:
+        """Stop every role's threads (the loop's first); the NFs and the data plane run on."""
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(10)
+            if self._loop.is_alive():
+                log.error("the remote roles' loop did not stop within 10 s")
+        self._run_calls()  # what was handed to the loop as it stopped runs here
         for role in self.primaries.values():
             if role.runner is not None:
-                role.runner.stop(drain_seconds=0)
+                role.runner.stop(drain_seconds=drain_seconds)
+                role.runner = None
         for d in self.drivers.values():
             d.close()
         for steps in self.steps.values():
@@ -1199,7 +1718,7 @@ class StandbySteps:
         self.unprotected: dict[int, tuple[ep.PrimaryMachine, ep.Alarm]] = {}
 
     def confirm(self, peer: str, timeout_s: float) -> bool:
-        return self.agent.links.ping(peer, timeout_s)
+        return self.agent.confirm_peer(peer, timeout_s)
 
     def close(self) -> None:
         for link in self._claim_links.values():
@@ -1277,6 +1796,7 @@ class StandbySteps:
             name=f"{self.names.container}-t{term}",
         )
         self.restored[term] = nf
+        self.agent.hooks.restored(self.unit, term, nf)
         self.agent.write_status()
         return nf.pid
 
@@ -1290,6 +1810,7 @@ class StandbySteps:
                 attach_unit(dp, self.spec, self.names, term=term, paused=True, mode="plain")
                 set_mode_retrying(dp, self.unit, "plain")  # the machine's SetOutputCommit(False)
                 self.unprotected[term] = machine
+                self.agent.hooks.attached(self.unit, term)
                 # From here on the unit's wire port keeps what reaches it, paused.
                 self.agent.event("attached", unit=self.unit, term=term)
             except BaseException:
@@ -1388,6 +1909,7 @@ class StandbySteps:
         nf = self.restored.pop(term, None)
         if nf is not None:
             nf.destroy()
+            self.agent.hooks.destroyed(self.unit, nf)
             self.agent.write_status()
 
     def discard_output(self, term: int) -> None:

@@ -11,10 +11,13 @@ Schema (version 1)::
     units(name PRIMARY KEY, spec JSON, state, error, created_at, updated_at)
         state: starting | running | stopping | error
     roles(unit, role, peer, term, protection, last_committed, commits_total, updated_at)
-        PRIMARY KEY (unit, role); role: primary | standby; peer: the other role's host
+        PRIMARY KEY (unit, role); role: primary | standby; peer: the other role's host (this
+        host for a local standby, "" for a primary that has no standby)
     resources(unit, kind, name, detail JSON, created_at)
         PRIMARY KEY (unit, kind, name); kind: netns | veth | dp_port | dp_unit | standby |
-        container, in the order they were made
+        images | container | remote_standby (a standby on another host, named after it) |
+        remote_store (this host's store of a unit whose primary is elsewhere), in the order
+        they were made
     dataplane(id = 1, pid, start_ticks, ctl_path, file_prefix, log_path, started_at)
     failovers(seq, unit, term, status, record JSON, at)
         one row per failover attempt that ended (status: finished | failed | aborted); removed
@@ -291,6 +294,24 @@ class StateDB:
                 f"UPDATE roles SET {', '.join(sets)}, updated_at = ? WHERE unit = ? AND role = ?",
                 (*args, time.time(), unit, role),
             )
+
+    def set_role(self, unit: str, role: str, peer: str, term: int) -> None:
+        """Record (or replace) this host's `role` of `unit`: a remote standby that took the unit
+        over becomes its primary, a primary that re-protected gets a new peer."""
+        with self._tx() as db:
+            updated = db.execute(
+                "UPDATE roles SET peer = ?, term = ?, updated_at = ? WHERE unit = ? AND role = ?",
+                (peer, term, time.time(), unit, role),
+            ).rowcount
+            if not updated:
+                db.execute(
+                    "INSERT INTO roles(unit, role, peer, term, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (unit, role, peer, term, time.time()),
+                )
+
+    def remove_role(self, unit: str, role: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM roles WHERE unit = ? AND role = ?", (unit, role))
 
     # --- resources ---
 

@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,15 @@ from shim import netns
 from shim.container import Container, ContainerError, RuncBackend, remove_cgroup
 from shim.oci import Bundle, ContainerSpec, remove_bundle
 
-__all__ = ["UnitNames", "adopt_container", "build_network", "start_nf", "teardown"]
+__all__ = [
+    "UnitNames",
+    "adopt_container",
+    "build_network",
+    "build_nf_netns",
+    "build_remote_network",
+    "start_nf",
+    "teardown",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +88,13 @@ class UnitNames:
         return f"/hamgr-{self.host}"
 
 
-def build_network(
-    db: StateDB, dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int
+def build_nf_netns(
+    db: StateDB, spec: UnitSpec, names: UnitNames, *, host_offload: bool = True
 ) -> None:
-    """The NF's netns and veth, the data plane's ports and unit, each recorded as it is made."""
+    """The NF's netns and veth (address, MAC, static neighbours), each recorded as it is made.
+
+    `host_offload=False` also turns checksum offload off on the host's end, as the remote
+    roles' netns has it (`hamgr.agent.remote.prepare_nf_netns`)."""
     unit = spec.name
     ns = names.nf_netns
     netns.create_netns(ns)
@@ -92,12 +104,54 @@ def build_network(
     db.add_resource(unit, "veth", names.host_veth)
     netns.set_mac_address(NF_IFNAME, spec.nf.mac, ns)
     netns.disable_checksum_offload(NF_IFNAME, ns)
+    if not host_offload:
+        netns.disable_checksum_offload(names.host_veth)
     netns.add_address(NF_IFNAME, spec.nf.address, ns)
     netns.set_up(NF_IFNAME, ns)
     netns.set_up(names.host_veth)
     for ip, mac in spec.nf.neighbors.items():
         netns.add_static_neighbor(ip, mac, NF_IFNAME, ns)
 
+
+def build_remote_network(
+    db: StateDB,
+    dp: DataPlaneClient,
+    spec: UnitSpec,
+    names: UnitNames,
+    *,
+    data_port: str,
+    term: int | None,
+) -> None:
+    """A unit with a remote standby: the NF's netns and veth and its data-plane port; with a
+    `term`, the unit too, whose wire and egress are both the host's data link `data_port`
+    (``[remote] data_link``, a port the remote roles own, so no unit records it). Without one
+    (a standby preparing a takeover) the NF's port waits for the unit of a takeover."""
+    build_nf_netns(db, spec, names, host_offload=False)
+    unit = spec.name
+    dp.add_af_packet_port(names.nf_port, names.host_veth)
+    db.add_resource(unit, "dp_port", names.nf_port, {"iface": names.host_veth})
+    if term is None:
+        return
+    dp.add_unit(
+        unit,
+        wire=[data_port],
+        nf=names.nf_port,
+        egress=data_port,
+        mode="ha",
+        k=spec.protection.max_inflight,
+        budget_bytes=spec.protection.memory_budget_bytes,
+        term=term,
+        epoch=1,
+    )
+    db.add_resource(unit, "dp_unit", unit)
+
+
+def build_network(
+    db: StateDB, dp: DataPlaneClient, spec: UnitSpec, names: UnitNames, *, term: int
+) -> None:
+    """The NF's netns and veth, the data plane's ports and unit, each recorded as it is made."""
+    unit = spec.name
+    build_nf_netns(db, spec, names)
     existing = set(dp.stats().ports)
     wire_ports = []
     for i, iface in enumerate(spec.ports.wire):
@@ -229,16 +283,21 @@ def teardown(
     dp: DataPlaneClient | None,
     backend: RuncBackend,
     nf: Container | None = None,
+    others: Mapping[str, Callable[[Resource], None]] | None = None,
 ) -> list[str]:
     """Remove every recorded resource of `unit`, newest first; returns what could not be.
 
     Each resource is forgotten once it is gone, so a teardown that is interrupted resumes
-    where it stopped.
+    where it stopped. `others` removes the kinds this module does not know (the agent's
+    remote_standby and remote_store); one that raises is kept, as a problem.
     """
     problems: list[str] = []
     for res in reversed(db.resources(unit)):
         try:
-            _remove(db, res, dp=dp, backend=backend, nf=nf)
+            if others is not None and res.kind in others:
+                others[res.kind](res)
+            else:
+                _remove(db, res, dp=dp, backend=backend, nf=nf)
         except Exception as exc:
             log.warning("teardown of %s %s %s failed: %s", unit, res.kind, res.name, exc)
             problems.append(f"{res.kind} {res.name}: {exc}")

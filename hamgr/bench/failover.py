@@ -155,18 +155,26 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float, what: 
 
 
 def start_udp(
-    client_ns: str, sink_ns: str, work: Path, *, seconds: float, pps: int, stamps: int = 1
+    client_ns: str,
+    sink_ns: str,
+    work: Path,
+    *,
+    seconds: float,
+    pps: int,
+    stamps: int = 1,
+    idle_exit: float = 2.0,
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
     """A sink in `sink_ns` (ready once it is bound) and a bounded sender in `client_ns`;
     returns both and the sink's record file (behind a chain, the last member's counters;
-    `trafgen.member_records` has the others')."""
+    `trafgen.member_records` has the others'). The sink stops once nothing arrived for
+    `idle_exit` seconds after the first datagram."""
     out, ready = work / "sink.rec", work / "sink.ready"
     py = sys.executable
     sink = subprocess.Popen(
         in_netns(
             sink_ns,
             [py, "-m", "hamgr.trafgen", "sink", "--port", str(SINK_PORT), "--out", str(out),
-             "--seconds", str(seconds + 30), "--idle-exit", "2", "--ready", str(ready),
+             "--seconds", str(seconds + 30), "--idle-exit", str(idle_exit), "--ready", str(ready),
              "--stamps", str(stamps)],
         ),
         stdout=subprocess.PIPE,
@@ -189,10 +197,10 @@ def start_udp(
 
 
 def start_traffic(
-    fab: Fabric, work: Path, *, seconds: float, pps: int
+    fab: Fabric, work: Path, *, seconds: float, pps: int, idle_exit: float = 2.0
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
     """The UDP stream of the three-host testbed: client netns to the sink's netns."""
-    return start_udp(fab.cl, fab.sk, work, seconds=seconds, pps=pps)
+    return start_udp(fab.cl, fab.sk, work, seconds=seconds, pps=pps, idle_exit=idle_exit)
 
 
 def finish_traffic(

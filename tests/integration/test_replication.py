@@ -455,3 +455,34 @@ def test_closing_the_client_fails_a_pending_transfer(tmp_path: Path) -> None:
         pending.result(5)
     with pytest.raises(ClosedError):
         cli.ship_nowait("fw0", 2, 1, src)
+
+
+def test_allowed_clients_asked_at_each_handshake_and_units_added_while_serving(
+    tmp_path: Path,
+) -> None:
+    """A server whose allowed keys come from a callable (an authorized-keys file): a key added
+    later is admitted without a restart; a unit added while it serves is served, and a
+    removed one refused."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_keypair = zmq.curve_keypair()
+    allowed: list[bytes] = []
+    src = write_checkpoint(tmp_path / "src", os.urandom(64 << 10), {})
+    with ReplicationServer(
+        "tcp://127.0.0.1:*", {}, secret_key=server_secret, allowed_clients=lambda: allowed
+    ) as srv:
+        with (
+            ReplicationClient(srv.endpoint, server_key=server_public, keypair=client_keypair) as c,
+            pytest.raises(TimeoutError),
+        ):
+            c.hello("fw0", 1, timeout=0.7)
+        allowed.append(client_keypair[0])
+        srv.add_store("fw0", Store(tmp_path / "fw0"))
+        assert srv.holds("fw0")
+        with ReplicationClient(srv.endpoint, server_key=server_public, keypair=client_keypair) as c:
+            assert c.ship("fw0", 1, 1, src, timeout=10).full
+            assert srv.committed("fw0") is not None
+            assert srv.remove_store("fw0") is not None
+            assert not srv.holds("fw0")
+            with pytest.raises(NackedError) as info:
+                c.hello("fw0", 1, timeout=5)
+            assert info.value.nack.code is Code.UNKNOWN_UNIT

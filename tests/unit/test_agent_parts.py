@@ -16,7 +16,7 @@ import zmq
 import zmq.auth
 
 from hamgr import keys
-from hamgr.agent.config import AgentConfig, ConfigError
+from hamgr.agent.config import AgentConfig, ConfigError, PeerConfig, RemoteConfig
 from hamgr.agent.sdnotify import Notifier
 from hamgr.agent.state import DataPlaneRow, StateDB, StateError
 from hamgr.logs import JsonFormatter, setup_logging
@@ -122,6 +122,68 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
         AgentConfig.load(tmp_path)
 
 
+_PEER_KEY = keys.generate().public.decode()
+_REMOTE = (
+    'host = "hA"\ncontrol = "tcp://198.18.1.1:7100"\n'
+    '[remote]\ndata_link = "fA"\nreplication = "tcp://198.18.1.1:7200"\n'
+)
+_PEER = (
+    '[peers.hB]\ncontrol = "tcp://198.18.1.2:7100"\nreplication = "tcp://198.18.1.2:7200"\n'
+    f'public_key = "{_PEER_KEY}"\n'
+)
+
+
+def test_config_with_remote_and_peers_round_trips(tmp_path: Path) -> None:
+    (tmp_path / "agent.toml").write_text(_REMOTE + "probe_miss = 5\n" + _PEER)
+    config = AgentConfig.load(tmp_path)
+    assert config.remote == RemoteConfig("fA", "tcp://198.18.1.1:7200", probe_miss=5)
+    assert config.peers == {
+        "hB": PeerConfig("hB", "tcp://198.18.1.2:7100", "tcp://198.18.1.2:7200", _PEER_KEY)
+    }
+    config.write()
+    again = AgentConfig.load(tmp_path)
+    assert (again.remote, again.peers, again.control) == (
+        config.remote,
+        config.peers,
+        config.control,
+    )
+    # Without [remote] nothing of it is written.
+    AgentConfig.default(tmp_path, "hA").write()
+    assert "[remote]" not in (tmp_path / "agent.toml").read_text()
+    assert AgentConfig.load(tmp_path).remote is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('host = "a"\ncontrol = "ipc:///x"\n' + _PEER, r"\[peers\] needs a \[remote\] table"),
+        (
+            _REMOTE.replace("tcp://198.18.1.1:7100", "ipc:///x"),
+            "control: 'ipc:///x' is not reachable from other hosts",
+        ),
+        (_REMOTE.replace('data_link = "fA"\n', ""), "remote.data_link is required"),
+        (_REMOTE.replace('"fA"', '"a b"'), "remote.data_link: 'a b' is not an interface"),
+        (_REMOTE.replace(":7200", ""), "remote.replication: 'tcp://198.18.1.1' is not a tcp"),
+        (_REMOTE + "probe_miss = 0\n", r"remote.probe_miss: must be an integer in \[1, 100\]"),
+        (_REMOTE + "probes = 1\n", "unknown key remote.probes"),
+        (_REMOTE + _PEER + "port = 1\n", "unknown key peers.hB.port"),
+        (_REMOTE + _PEER.replace(f'public_key = "{_PEER_KEY}"\n', ""), "peers.hB.public_key is"),
+        (_REMOTE + _PEER.replace(_PEER_KEY, "short"), "peers.hB: public_key: must be a Z85"),
+        (
+            _REMOTE + _PEER.replace("198.18.1.2:7200", "198.18.9.9:7200"),
+            "peers.hB: control and replication must be on the peer's one management address",
+        ),
+        (_REMOTE + _PEER.replace("[peers.hB]", "[peers.hA]"), "peers.hA: a host is not its own"),
+        (_REMOTE + _PEER.replace("[peers.hB]", "[peers.x_y]"), "peers.x_y: name: 'x_y' is not"),
+        (_REMOTE + "[peers]\nhB = 1\n", r"\[peers\] must hold one table per peer"),
+    ],
+)
+def test_bad_remote_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "agent.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.load(tmp_path)
+
+
 def test_missing_config_says_run_init(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="init"):
         AgentConfig.load(tmp_path)
@@ -155,6 +217,25 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     db.remove_unit("u1")
     assert db.roles() == []
     assert db.resources() == []
+    db.close()
+
+
+def test_a_remote_standby_becomes_the_primary_in_the_roles(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "state.db", host="hB")
+    db.add_unit("u1", {"name": "u1"}, {"standby": "hA"}, term=1)
+    db.update_role("u1", "standby", last_committed=4)
+    # The takeover finished at term 2, with no standby to ship to.
+    db.set_role("u1", "primary", "", 2)
+    db.remove_role("u1", "standby")
+    (role,) = db.roles("u1")
+    assert (role.role, role.peer, role.term, role.commits_total) == ("primary", "", 2, 0)
+    # Re-protected later: the same row, a new peer, the counters kept.
+    db.update_role("u1", "primary", commits_total=9)
+    db.set_role("u1", "primary", "hC", 2)
+    (role,) = db.roles("u1")
+    assert (role.peer, role.term, role.commits_total) == ("hC", 2, 9)
+    db.remove_unit("u1")
+    assert db.roles() == []
     db.close()
 
 

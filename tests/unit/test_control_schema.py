@@ -35,6 +35,25 @@ def _req(kind: str, **fields: Any) -> dict[str, Any]:
         ),
         (_req("shutdown"), control.Shutdown("r1", False)),
         (_req("shutdown", teardown=True), control.Shutdown("r1", True)),
+        (
+            _req("standby_add", spec={"name": "x"}, primary="hostA", term=1),
+            control.StandbyAdd("r1", {"name": "x"}, "hostA", 1, (), "<request>"),
+        ),
+        (
+            _req(
+                "standby_add",
+                spec={},
+                primary="hostA",
+                term=7,
+                spares=["hostC", "hostD"],
+                source="hostA:seq0",
+            ),
+            control.StandbyAdd("r1", {}, "hostA", 7, ("hostC", "hostD"), "hostA:seq0"),
+        ),
+        (
+            _req("standby_remove", unit="seq0", primary="hostA"),
+            control.StandbyRemove("r1", "seq0", "hostA"),
+        ),
     ],
 )
 def test_good_requests(message: dict[str, Any], expected: control.Request) -> None:
@@ -73,6 +92,55 @@ def test_good_requests(message: dict[str, Any], expected: control.Request) -> No
         (_req("events", seconds=1, kinds="commit"), "bad_field", "events.kinds: must be an array"),
         (_req("events", seconds=1, kinds=["Commit"]), "bad_field", "events.kinds: item 'Commit'"),
         (_req("shutdown", teardown="yes"), "bad_field", "shutdown.teardown: must be true or false"),
+        (_req("standby_add", primary="a", term=1), "bad_field", "standby_add.spec: is required"),
+        (_req("standby_add", spec={}, term=1), "bad_field", "standby_add.primary: is required"),
+        (
+            _req("standby_add", spec={}, primary="-a", term=1),
+            "bad_field",
+            "standby_add.primary: '-a' does not match",
+        ),
+        (_req("standby_add", spec={}, primary="a"), "bad_field", "standby_add.term: is required"),
+        (
+            _req("standby_add", spec={}, primary="a", term=0),
+            "bad_field",
+            "standby_add.term: must be in [1,",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term="1"),
+            "bad_field",
+            "standby_add.term: must be an integer, got a string",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term=1, spares="b"),
+            "bad_field",
+            "standby_add.spares: must be an array",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term=1, spares=["a"]),
+            "bad_field",
+            "standby_add.spares: 'a' is the primary",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term=1, spares=["b", "b"]),
+            "bad_field",
+            "standby_add.spares: names a host twice",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term=1, spares=["b"] * 9),
+            "bad_field",
+            "standby_add.spares: must be an array of at most 8",
+        ),
+        (
+            _req("standby_add", spec={}, primary="a", term=1, standby="b"),
+            "bad_field",
+            "standby_add.standby: is not a field of this message",
+        ),
+        (_req("standby_remove", unit="u"), "bad_field", "standby_remove.primary: is required"),
+        (
+            _req("standby_remove", unit="../u", primary="a"),
+            "bad_field",
+            "standby_remove.unit: '../u' does not match",
+        ),
     ],
 )
 def test_bad_requests_name_the_problem(message: Any, code: str, text: str) -> None:

@@ -403,3 +403,29 @@ def test_promotion_must_raise_the_term_and_may_be_repeated(
     assert restore.epoch == 1
     assert receiver.promote("fw0", 4) == restore
     assert receiver.store("fw0").promoted == 4
+
+
+def test_a_unit_added_at_run_time_is_served_and_a_removed_one_refused(
+    tmp_path: Path, small_src: Path
+) -> None:
+    receiver = Receiver({})
+    (nack,) = receiver.handle(Hello(unit="fw0", epoch=0, term=1, seq=1))
+    assert isinstance(nack, Nack)
+    assert nack.code is Code.UNKNOWN_UNIT
+    receiver.add("fw0", Store(tmp_path / "fw0"))
+    assert receiver.units == frozenset({"fw0"})
+    assert isinstance(_drive(receiver, _transfer(small_src, 1, 1))[-1], Ack)
+    with pytest.raises(ValueError, match="already a standby for fw0"):
+        receiver.add("fw0", Store(tmp_path / "fw0"))
+    store = receiver.remove("fw0")
+    assert store is not None
+    assert store.committed() is not None  # its files stay, for the caller to remove
+    assert receiver.remove("fw0") is None
+    (nack,) = receiver.handle(Hello(unit="fw0", epoch=0, term=1, seq=2))
+    assert isinstance(nack, Nack)
+    assert nack.code is Code.UNKNOWN_UNIT
+    # Added again, it starts from what the store holds durably, as after a restart.
+    receiver.add("fw0", Store(tmp_path / "fw0"))
+    (status,) = receiver.handle(Hello(unit="fw0", epoch=0, term=1, seq=3))
+    assert isinstance(status, Status)
+    assert (status.committed_epoch, status.committed_term) == (1, 1)
