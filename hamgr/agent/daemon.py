@@ -884,6 +884,17 @@ class Agent:
         peer = self.config.peers.get(host)
         return None if peer is None else peer.public_key
 
+    def _sent_by(self, primary: str, responder: control.Responder) -> bool:
+        """Whether the request came with `primary`'s configured key; if not, refuse it."""
+        if responder.peer_key == self._peer_key_of(primary):
+            return True
+        responder.error(
+            "unsupported",
+            f"this request came with key {responder.peer_key}, which is not {primary}'s "
+            f"public_key in {self.host}'s [peers.{primary}]",
+        )
+        return False
+
     def _standby_add(self, request: control.StandbyAdd, responder: control.Responder) -> None:
         """A peer's request: hold the standby of its unit (peer_worker thread)."""
         assert self.db is not None
@@ -897,12 +908,7 @@ class Agent:
                 f"{self.host}'s {self.config.path} and restart its agent",
             )
             return
-        if responder.peer_key != self._peer_key_of(primary):
-            responder.error(
-                "unsupported",
-                f"this request came with key {responder.peer_key}, which is not {primary}'s "
-                f"public_key in {self.host}'s [peers.{primary}]",
-            )
+        if not self._sent_by(primary, responder):
             return
         try:
             spec = UnitSpec.from_json(request.spec, source=request.source)
@@ -972,12 +978,7 @@ class Agent:
         answer says so with ``removed: false``."""
         assert self.db is not None
         unit, primary = request.unit, request.primary
-        if responder.peer_key != self._peer_key_of(primary):
-            responder.error(
-                "unsupported",
-                f"this request came with key {responder.peer_key}, which is not {primary}'s "
-                f"public_key in {self.host}'s [peers.{primary}]",
-            )
+        if not self._sent_by(primary, responder):
             return
         row = self.db.unit(unit)
         standby = self.db.role(unit, "standby")

@@ -132,18 +132,32 @@ def build_remote_network(
     db.add_resource(unit, "dp_port", names.nf_port, {"iface": names.host_veth})
     if term is None:
         return
+    add_ha_unit(db, dp, spec, names, wire=[data_port], egress=data_port, term=term)
+
+
+def add_ha_unit(
+    db: StateDB,
+    dp: DataPlaneClient,
+    spec: UnitSpec,
+    names: UnitNames,
+    *,
+    wire: list[str],
+    egress: str,
+    term: int,
+) -> None:
+    """The unit in the data plane, in ha mode at `term` from epoch 1, recorded."""
     dp.add_unit(
-        unit,
-        wire=[data_port],
+        spec.name,
+        wire=wire,
         nf=names.nf_port,
-        egress=data_port,
+        egress=egress,
         mode="ha",
         k=spec.protection.max_inflight,
         budget_bytes=spec.protection.memory_budget_bytes,
         term=term,
         epoch=1,
     )
-    db.add_resource(unit, "dp_unit", unit)
+    db.add_resource(spec.name, "dp_unit", spec.name)
 
 
 def build_network(
@@ -165,18 +179,7 @@ def build_network(
     if egress not in existing:
         dp.add_af_packet_port(egress, spec.ports.egress)
     db.add_resource(unit, "dp_port", egress, {"iface": spec.ports.egress, "shared": True})
-    dp.add_unit(
-        unit,
-        wire=wire_ports,
-        nf=names.nf_port,
-        egress=egress,
-        mode="ha",
-        k=spec.protection.max_inflight,
-        budget_bytes=spec.protection.memory_budget_bytes,
-        term=term,
-        epoch=1,
-    )
-    db.add_resource(unit, "dp_unit", unit)
+    add_ha_unit(db, dp, spec, names, wire=wire_ports, egress=egress, term=term)
 
 
 def start_nf(
