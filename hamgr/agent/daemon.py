@@ -645,13 +645,14 @@ class Agent:
                 "chain: this agent protects single-NF units only for now (the remote roles' "
                 "agent runs chains: docs/containers.md, Chains); remove the [[chain]] tables",
             )
-        if spec.protection.lossless:
+        peer = self._remote_standby(spec)
+        if spec.protection.lossless and peer is None:
             return (
                 "unsupported",
-                "protection.lossless: lossless mode needs input replay after restore, which "
-                "this agent does not do yet; set lossless = false",
+                "protection.lossless: lossless mode logs the inputs on the standby's data plane "
+                "and replays them at a takeover, so it needs a remote standby; set [standby] "
+                "host to a peer, or lossless = false",
             )
-        peer = self._remote_standby(spec)
         if peer is not None:
             return self._refuse_remote(spec, peer)
         for field, iface in [("ports.wire", w) for w in spec.ports.wire] + [

@@ -990,6 +990,7 @@ class RemoteAgent:
         self.specs[unit] = spec
         if spec.protection.lossless:
             self.lossless.add(unit)
+            self.inputs.shadow(unit, spec.nf.mac)
         try:
             self._start_standby(spec, primary, max(term, store.term), spares)
         except BaseException:

@@ -109,6 +109,44 @@ def test_protect_onto_b_status_on_both_then_b_takes_over_when_a_dies(tmp_path: P
         assert (again["term"], again["state"], again["nf_pid"]) == (2, "running", taken["nf_pid"])
 
 
+def test_a_lossless_unit_loses_no_input_when_b_takes_over(tmp_path: Path) -> None:
+    """`protection.lossless = true` with the standby on B: A mirrors its inputs to B's data
+    plane, B logs them (and a shadow log of those the fabric floods to it) and replays them
+    at the takeover. Every input sent is reflected at the sink, once."""
+    with Fabric(tmp_path / "fab", agents="main", lossless=True) as fab:
+        fab.start()
+        b = fab.hosts["B"].name
+        path = tmp_path / f"{UNIT}.toml"
+        path.write_text(sequencer_spec(epoch_ms=fab.epoch_ms, standby=b, lossless=True))
+        result = fab.cli_json("A", "protect", str(path))
+        assert result["ok"], result
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=6.0, pps=PPS)
+        try:
+            _wait(
+                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
+                20,
+                "a first commit on A",
+            )
+            time.sleep(1.0)
+            fab.kill_host("A")
+            taken = _wait(
+                lambda: (p := _role(fab, "B", "primary")) and p["term"] == 2 and p,
+                30,
+                "B to take the unit over at term 2",
+            )
+        finally:
+            sent = finish_traffic(sink, sender)
+        check = check_sequence(read_records(out))
+        record = taken["last_failover"]
+        print(f"{check}; sent {sent['sent']}; takeover {record}")
+        assert record["status"] == "finished"
+        assert record["replay_failed"] == ""
+        # A's inputs after its last commit (mirrored) and the outage's (flooded to B).
+        assert record["replayed"] > 0
+        assert check.received == sent["sent"]
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0)
+
+
 def test_restarted_agents_adopt_their_roles_and_unprotect_drops_the_standby_on_b(
     tmp_path: Path,
 ) -> None:
