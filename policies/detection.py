@@ -66,7 +66,7 @@ class DetectionPolicy:
     misses: int = attrs.field(default=3, validator=_positive)
     hold_down_us: int = attrs.field(default=5_000, validator=_not_negative)
     confirm_window_us: int = attrs.field(default=5_000, validator=_positive)
-    dampen_max_us: int = attrs.field(default=120_000, validator=_not_negative)
+    dampen_max_us: int = attrs.field(default=60_000, validator=_not_negative)
     dampen_decay_us: int = attrs.field(default=10_000_000, validator=_positive)
 
     @property

@@ -344,7 +344,8 @@ def test_disputes_dampen_detection_so_a_loaded_peer_is_not_failed_over() -> None
         << Alarm
     )
     assert m.state is State.CONFIRMING
-    # Four disputes (80 ms). Each 10 s without one takes a doubling back: 20 ms after 20 s...
+    # Four disputes (80 ms, capped at 60). Each 10 s without one takes a doubling back: 20 ms
+    # after 20 s...
     t += 20_100_000
     assert (
         pb
