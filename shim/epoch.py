@@ -431,7 +431,12 @@ class PrimaryMachine:
         *,
         first_epoch: int = 1,
         now_us: int = 0,
+        prompt_first_cut: bool = False,
     ) -> None:
+        """`prompt_first_cut`: the first epoch counts as already one epoch long, so its cut
+        starts as soon as output waits (still never before: I5). A copy just restored after a
+        failover holds its first output until a commit covers it; waiting a whole epoch first
+        would add that epoch to the outage."""
         if first_epoch < 1:
             raise ValueError(f"first_epoch must be >= 1, got {first_epoch}")
         self.unit = unit
@@ -443,7 +448,7 @@ class PrimaryMachine:
         self._now = now_us
         self._policy: EpochPolicy = self.config.epoch
         self._open_epoch = first_epoch
-        self._open_started = now_us
+        self._open_started = now_us - (epoch_length_us(self._policy) if prompt_first_cut else 0)
         self._open_pkts = 0
         self._buffered_bytes = 0
         self._held: dict[int, _Epoch] = {}

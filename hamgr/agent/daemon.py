@@ -1074,6 +1074,7 @@ class Agent:
         first_epoch: int,
         closed_total: int,
         nf: Container | None = None,
+        prompt_first_cut: bool = False,
     ) -> PrimaryEngine:
         nf = nf or rt.nf
         assert nf is not None
@@ -1084,6 +1085,7 @@ class Agent:
             primary_config(rt.spec),
             first_epoch=first_epoch,
             now_us=time.monotonic_ns() // 1000,
+            prompt_first_cut=prompt_first_cut,
         )
         return PrimaryEngine(
             unit,
@@ -1147,6 +1149,8 @@ class Agent:
             try:
                 shipper.hello(unit, term, timeout=2.0)
                 nf.prepare_checkpoint()
+                # The restored copy's output is held until a commit covers it: its first cut
+                # comes as soon as it has output, not an epoch later.
                 return self._new_engine(
                     rt,
                     dp,
@@ -1155,6 +1159,7 @@ class Agent:
                     first_epoch=first_epoch,
                     closed_total=nf_rx_base,
                     nf=nf,
+                    prompt_first_cut=True,
                 )
             except BaseException:
                 shipper.close()

@@ -517,8 +517,15 @@ class LocalProtection:
         self.links.append(link)
         if term > 1:
             link.hello(UNIT, term, timeout=2.0)
+        # As the agent's (`Agent._run_local`): the restored copy's first cut comes as soon as
+        # it has output.
         machine = ep.PrimaryMachine(
-            UNIT, term, ep.PrimaryConfig(epoch=FixedEpoch(self.epoch_us)), first_epoch=first_epoch
+            UNIT,
+            term,
+            ep.PrimaryConfig(epoch=FixedEpoch(self.epoch_us)),
+            first_epoch=first_epoch,
+            now_us=time.monotonic_ns() // 1000,
+            prompt_first_cut=True,
         )
         engine = PrimaryEngine(
             UNIT,

@@ -262,6 +262,28 @@ def test_output_waits_for_the_epoch_length() -> None:
     assert Playbook(m) >> Tick(999) >> Tick(1_000) << PauseIngress()
 
 
+def test_a_prompt_first_cut_comes_with_the_first_output_and_never_before_it() -> None:
+    """A copy restored after a failover: its first epoch counts as already long enough, so the
+    first output starts a cut at once (I5 still holds: no output, no cut); the next epochs
+    wait their length as usual."""
+    config = PrimaryConfig(epoch=FixedEpoch(LEN))
+    m = PrimaryMachine(UNIT, TERM, config, first_epoch=7, now_us=50_000, prompt_first_cut=True)
+    pb = Playbook(m) >> Tick(50_000) >> Tick(50_100)
+    assert m.next_wakeup_us is None  # idle: nothing to commit
+    # 100 us into the epoch: without the prompt cut this would wait until 51_000.
+    assert pb >> OutputWaiting(7, 1, 60) << PauseIngress()
+    assert cut(pb, 7, seq=3, parent=None)
+    assert pb >> OutputWaiting(8, 2, 120) >> Tick(50_500)
+    assert m.state is State.RUNNING  # the second epoch waits its length
+    assert pb >> Tick(51_099) >> Tick(51_100) << PauseIngress()
+
+
+def test_without_a_prompt_first_cut_the_first_output_waits_an_epoch() -> None:
+    m = PrimaryMachine(UNIT, TERM, PrimaryConfig(epoch=FixedEpoch(LEN)), now_us=50_000)
+    assert Playbook(m) >> Tick(50_100) >> OutputWaiting(1, 1, 60) >> Tick(50_999)
+    assert m.next_wakeup_us == 51_000
+
+
 def test_a_report_about_a_closed_epoch_does_not_start_a_checkpoint() -> None:
     m = make()
     pb = shipped(m, 1)
