@@ -72,10 +72,17 @@ def test_protect_onto_b_status_on_both_then_b_takes_over_when_a_dies(tmp_path: P
             standby = _role(fab, "B", "standby")
             time.sleep(1.0)
             kill_us = fab.kill_host("A")
+            # The role shows term 2 as soon as the term is raised; the takeover's record is
+            # written when it finishes.
             taken = _wait(
-                lambda: (p := _role(fab, "B", "primary")) and p["term"] == 2 and p,
+                lambda: (
+                    (p := _role(fab, "B", "primary"))
+                    and p["term"] == 2
+                    and p["failovers"] > 0
+                    and p
+                ),
                 30,
-                "B to take the unit over at term 2",
+                "B to take the unit over at term 2 and record it",
             )
         finally:
             finish_traffic(sink, sender)
@@ -130,9 +137,14 @@ def test_a_lossless_unit_loses_no_input_when_b_takes_over(tmp_path: Path) -> Non
             time.sleep(1.0)
             fab.kill_host("A")
             taken = _wait(
-                lambda: (p := _role(fab, "B", "primary")) and p["term"] == 2 and p,
+                lambda: (
+                    (p := _role(fab, "B", "primary"))
+                    and p["term"] == 2
+                    and p["failovers"] > 0
+                    and p
+                ),
                 30,
-                "B to take the unit over at term 2",
+                "B to take the unit over at term 2 and record it",
             )
         finally:
             sent = finish_traffic(sink, sender)
@@ -187,7 +199,12 @@ def test_restarted_agents_adopt_their_roles_and_unprotect_drops_the_standby_on_b
                 30,
                 "commits on B after the restarts",
             )
-            again = _role(fab, "A", "primary")
+            # A counts as protected again once B acks what it ships after B's restart.
+            again = _wait(
+                lambda: (p := _role(fab, "A", "primary")) and p["protection"] == "protected" and p,
+                30,
+                "A protected by B again",
+            )
         except BaseException:
             finish_traffic(sink, sender)
             raise
