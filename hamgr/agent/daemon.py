@@ -199,6 +199,31 @@ class _RoleRecorder(RoleHooks):
         else:
             log.warning("takeover aborted: %s", report.detail, extra={"unit": unit})
 
+    def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
+        agent = self.agent
+        assert agent.peer_caller is not None
+        unit = spec.name
+        # The spec names its standby: the new one now.
+        placed = attrs.evolve(spec, standby=attrs.evolve(spec.standby, host=standby))
+        try:
+            agent.peer_caller.call(
+                standby,
+                lambda c: c.standby_add(
+                    placed.to_json(),
+                    primary=agent.host,
+                    term=term,
+                    source=f"{agent.host}:{unit}",
+                    timeout=STANDBY_ADD_TIMEOUT_S,
+                ),
+                timeout=STANDBY_ADD_TIMEOUT_S,
+            )
+        except peers.PeerError as exc:
+            if exc.sent and exc.code in (None, "timeout"):
+                # It may have carried the request out: an unprotect asks it to drop that.
+                self.db.add_resource(unit, "remote_standby", standby, {"term": term})
+            raise RuntimeError(f"standby_add on {standby}: {exc.message}") from None
+        self.db.add_resource(unit, "remote_standby", standby, {"term": term})
+
     def standby_changed(self, unit: str, standby: str, term: int) -> None:
         self.db.set_role(unit, "primary", standby, term)
 

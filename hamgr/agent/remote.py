@@ -202,6 +202,11 @@ class RoleHooks:
     def report(self, unit: str, report: fo.Report, record: Mapping[str, Any] | None) -> None:
         """A takeover's report; once FINISHED this host is the unit's primary at its term."""
 
+    def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
+        """Make `standby` the standby of `spec` at `term` (a re-protection after a takeover in
+        the main agent: its `standby_add`). A plan's agent has spares instead: refused."""
+        raise RuntimeError(f"{standby} holds no store for {spec.name}: it is not a spare")
+
     def standby_changed(self, unit: str, standby: str, term: int) -> None:
         """The primary `unit` ships to `standby` now."""
 
@@ -872,7 +877,7 @@ class RemoteAgent:
             replay_failure=fo.ReplayFailure.RESUME,
         )
         claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
-        steps = StandbySteps(self, spec, names, spares, claim_timeout_s=claim_s)
+        steps = StandbySteps(self, spec, names, spares, claim_timeout_s=claim_s, primary=primary)
         now = _now_us()
         machine = fo.FailoverMachine(
             spec.name,
@@ -1700,11 +1705,13 @@ class StandbySteps:
         spares: list[str],
         *,
         claim_timeout_s: float = CLAIM_TIMEOUT_S,
+        primary: str | None = None,
     ) -> None:
         self.agent = agent
         self.spec = spec
         self.names = names
         self.spares = spares
+        self.primary = primary  # the host whose death this takeover answers
         self.unit = spec.name
         self.term_file = TermFile(agent.plan.work / "terms" / self.unit)
         self.claim_timeout_s = claim_timeout_s
@@ -1886,15 +1893,27 @@ class StandbySteps:
             else:
                 self.agent.event("input_log_removed", unit=self.unit, term=term, dropped=dropped)
 
+    def _candidates(self) -> list[str]:
+        """Hosts a new standby may be put on: the spares; inside the main agent, which has no
+        spares yet, its peers but the failed primary (the new one is chosen by its own
+        `standby_add`, `RoleHooks.add_standby`)."""
+        if self.spares or not self.agent.embedded:
+            return list(self.spares)
+        return [p for p in self.agent.plan.peers if p not in (self.primary, self.agent.host)]
+
     def survey(self, term: int) -> tuple[HostFacts, ...]:
         return tuple(
             HostFacts(s, self.agent.links.ping(s, SURVEY_PING_S), 1 << 34, 0, False)
-            for s in self.spares
+            for s in self._candidates()
         )
 
     def reprotect(self, term: int, standby: str) -> None:
         nf = self.restored[term]
         machine, _alarm = self.unprotected[term]
+        if self.agent.embedded and standby not in self.spares:
+            # A peer with no store for the unit yet: it becomes the standby first (netns,
+            # image, store, and a watch of this host at the new term), as at `hamgr protect`.
+            self.agent.hooks.add_standby(self.spec, standby, term)
         role = PrimaryRole(self.spec, self.names, nf, term, standby, [], protection="unprotected")
         self.agent.primaries[self.unit] = role
         # A failed re-protection leaves the unit running unprotected (plain), not stalled.

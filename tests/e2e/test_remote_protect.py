@@ -93,9 +93,10 @@ def test_protect_onto_b_status_on_both_then_b_takes_over_when_a_dies(tmp_path: P
         assert primary["nf_pid"] == result["nf_pid"]
         assert standby is not None
         assert (standby["peer"], standby["term"], standby["state"]) == (a, 1, "watching")
-        # After it: B is the primary at term 2, with no standby left to ship to.
-        assert taken["peer"] == ""
-        assert taken["protection"] == "unprotected"
+        # After it: B is the primary at term 2, re-protected onto C (its peers but the dead A):
+        # unprotected while it seeds C, protected from C's first ack on.
+        assert taken["peer"] == fab.hosts["C"].name
+        assert taken["protection"] in ("unprotected", "protected")
         assert taken["failovers"] == 1
         assert taken["last_failover"]["status"] == "finished"
         assert _role(fab, "B", "standby") is None
@@ -114,6 +115,63 @@ def test_protect_onto_b_status_on_both_then_b_takes_over_when_a_dies(tmp_path: P
         again = _role(fab, "B", "primary")
         assert again is not None
         assert (again["term"], again["state"], again["nf_pid"]) == (2, "running", taken["nf_pid"])
+
+
+def test_b_reprotects_onto_c_after_the_takeover_and_c_takes_over_when_b_dies(
+    tmp_path: Path,
+) -> None:
+    """Two failures in a row with the main agents: after taking the unit over, B makes C its
+    new standby (C's `standby_add`, B's peers but the dead A) and ships to it; when B dies too,
+    C takes over at term 3. The sink sees the NF's counter go on, once, through both."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        b, c = fab.hosts["B"].name, fab.hosts["C"].name
+        fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b)))
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=9.0, pps=PPS)
+        try:
+            _wait(
+                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
+                20,
+                "a first commit on A",
+            )
+            time.sleep(1.0)
+            fab.kill_host("A")
+            moved = _wait(
+                lambda: (
+                    (p := _role(fab, "B", "primary"))
+                    and p["term"] == 2
+                    and p["peer"] == c
+                    and p["protection"] == "protected"
+                    and p
+                ),
+                30,
+                "B to take over and be protected by C",
+            )
+            standby = _wait(
+                lambda: (s := _role(fab, "C", "standby")) and (s.get("last_committed") or 0) and s,
+                10,
+                "commits on C",
+            )
+            time.sleep(1.0)
+            fab.kill_host("B")
+            taken = _wait(
+                lambda: (
+                    (p := _role(fab, "C", "primary"))
+                    and p["term"] == 3
+                    and p["failovers"] > 0
+                    and p
+                ),
+                30,
+                "C to take the unit over at term 3",
+            )
+        finally:
+            finish_traffic(sink, sender)
+        check = check_sequence(read_records(out))
+        print(f"{check}; B {moved}; C {taken['last_failover']}")
+        assert (standby["peer"], standby["term"]) == (b, 2)
+        assert taken["last_failover"]["status"] == "finished"
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0)
+        assert check.received > 0
 
 
 def test_a_lossless_unit_loses_no_input_when_b_takes_over(tmp_path: Path) -> None:
