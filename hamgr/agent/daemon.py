@@ -200,29 +200,9 @@ class _RoleRecorder(RoleHooks):
             log.warning("takeover aborted: %s", report.detail, extra={"unit": unit})
 
     def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
-        agent = self.agent
-        assert agent.peer_caller is not None
-        unit = spec.name
         # The spec names its standby: the new one now.
         placed = attrs.evolve(spec, standby=attrs.evolve(spec.standby, host=standby))
-        try:
-            agent.peer_caller.call(
-                standby,
-                lambda c: c.standby_add(
-                    placed.to_json(),
-                    primary=agent.host,
-                    term=term,
-                    source=f"{agent.host}:{unit}",
-                    timeout=STANDBY_ADD_TIMEOUT_S,
-                ),
-                timeout=STANDBY_ADD_TIMEOUT_S,
-            )
-        except peers.PeerError as exc:
-            if exc.sent and exc.code in (None, "timeout"):
-                # It may have carried the request out: an unprotect asks it to drop that.
-                self.db.add_resource(unit, "remote_standby", standby, {"term": term})
-            raise RuntimeError(f"standby_add on {standby}: {exc.message}") from None
-        self.db.add_resource(unit, "remote_standby", standby, {"term": term})
+        self.agent.standby_add(placed, standby, term)
 
     def standby_changed(self, unit: str, standby: str, term: int) -> None:
         self.db.set_role(unit, "primary", standby, term)
@@ -838,25 +818,7 @@ class Agent:
         dp: DataPlaneClient | None = None
         nf: Container | None = None
         try:
-            try:
-                self.peer_caller.call(
-                    peer,
-                    lambda c: c.standby_add(
-                        spec.to_json(),
-                        primary=self.host,
-                        term=term,
-                        source=f"{self.host}:{unit}",
-                        timeout=STANDBY_ADD_TIMEOUT_S,
-                    ),
-                    timeout=STANDBY_ADD_TIMEOUT_S,
-                )
-            except peers.PeerError as exc:
-                if exc.sent and exc.code in (None, "timeout"):
-                    # No answer to a request it may have carried out: the teardown asks it
-                    # to drop whatever it made.
-                    self.db.add_resource(unit, "remote_standby", peer, {"term": term})
-                raise RuntimeError(exc.message) from None
-            self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+            self.standby_add(spec, peer, term)
             step = "build the image"
             image = self._image(spec)
             dp = self.dp.client()
@@ -901,6 +863,32 @@ class Agent:
                 "seconds": seconds,
             }
         )
+
+    def standby_add(self, spec: UnitSpec, peer: str, term: int) -> None:
+        """Ask `peer` to hold `spec`'s standby at `term` (its `standby_add`), recorded as the
+        unit's `remote_standby` resource; RuntimeError naming the peer's answer if it refused.
+        A request it may have carried out without answering is recorded too: an unprotect
+        then asks it to drop whatever it made."""
+        assert self.db is not None
+        assert self.peer_caller is not None
+        unit = spec.name
+        try:
+            self.peer_caller.call(
+                peer,
+                lambda c: c.standby_add(
+                    spec.to_json(),
+                    primary=self.host,
+                    term=term,
+                    source=f"{self.host}:{unit}",
+                    timeout=STANDBY_ADD_TIMEOUT_S,
+                ),
+                timeout=STANDBY_ADD_TIMEOUT_S,
+            )
+        except peers.PeerError as exc:
+            if exc.sent and exc.code in (None, "timeout"):
+                self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+            raise RuntimeError(exc.message) from None
+        self.db.add_resource(unit, "remote_standby", peer, {"term": term})
 
     def _remote(self) -> RemoteAgent:
         assert self.remote is not None

@@ -50,6 +50,17 @@ def _role(fab: Fabric, letter: str, role: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
+def _kill_a_after_its_commits(fab: Fabric) -> int:
+    """Wait for A's first commit, let it run for a second, then kill host A; the kill's time."""
+    _wait(
+        lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
+        20,
+        "a first commit on A",
+    )
+    time.sleep(1.0)
+    return fab.kill_host("A")
+
+
 def _spec(fab: Fabric, tmp_path: Path, standby: str) -> Path:
     path = tmp_path / f"{UNIT}.toml"
     path.write_text(sequencer_spec(epoch_ms=fab.epoch_ms, standby=standby))
@@ -129,13 +140,7 @@ def test_b_reprotects_onto_c_after_the_takeover_and_c_takes_over_when_b_dies(
         fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b)))
         sink, sender, out = start_traffic(fab, tmp_path, seconds=9.0, pps=PPS)
         try:
-            _wait(
-                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
-                20,
-                "a first commit on A",
-            )
-            time.sleep(1.0)
-            fab.kill_host("A")
+            _kill_a_after_its_commits(fab)
             moved = _wait(
                 lambda: (
                     (p := _role(fab, "B", "primary"))
@@ -187,13 +192,7 @@ def test_a_lossless_unit_loses_no_input_when_b_takes_over(tmp_path: Path) -> Non
         assert result["ok"], result
         sink, sender, out = start_traffic(fab, tmp_path, seconds=6.0, pps=PPS)
         try:
-            _wait(
-                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
-                20,
-                "a first commit on A",
-            )
-            time.sleep(1.0)
-            fab.kill_host("A")
+            _kill_a_after_its_commits(fab)
             taken = _wait(
                 lambda: (
                     (p := _role(fab, "B", "primary"))
