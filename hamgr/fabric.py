@@ -146,6 +146,21 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+def _in_netns(name: str) -> set[int]:
+    """The processes whose network namespace is the named one (/run/netns/NAME)."""
+    try:
+        ino = os.stat(f"/run/netns/{name}").st_ino
+    except OSError:
+        return set()
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(entry / "ns" / "net").st_ino == ino:
+                    out.add(int(entry.name))
+    return out
+
+
 def _children(pids: set[int]) -> set[int]:
     """`pids` and all their descendants (one /proc scan per generation)."""
     parents: dict[int, list[int]] = {}
@@ -579,7 +594,9 @@ class Fabric(Testbed):
                 h.proc.send_signal(signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     h.proc.wait(5)
-            for pid in pids:
+            # Also what no known process is the parent of any more: a helper (a CRIU worker)
+            # orphaned when a killed host's agent died still runs in the host's netns.
+            for pid in pids | _in_netns(h.ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             if h.proc is not None:
@@ -598,6 +615,9 @@ class Fabric(Testbed):
                         check=False,
                     )
             for path in Path("/run/netns").glob(f"hamgr-{h.name}-*"):
+                for pid in _in_netns(path.name):  # the NFs' netns: whatever the runc delete left
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(netns.NetnsError):
                     netns.delete_netns(path.name)
         for h in self.hosts.values():
