@@ -88,7 +88,7 @@ from dpdk_vhost.protocol import PeerDown, PeerUp
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
-from hamgr.agent.unitnet import NF_IFNAME, UnitNames
+from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
 from hamgr.agent.unitnf import prepare_unit_images, restore_unit_nf, start_unit_nf
 from hamgr.unitspec import UnitSpec, loads
 from policies.detection import Dampening, DetectionPolicy, dampened, record_dispute
@@ -100,7 +100,6 @@ from shim import netns
 from shim.container import RuncBackend
 from shim.engine import PrimaryEngine
 from shim.local_failover import ProtectedNf, TermFile
-from shim.oci import ContainerSpec
 from shim.remote_failover import RemoteFailover
 from shim.replication import NackedError, ReplicationClient, ReplicationServer
 from shim.store import Checkpoint, Store
@@ -467,19 +466,6 @@ def prepare_nf_netns(spec: UnitSpec, names: UnitNames) -> None:
     netns.set_up(names.host_veth)
     for ip, mac in spec.nf.neighbors.items():
         netns.add_static_neighbor(ip, mac, NF_IFNAME, ns)
-
-
-def nf_container_spec(spec: UnitSpec, names: UnitNames, image: Path) -> ContainerSpec:
-    """The NF's container as the primary starts it (a standby prepares the same image)."""
-    return ContainerSpec(
-        name=names.container,
-        image=image,
-        args=spec.nf.args,
-        netns=names.nf_netns,
-        env=spec.nf.env,
-        image_ref=spec.nf.image_ref,
-        cgroup_parent=names.cgroup_parent,
-    )
 
 
 def nf_image(spec: UnitSpec) -> Path:

@@ -182,10 +182,9 @@ def build_network(
     add_ha_unit(db, dp, spec, names, wire=wire_ports, egress=egress, term=term)
 
 
-def start_nf(
-    db: StateDB, backend: RuncBackend, spec: UnitSpec, names: UnitNames, image: Path
-) -> Container:
-    cspec = ContainerSpec(
+def nf_container_spec(spec: UnitSpec, names: UnitNames, image: Path) -> ContainerSpec:
+    """The NF's container as the primary starts it (a standby prepares the same image)."""
+    return ContainerSpec(
         name=names.container,
         image=image,
         args=spec.nf.args,
@@ -194,7 +193,12 @@ def start_nf(
         image_ref=spec.nf.image_ref,
         cgroup_parent=names.cgroup_parent,
     )
-    nf = backend.start(cspec)
+
+
+def start_nf(
+    db: StateDB, backend: RuncBackend, spec: UnitSpec, names: UnitNames, image: Path
+) -> Container:
+    nf = backend.start(nf_container_spec(spec, names, image))
     nf.prepare_checkpoint()  # the first checkpoint then pauses no longer than the others
     db.add_resource(spec.name, "container", names.container, container_detail(nf))
     return nf

@@ -61,6 +61,19 @@ def _kill_a_after_its_commits(fab: Fabric) -> int:
     return fab.kill_host("A")
 
 
+def _taken_over(fab: Fabric, letter: str, term: int) -> dict[str, Any]:
+    """The unit's primary role on `letter` once it took the unit over at `term`: the role
+    shows the term as soon as it is raised, the takeover's record once it finished."""
+    taken: dict[str, Any] = _wait(
+        lambda: (
+            (p := _role(fab, letter, "primary")) and p["term"] == term and p["failovers"] > 0 and p
+        ),
+        30,
+        f"host {letter} to take the unit over at term {term} and record it",
+    )
+    return taken
+
+
 def _spec(fab: Fabric, tmp_path: Path, standby: str) -> Path:
     path = tmp_path / f"{UNIT}.toml"
     path.write_text(sequencer_spec(epoch_ms=fab.epoch_ms, standby=standby))
@@ -83,18 +96,7 @@ def test_protect_onto_b_status_on_both_then_b_takes_over_when_a_dies(tmp_path: P
             standby = _role(fab, "B", "standby")
             time.sleep(1.0)
             kill_us = fab.kill_host("A")
-            # The role shows term 2 as soon as the term is raised; the takeover's record is
-            # written when it finishes.
-            taken = _wait(
-                lambda: (
-                    (p := _role(fab, "B", "primary"))
-                    and p["term"] == 2
-                    and p["failovers"] > 0
-                    and p
-                ),
-                30,
-                "B to take the unit over at term 2 and record it",
-            )
+            taken = _taken_over(fab, "B", 2)
         finally:
             finish_traffic(sink, sender)
         # Before the kill: A is the primary shipping to B, B the standby watching A.
@@ -159,16 +161,7 @@ def test_b_reprotects_onto_c_after_the_takeover_and_c_takes_over_when_b_dies(
             )
             time.sleep(1.0)
             fab.kill_host("B")
-            taken = _wait(
-                lambda: (
-                    (p := _role(fab, "C", "primary"))
-                    and p["term"] == 3
-                    and p["failovers"] > 0
-                    and p
-                ),
-                30,
-                "C to take the unit over at term 3",
-            )
+            taken = _taken_over(fab, "C", 3)
         finally:
             finish_traffic(sink, sender)
         check = check_sequence(read_records(out))
@@ -193,16 +186,7 @@ def test_a_lossless_unit_loses_no_input_when_b_takes_over(tmp_path: Path) -> Non
         sink, sender, out = start_traffic(fab, tmp_path, seconds=6.0, pps=PPS)
         try:
             _kill_a_after_its_commits(fab)
-            taken = _wait(
-                lambda: (
-                    (p := _role(fab, "B", "primary"))
-                    and p["term"] == 2
-                    and p["failovers"] > 0
-                    and p
-                ),
-                30,
-                "B to take the unit over at term 2 and record it",
-            )
+            taken = _taken_over(fab, "B", 2)
         finally:
             sent = finish_traffic(sink, sender)
         check = check_sequence(read_records(out))
