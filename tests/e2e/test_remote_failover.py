@@ -214,7 +214,8 @@ def _runc_list(fab: Fabric, letter: str) -> list[dict[str, object]]:
         timeout=10,
     )
     listed: list[dict[str, object]] = json.loads(proc.stdout or "[]") or []
-    return [c for c in listed if c.get("status") == "running"]
+    # A member frozen for a cut reads "paused": alive all the same.
+    return [c for c in listed if c.get("status") in ("running", "paused")]
 
 
 def _chain_names(names: set[str]) -> set[str]:
