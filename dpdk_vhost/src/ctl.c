@@ -1,6 +1,9 @@
 /* The control socket: non-blocking, polled from the loop every few dozen
- * iterations, never waited on. A malformed request costs one error reply. */
+ * iterations; an idle loop sleeps in ctl_wait, which a request ends at once.
+ * A malformed request costs one error reply. */
 #include <errno.h>
+#include <poll.h>
+#include <time.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -260,6 +263,26 @@ static void handle(int c, char *msg, size_t len)
 		g.ctl_errors++;
 	reply_buf[out.len++] = '\n';
 	send_msg(c, reply_buf, out.len);
+}
+
+void ctl_wait(uint64_t us)
+{
+	struct pollfd fds[CTL_MAX_CLIENTS + 1];
+	struct timespec ts = {
+		.tv_sec = (time_t)(us / 1000000),
+		.tv_nsec = (long)(us % 1000000) * 1000,
+	};
+	nfds_t n = 0;
+	int c;
+
+	if (listen_fd >= 0)
+		fds[n++] = (struct pollfd){.fd = listen_fd, .events = POLLIN};
+	for (c = 0; c < CTL_MAX_CLIENTS; c++)
+		if (clients[c].fd >= 0)
+			fds[n++] = (struct pollfd){.fd = clients[c].fd, .events = POLLIN};
+	/* Woken early by a request or a hangup; ctl_poll then reads it. */
+	if (ppoll(fds, n, &ts, NULL) < 0 && errno != EINTR)
+		nanosleep(&ts, NULL);
 }
 
 void ctl_poll(void)

@@ -294,6 +294,8 @@ uint64_t probes_min_interval_us(void);
 /* ctl.c */
 int ctl_open(const char *path);
 void ctl_poll(void);
+/* Sleep up to `us` microseconds, ended early by a control request. */
+void ctl_wait(uint64_t us);
 void ctl_close(void);
 void ctl_event(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

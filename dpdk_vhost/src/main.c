@@ -116,11 +116,9 @@ static int main_loop(void)
 			continue;
 		sleep_us = idle_sleep_us(sleep_us, now);
 		if (sleep_us) {
-			struct timespec ts = {
-				.tv_sec = (time_t)(sleep_us / 1000000),
-				.tv_nsec = (long)(sleep_us % 1000000) * 1000,
-			};
-			nanosleep(&ts, NULL);
+			/* A control request ends the sleep: a command issued while
+			 * the loop idles is answered at once, not a sleep later. */
+			ctl_wait(sleep_us);
 			g.sleeps++;
 		}
 		ctl_poll();
