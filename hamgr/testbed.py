@@ -132,6 +132,10 @@ class UnitBed(Testbed):
         return f"{self.prefix}-cl"
 
     @property
+    def standby_root(self) -> Path:
+        return Path("/dev/shm") / f"hamgr-bed-{self.prefix}-standby"
+
+    @property
     def dpns(self) -> str:
         return f"{self.prefix}-dp"
 
@@ -213,7 +217,10 @@ class UnitBed(Testbed):
         return self.chain
 
     def start_standby(self, endpoint: str = "tcp://127.0.0.1:*") -> str:
-        store = Store(self.work / "standby" / UNIT)
+        # On tmpfs, as the agent keeps its standby stores (`AgentConfig.runtime`): a store on
+        # the work directory's disk would make every commit wait for fsyncs the agent never pays.
+        assert self.images is not None, "build() first"
+        store = Store(self.standby_root / UNIT)
         self.server = ReplicationServer(endpoint, {UNIT: store})
         return self.server.start()
 
@@ -238,6 +245,7 @@ class UnitBed(Testbed):
         self.made.clear()
         if self.images is not None:
             shutil.rmtree(self.images, ignore_errors=True)
+            shutil.rmtree(self.standby_root, ignore_errors=True)
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 remove_cgroup_parent(self.cgroup_parent)
