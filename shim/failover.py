@@ -710,6 +710,7 @@ class _Suspicion:
     agent: AgentCheck = AgentCheck.NOT_ASKED
     asked_us: int | None = None
     disputed: bool = False
+    alarmed: bool = False  # one alarm per suspicion, however often it is asked again
 
 
 class FailoverMachine:
@@ -924,6 +925,15 @@ class FailoverMachine:
         s = self._suspicion
         assert s is not None
         policy = dampened(self.config.detection, self._damp, self._now)
+        if (
+            s.agent is AgentCheck.ALIVE
+            and s.asked_us is not None
+            and self._now >= s.asked_us + policy.confirm_window_us
+        ):
+            # Disputed a window ago and still silent (no PeerUp since): ask again. Without
+            # this, a peer that died right after answering was never failed over, since its
+            # data plane reports it down only once.
+            s.agent = AgentCheck.NOT_ASKED
         silent = max(0, self._now - s.last_rx_us)
         # The data plane already counted `misses` before it reported the peer down.
         misses = max(policy.misses, silent // policy.interval_us)
@@ -936,6 +946,8 @@ class FailoverMachine:
                 if not s.disputed:
                     s.disputed = True
                     self._damp = record_dispute(self.config.detection, self._damp, self._now)
+                if not s.alarmed:
+                    s.alarmed = True
                     longer = dampened(self.config.detection, self._damp, self._now)
                     out.append(
                         Alarm(
@@ -1198,7 +1210,7 @@ class FailoverMachine:
             self._wake_at = self._attempt.deadline_us
         elif self._state is State.CONFIRMING and self._suspicion is not None:
             s = self._suspicion
-            policy = self.config.detection
+            policy = dampened(self.config.detection, self._damp, self._now)
             wakes = [s.last_rx_us + policy.hold_down_us]
             if s.asked_us is not None:
                 wakes.append(s.asked_us + policy.confirm_window_us)

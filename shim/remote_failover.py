@@ -59,6 +59,17 @@ __all__ = ["RemoteFailover", "RemoteRecord", "RemoteSteps"]
 
 log = logging.getLogger(__name__)
 
+# How much later than its window a peer check may return and still count. The check bounds its
+# own waits to the window (a dead host's check returns within it, so this costs a real failure
+# nothing); only a check whose thread got no CPU in time returns later. Cut off at the window,
+# such a check read as "no answer", and on a host at load 6 a live primary was taken over
+# while its kernel had accepted the check's connection at once.
+CONFIRM_LATE_US = 100_000
+# A check later than that is no verdict: the peer counts as alive and is asked again, at most
+# this many times in a row; then the late check counts as no answer. A dead host's check is
+# never late (its waits are bounded), so this only ever delays a verdict our own CPU starved.
+CONFIRM_LATE_MAX = 3
+
 
 class RemoteSteps(Protocol):
     """What the standby's agent does for each step; every method may raise."""
@@ -156,6 +167,7 @@ class RemoteFailover:
         self._on_report = on_report
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="failover")
         self._late: queue.SimpleQueue[fo.Event] = queue.SimpleQueue()
+        self._late_checks = 0  # consecutive peer checks that returned later than allowed
         self._record: RemoteRecord | None = None
         self._peer_down: fo.PeerDown | None = None
         self._lock = threading.Lock()
@@ -203,8 +215,21 @@ class RemoteFailover:
                 return [self._step(command)]
             case fo.Confirm(peer=peer, timeout_us=timeout_us):
                 alive = self._bounded(
-                    lambda: self.steps.confirm(peer, timeout_us / 1e6), timeout_us
+                    lambda: self.steps.confirm(peer, timeout_us / 1e6),
+                    timeout_us + CONFIRM_LATE_US,
                 )
+                if alive is None and self._late_checks < CONFIRM_LATE_MAX:
+                    self._late_checks += 1
+                    log.warning(
+                        "unit %s: the check of %s did not return within %d us (this host is "
+                        "starved); no verdict, %s is asked again",
+                        self.unit,
+                        peer,
+                        timeout_us + CONFIRM_LATE_US,
+                        peer,
+                    )
+                    return [fo.Confirmed(peer, True, self.clock())]
+                self._late_checks = 0
                 # No answer in the window is an answer: the peer's agent is not there.
                 return [fo.Confirmed(peer, bool(alive), self.clock())]
             case fo.DetachPorts(term=term, timeout_us=t):

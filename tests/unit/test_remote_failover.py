@@ -13,13 +13,22 @@ from policies.epoch import FixedEpoch
 from policies.placement import HostFacts
 from shim import epoch as ep
 from shim import failover as fo
+from shim import remote_failover as rf
 from shim.remote_failover import RemoteFailover
 
 
 class FakeSteps:
-    def __init__(self, *, alive: bool = False, restore_s: float = 0.0, fail: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        alive: bool = False,
+        restore_s: float = 0.0,
+        fail: str = "",
+        confirm_s: tuple[float, ...] = (),
+    ) -> None:
         self.calls: list[str] = []
         self.alive = alive
+        self.confirm_s = list(confirm_s)  # how long each check takes, in turn (then at once)
         self.restore_s = restore_s
         self.fail = fail
         self.destroyed: list[int | None] = []
@@ -32,6 +41,8 @@ class FakeSteps:
 
     def confirm(self, peer: str, timeout_s: float) -> bool:
         self._call("confirm")
+        if self.confirm_s:
+            time.sleep(self.confirm_s.pop(0))
         return self.alive
 
     def raise_term(self, term: int) -> None:
@@ -125,13 +136,76 @@ def test_dead_peer_is_taken_over_in_order() -> None:
 
 def test_alive_peer_is_disputed_not_failed_over() -> None:
     steps, clock = FakeSteps(alive=True), Clock()
-    d = _driver(steps, clock)
-    clock.now += 10_000
-    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    d = _suspect(steps, clock)
     assert steps.calls == ["confirm"]
     assert d.alarms
     assert "split" in d.alarms[0]
     assert d.machine.term == 1
+    d.close()
+
+
+def _suspect(steps: FakeSteps, clock: Clock) -> RemoteFailover:
+    """A driver whose data plane just reported hostA down (silent for 10 ms)."""
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    return d
+
+
+def _tick_until_checked(d: RemoteFailover, steps: FakeSteps, clock: Clock, checks: int) -> None:
+    """Let the machine's windows pass (the peer stays silent) until it checked `checks` times."""
+    for _ in range(20):
+        if steps.calls.count("confirm") >= checks:
+            return
+        wake = d.machine.next_wakeup_us
+        assert wake is not None, "a silent peer must be checked again"
+        clock.now = max(clock.now, wake)
+        d.tick()
+    raise AssertionError(f"only {steps.calls.count('confirm')} checks")
+
+
+def test_a_peer_that_answered_once_and_stays_silent_is_checked_again() -> None:
+    # Its agent answered the first check (disputed); its probes never came back: it died
+    # right after. The data plane reports a peer down only once, so the machine asks again.
+    steps, clock = FakeSteps(alive=True), Clock()
+    d = _suspect(steps, clock)
+    assert steps.calls == ["confirm"]
+    assert d.machine.term == 1
+    steps.alive = False
+    _tick_until_checked(d, steps, clock, 2)
+    assert d.machine.term == 2
+    assert "reprotect:hostC" in steps.calls
+    assert len(d.alarms) == 1  # one alarm for the dispute, not one per check
+    d.close()
+
+
+def test_a_check_our_starved_host_returns_late_is_no_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rf, "CONFIRM_LATE_US", 10_000)
+    # The first check returns after its window (at most 60 ms dampened) + 10 ms: it is not
+    # taken for "dead".
+    steps, clock = FakeSteps(confirm_s=(0.1,)), Clock()
+    d = _suspect(steps, clock)
+    assert steps.calls == ["confirm"]
+    assert d.machine.term == 1
+    # The next check answers in time that the peer is dead: taken over.
+    _tick_until_checked(d, steps, clock, 2)
+    assert d.machine.term == 2
+    assert "reprotect:hostC" in steps.calls
+    d.close()
+
+
+def test_checks_that_keep_returning_late_end_in_a_takeover(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rf, "CONFIRM_LATE_US", 10_000)
+    steps, clock = FakeSteps(confirm_s=(0.1,) * (rf.CONFIRM_LATE_MAX + 1)), Clock()
+    d = _suspect(steps, clock)
+    _tick_until_checked(d, steps, clock, rf.CONFIRM_LATE_MAX)
+    assert d.machine.term == 1
+    # One more late check in a row: no longer "starved", no answer at all.
+    _tick_until_checked(d, steps, clock, rf.CONFIRM_LATE_MAX + 1)
+    assert d.machine.term == 2
+    assert steps.calls.count("confirm") == rf.CONFIRM_LATE_MAX + 1
     d.close()
 
 
