@@ -502,7 +502,7 @@ class Fabric(Testbed):
         return _children(roots)
 
     def kill_host(self, letter: str, pids: set[int] | None = None) -> int:
-        """SIGKILL everything of the host at once, then take its fabric links down.
+        """Take the host's fabric links down, then SIGKILL everything of it at once.
 
         `pids`: the host's processes, from `host_pids` taken just before (its scan of /proc
         takes milliseconds, which a kill timed to the unit's state cannot wait for).
@@ -510,12 +510,16 @@ class Fabric(Testbed):
         h = self.hosts[letter]
         pids = self.host_pids(letter) if pids is None else pids
         h.killed_us = time.monotonic_ns() // 1000
+        # Links first: a dead host answers nothing. Killed first, its kernel would reset a
+        # peer's connection attempt to the agent's port for the few ms until the links went
+        # down, and the peer's check (docs/failover.md, "Confirm") would take it for a live
+        # host whose agent restarts.
+        for link in self._bridge_ports(letter):
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("-n", self.br, "link", "set", link, "down")
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for link in (f"{self.prefix}bd{letter}", f"{self.prefix}bm{letter}"):
-            with contextlib.suppress(subprocess.CalledProcessError):
-                _ip("-n", self.br, "link", "set", link, "down")
         if h.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 h.proc.wait(5)

@@ -934,8 +934,8 @@ class RemoteAgent:
     def confirm_peer(self, peer: str, timeout_s: float) -> bool:
         """The agent's own check of a suspect peer: True if it is alive.
 
-        Its agent answers a ping within `timeout_s`: alive. Inside the main agent, a peer
-        whose host is up but whose agent does not answer also counts as alive, for
+        Its agent answers a ping within `timeout_s`: alive. A peer whose host is up but
+        whose agent does not answer also counts as alive, for
         `AGENT_GRACE_S` from the first such check until its agent answers again: the host's
         kernel refuses a connection to the agent's port (a TCP reset: nothing listens, the
         agent restarts) or accepts it (the agent listens but is busy: adopting its units, a
@@ -943,10 +943,12 @@ class RemoteAgent:
         plane and NFs running, and its probes' flaps on a busy host must not turn the restart
         into a takeover; an agent that stays silent past the grace is as good as dead. A dead
         host or a cut link neither refuses nor accepts: no answer at all, and no grace. The
-        connection attempt runs alongside the ping, within the same window.
+        connection attempt runs alongside the ping, within the same window. A plan's agent
+        checks the same way: on a loaded host its agent, busy with a cut, missed the window
+        while its kernel accepted at once, and a live primary was taken over and fenced.
         """
         p = self.plan.peers.get(peer)
-        if not self.embedded or p is None:
+        if p is None:
             return self.links.ping(peer, timeout_s)
         probe = TcpProbe(p.mgmt_ip, p.control_port)
         # The driver waits for this check no longer than the window: leave it a margin.
@@ -1374,7 +1376,10 @@ class RemoteAgent:
         now = _now_us()
         damp = self._standby_damp.get(peer, Dampening())
         window_us = dampened(self.detection, damp, now).confirm_window_us
-        if self.links.ping(peer, window_us / 1e6):
+        # The same check as a standby's of its primary (`confirm_peer`): at load 7 a bare ping
+        # missed the window of a live standby right after it was seeded, and the unit moved its
+        # protection for nothing.
+        if self.confirm_peer(peer, window_us / 1e6):
             self._standby_damp[peer] = record_dispute(self.detection, damp, now)
             self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
             return
@@ -1789,6 +1794,8 @@ class StandbySteps:
             self.names.nf_netns,
             name=f"{self.names.container}-t{term}",
         )
+        # Its first cut (the seed of the next standby) needs a CRIU worker: start it now.
+        nf.prepare_checkpoint(wait=False)
         self.restored[term] = nf
         self.agent.hooks.restored(self.unit, term, nf)
         self.agent.write_status()
