@@ -324,9 +324,9 @@ class Chain:
             )
         return [f.result() for f in futures]
 
-    def prepare_checkpoint(self) -> None:
+    def prepare_checkpoint(self, *, wait: bool = True) -> None:
         for m in self.members:
-            m.prepare_checkpoint()
+            m.prepare_checkpoint(wait=wait)
 
     # -- the end -------------------------------------------------------------------------------
 

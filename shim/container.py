@@ -183,6 +183,10 @@ class UnitHandle(Protocol):
 
     def wait_rx_drained(self, timeout: float = ..., *, settle: float = ...) -> RxDrain: ...
 
+    def prepare_checkpoint(self, *, wait: bool = ...) -> None:
+        """Get the next checkpoint's tools ready ahead, off its pause (a no-op where none
+        are needed); ``wait=False`` returns at once."""
+
     def stop(self, timeout: float = ...) -> None: ...
 
     def kill(self) -> None: ...
@@ -608,14 +612,21 @@ class Container:
         """What this container's dumps pass to CRIU (found once, on first use)."""
         return self._backend._dump_fixed(self)
 
-    def prepare_checkpoint(self) -> None:
+    def prepare_checkpoint(self, *, wait: bool = True) -> None:
         """Get the next dump's CRIU ready now, while the NF runs (swrk mode; else a no-op).
 
         Every checkpoint does this for the next one by itself; call it once after `start` or
         `restore` so that the first checkpoint is as short as the others. Waits until the
-        worker process exists (a few ms); CRIU then finishes starting on its own.
+        worker process exists (a few ms); CRIU then finishes starting on its own. With
+        ``wait=False`` the worker is started on the container's helper thread and this returns
+        at once (a restored copy on a failover's critical path); the first dump, or a later
+        `prepare_checkpoint`, waits for it.
         """
         if self._backend.criu_mode != "swrk" or self.exited():
+            return
+        if not wait:
+            if self._spawner is None and self._worker is None:
+                self._spawner = self._helper().submit(self._spawn_worker, None)
             return
         self._wait_spawner()
         with self._worker_lock:

@@ -547,6 +547,9 @@ class LocalFailover(Generic[NF]):
                     Path(image), self.netns, name=f"{self._base_name}-t{term}"
                 )
                 self._restored[term] = restored
+                # Its first cut holds its first output back (the outage): the dump's CRIU
+                # worker starts now, while the ports are attached and ingress resumes.
+                restored.prepare_checkpoint(wait=False)
                 if self._record is not None:
                     self._record.new_pid = restored.pid
                 self.hooks.restored(term, restored)

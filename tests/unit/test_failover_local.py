@@ -33,6 +33,7 @@ class FakeNf:
     pidfd: int = -1
     _w: int = -1
     destroyed: bool = False
+    prepared: int = 0  # prepare_checkpoint(wait=False) calls
 
     @staticmethod
     def make(name: str, pid: int) -> FakeNf:
@@ -50,6 +51,10 @@ class FakeNf:
 
     def destroy(self) -> None:
         self.destroyed = True
+
+    def prepare_checkpoint(self, *, wait: bool = True) -> None:
+        assert not wait, "the driver must not wait for CRIU on the critical path"
+        self.prepared += 1
 
     def close(self) -> None:
         for fd in (self.pidfd, self._w):
@@ -217,6 +222,7 @@ def test_an_exit_raises_the_term_durably_then_fences_then_restores_then_resumes(
     ]
     (restored,) = rig.backend.restored
     assert restored.name == "hb1-seq-t2"
+    assert restored.prepared == 1  # its first dump's CRIU worker was started at the restore
     assert rig.driver.machine.state is fo.State.WATCHING
     assert (rig.driver.machine.term, rig.driver.machine.pid) == (2, restored.pid)
     assert rig.term_file.read() == 2

@@ -74,6 +74,9 @@ class Nf:
     def destroy(self) -> None:
         self.calls.append(("destroy", self.pid))
 
+    def prepare_checkpoint(self, *, wait: bool = True) -> None:
+        self.calls.append(("prepare", self.pid, wait))
+
     def close(self) -> None:
         for fd in (self.pidfd, self._w):
             os.close(fd)
@@ -266,6 +269,7 @@ def test_a_planned_switchover_commits_a_last_cut_then_restores_exactly_that(rig:
         ("close_epoch", 10, 2),
         ("discard", 10, 2),
         ("restore", "epoch-00000009", "h-seq0-t2"),
+        ("prepare", 1000, False),  # the first dump's CRIU worker, started without waiting
         ("resume_ingress", 2),
         ("protect", 2, 10, 1000, 310),
     ]
@@ -281,7 +285,7 @@ def test_a_planned_switchover_commits_a_last_cut_then_restores_exactly_that(rig:
     assert ("destroyed", 100) in rig.hooks
     assert [h for h in rig.hooks if h != ("destroyed", 100)] == [
         ("report", fo.Status.RUNNING, 2, True),
-        ("restored", 2, 1000, "restore"),
+        ("restored", 2, 1000, "prepare"),
         ("protected", 2, 1000),
         ("report", fo.Status.FINISHED, 2, True),
     ]
