@@ -1215,11 +1215,12 @@ class RemoteAgent:
                         unit=unit,
                         term=term,
                         committed=None,
-                        # What this standby committed at this term it has sent already (it
-                        # releases): those epochs are retired here, never sent again. A standby
-                        # that comes back after its agent restarted, or a partition, may hold a
-                        # commit whose ack never arrived.
-                        sent=(hello.committed_epoch if hello.committed_term == term else None),
+                        # What this standby has sent at this term (it releases, on this
+                        # primary's confirm): those epochs are retired here, never sent again.
+                        # A standby that comes back after its agent restarted, or a partition,
+                        # may have sent epochs whose released answer never arrived; epochs it
+                        # committed but never sent ride in the recovery cut and leave once.
+                        sent=(hello.released[1] if hello.released[0] == term else None),
                         image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
                         # Released at the standby: the held output rides in the recovery image.
                         outputs=self.plan.runtime / "images" / unit / "outputs",
