@@ -18,8 +18,9 @@ packets from the unit's buffer to the egress port and never touches the NF's own
 With release at the standby (`ep.ReleasePoint.STANDBY`, remote standbys) the data plane saves
 each closed epoch's frames to ``<image_root>/<unit>/outputs/``; a Ship hard-links the saved
 output of every epoch it names into the checkpoint's image directory, so it ships (and is
-verified) with the image; the ack's Retire frees the buffers without sending them, and the
-saved files go with the images they belong to.
+verified) with the image; the ship ends once the standby has sent that output (its released
+answer to the replication client's confirm), and the Retire that follows frees the buffers
+without sending them; the saved files go with the images they belong to.
 """
 
 from __future__ import annotations

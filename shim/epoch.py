@@ -45,9 +45,11 @@ Decisions documented here because the design leaves them open:
 - **Where output is released** (`PrimaryConfig.release_at`). PRIMARY: Acked(e) commands Release,
   and the primary's data plane sends the buffers. STANDBY (remote standbys): every CloseEpoch
   saves the epoch's frames, every Ship names the held epochs up to its own whose saved output
-  rides with it, the standby sends the output it has not sent yet when it commits, and Acked(e)
-  commands Retire: the primary frees its buffers without sending them. A primary that dies after
-  the standby's commit then takes nothing with it: the output is already out, exactly once.
+  rides with it, the standby sends the output it has not sent yet once its commit is confirmed
+  (the replication link's confirm round, `shim.replication`), and Acked(e), which the driver
+  reports only after the standby's released answer, commands Retire: the primary frees its
+  buffers without sending them. A primary that dies after the standby's commit then takes
+  nothing with it: the output is out, or the standby sends it when it takes over, once.
   Releases the primary makes itself (running unprotected) are still Release.
 - **Standby loss** follows `StandbyLossPolicy`. STALL: Alarm, keep holding, ship nothing and start
   no cut (there is nobody to ship to); the open epoch fills until the byte budget back-pressures.

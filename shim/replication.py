@@ -23,16 +23,29 @@ a transfer. `crc` is present exactly when payload frames follow. Types and their
 type        direction  extra header fields                                  payload frames
 ==========  =========  ===================================================  ==================
 hello       P -> S     claim (optional): [term, epoch] (a term claim)      -
-status      S -> P     committed: null | {epoch, term, id (hex)}            -
+status      S -> P     committed: null | {epoch, term, id (hex)},           -
+                       released: [term, epoch] (held output really sent)
 heartbeat   both       - (the standby answers with its highest term)        -
 begin       P -> S     base: base epoch or null, meta: {str: int|str}       manifest
 blocks      P -> S     n: number of blocks                                  index, data
 end         P -> S     first: seq of begin, messages: blocks messages sent,  -
                        blocks: blocks sent
-ack         S -> P     - (term is the committed term)                       -
+ack         S -> P     unsent (optional, true): output waits for confirm    -
+                       (term is the committed term)
+confirm     P -> S     - (send the held output up to epoch, of term)         -
+released    S -> P     - (answers confirm: sent up to epoch, of term)        -
 nack        S -> P     code, reason (term is the standby's highest term);   -
                        committed: [term, epoch] (newer_commit only)
 ==========  =========  ===================================================  ==================
+
+**Release at the standby** (a checkpoint that carries held output, `shim.standby`): the standby
+commits without sending that output and acks with ``unsent``. The client answers with
+``confirm`` for the same (unit, term, epoch), the standby sends what it has not sent up to that
+epoch and answers ``released``; only then does the ship succeed (the primary retires its
+buffers). A plain ack (release at the primary, or nothing left unsent) ends the ship at once, so
+the client needs no setting: only a primary that saves output ships any, and only then is an ack
+unsent. A primary cut off before the ack therefore leaves its output unsent at the standby,
+and its re-protection elsewhere (which carries that output) sends it once.
 
 A hello with ``claim`` is a standby taking the unit over at ``term``, claiming that term at a
 spare before it restores anything: the spare grants it (a status, and the term is recorded) only
@@ -96,6 +109,7 @@ __all__ = [
     "Blocks",
     "ClosedError",
     "Code",
+    "Confirm",
     "End",
     "Heartbeat",
     "Hello",
@@ -104,6 +118,7 @@ __all__ = [
     "NackedError",
     "Receiver",
     "ReleaseError",
+    "Released",
     "ReplicationClient",
     "ReplicationError",
     "ReplicationServer",
@@ -170,11 +185,13 @@ class Hello(Message):
 
 @attrs.frozen(kw_only=True)
 class Status(Message):
-    """The standby's answer to `Hello`: its highest term and what it has committed."""
+    """The standby's answer to `Hello`: its highest term, what it has committed, and up to which
+    (term, epoch) it has really sent the held output shipped to it ((0, 0): none)."""
 
     committed_epoch: int | None = None
     committed_term: int | None = None
     manifest_id: bytes | None = attrs.field(default=None, repr=lambda v: v and v.hex())
+    released: tuple[int, int] = attrs.field(default=(0, 0), validator=_check_claim)
 
 
 @attrs.frozen(kw_only=True)
@@ -209,7 +226,20 @@ class End(Message):
 
 @attrs.frozen(kw_only=True)
 class Ack(Message):
-    pass
+    """Checkpoint `epoch` of `term` is committed. `unsent`: the held output it carries has not
+    been sent; the primary answers with `Confirm`."""
+
+    unsent: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+@attrs.frozen(kw_only=True)
+class Confirm(Message):
+    """The primary answers an unsent ack: send the held output up to `epoch` of `term`."""
+
+
+@attrs.frozen(kw_only=True)
+class Released(Message):
+    """The standby answers `Confirm`: the held output up to `epoch` of `term` has been sent."""
 
 
 @attrs.frozen(kw_only=True)
@@ -229,6 +259,8 @@ _TYPES: Final[Mapping[str, type[Message]]] = MappingProxyType(
         "blocks": Blocks,
         "end": End,
         "ack": Ack,
+        "confirm": Confirm,
+        "released": Released,
         "nack": Nack,
     }
 )
@@ -291,6 +323,7 @@ def encode(msg: Message) -> list[bytes]:
                     "id": msg.manifest_id.hex() if msg.manifest_id else None,
                 }
             )
+            header["released"] = list(msg.released)
         case Begin():
             header["base"] = msg.base_epoch
             header["meta"] = dict(msg.meta)
@@ -305,6 +338,8 @@ def encode(msg: Message) -> list[bytes]:
             payloads = [index, b.data]
         case End():
             header.update(first=msg.first_seq, messages=msg.messages, blocks=msg.blocks)
+        case Ack() if msg.unsent:
+            header["unsent"] = True
         case Nack():
             header.update(code=str(msg.code), reason=msg.reason)
             if msg.committed is not None:
@@ -390,9 +425,10 @@ def decode(frames: Sequence[bytes]) -> Message:
             case "hello":
                 return Hello(unit=unit, **ids, claim=_optional_pair(header, "claim"))
             case "status":
+                released = _optional_pair(header, "released") or (0, 0)
                 c = header.get("committed")
                 if c is None:
-                    return Status(unit=unit, **ids)
+                    return Status(unit=unit, **ids, released=released)
                 if not isinstance(c, dict):
                     raise WireError(Code.BAD_MESSAGE, "committed is not an object", header)
                 mid = c.get("id")
@@ -402,7 +438,13 @@ def decode(frames: Sequence[bytes]) -> Message:
                     committed_epoch=_field(c, "epoch", int),
                     committed_term=_field(c, "term", int),
                     manifest_id=bytes.fromhex(mid) if isinstance(mid, str) else None,
+                    released=released,
                 )
+            case "ack":
+                unsent = header.get("unsent", False)
+                if not isinstance(unsent, bool):
+                    raise WireError(Code.BAD_MESSAGE, "field 'unsent' has the wrong type", header)
+                return Ack(unit=unit, **ids, unsent=unsent)
             case "begin":
                 meta = header.get("meta", {})
                 if not isinstance(meta, dict):
@@ -482,6 +524,8 @@ def _event(msg: Message) -> sm.Event | None:
             return sm.ImageEnd(
                 msg.unit, msg.epoch, msg.term, msg.seq, msg.first_seq, msg.messages, msg.blocks
             )
+        case Confirm():
+            return sm.Confirm(msg.unit, msg.epoch, msg.term, msg.seq)
     return None
 
 
@@ -673,8 +717,10 @@ class Receiver:
                     return sm.Verified(epoch, term, ok=True)
                 case sm.ReleaseOutput(term=term, after=after, upto=upto):
                     self._release_output(unit, store, term, after, upto)
-                case sm.SendAck(unit=u, epoch=epoch, term=term, seq=seq):
-                    replies.append(Ack(unit=u, epoch=epoch, term=term, seq=seq))
+                case sm.SendAck(unit=u, epoch=epoch, term=term, seq=seq, unsent=unsent):
+                    replies.append(Ack(unit=u, epoch=epoch, term=term, seq=seq, unsent=unsent))
+                case sm.SendReleased(unit=u, epoch=epoch, term=term, seq=seq):
+                    replies.append(Released(unit=u, epoch=epoch, term=term, seq=seq))
                 case sm.Reject(unit=u, epoch=epoch, term=term, seq=seq, code=code, reason=why):
                     replies.append(
                         Nack(
@@ -695,7 +741,7 @@ class Receiver:
 
     def _release_output(self, unit: str, store: Store, term: int, after: int, upto: int) -> None:
         committed = store.committed()
-        if committed is None or (committed.term, committed.epoch) != (term, upto):
+        if committed is None or committed.term != term or committed.epoch < upto:
             raise ReleaseError(
                 f"unit {unit}: asked to send the output up to epoch {upto} of term {term}, "
                 f"but the committed checkpoint is {committed}"
@@ -735,6 +781,7 @@ def _status(command: sm.SendStatus, msg: Message | None) -> Message:
         committed_epoch=command.committed_epoch,
         committed_term=command.committed_term,
         manifest_id=command.manifest_id,
+        released=command.released,
     )
 
 
@@ -1267,7 +1314,7 @@ class ReplicationClient:
                 log.warning("replication: undecodable reply: %s", e)
                 continue
             request = self._requests.pop((msg.unit, msg.seq), None)
-            if request is not None and isinstance(msg, Status | Heartbeat | Nack):
+            if request is not None and isinstance(msg, Status | Heartbeat | Released | Nack):
                 if not request.done():
                     request.set_result(msg)
                 continue
@@ -1334,9 +1381,14 @@ class ReplicationClient:
                     link.base = None
                     delta = make_delta(source, manifest, None)
                     reply = await self._transfer(link, unit, term, delta, meta)
+                if isinstance(reply, Ack):
+                    # Committed: the standby's base, whatever the confirm's fate.
+                    link.base = Base.of(manifest)
+                    if reply.unsent:
+                        # Its output waits there for this confirm, and leaves only on it.
+                        reply = await self._confirm(link, unit, reply)
             if isinstance(reply, Nack):
                 raise NackedError(reply)
-            link.base = Base.of(manifest)
             return Shipped(
                 unit=unit,
                 epoch=epoch,
@@ -1347,6 +1399,22 @@ class ReplicationClient:
                 manifest_bytes=len(delta.wire_manifest),
                 seconds=time.perf_counter() - started,
             )
+
+    async def _confirm(self, link: _Link, unit: str, ack: Ack) -> Message:
+        """Answer an unsent ack: the standby sends the output up to its epoch; its `Released`
+        (or `Nack`) comes back."""
+        msg = Confirm(unit=unit, epoch=ack.epoch, term=ack.term, seq=link.next_seq())
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        key = (unit, msg.seq)
+        self._requests[key] = fut
+        try:
+            await self._send(msg)
+            reply = await fut
+        finally:
+            self._requests.pop(key, None)
+        if isinstance(reply, Released) and (reply.epoch, reply.term) != (ack.epoch, ack.term):
+            raise ReplicationError(f"{unit}: released {reply} answers confirm {msg}")
+        return reply
 
     async def _transfer(
         self, link: _Link, unit: str, term: int, delta: Delta, meta: Meta

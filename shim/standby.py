@@ -2,14 +2,15 @@
 
 Everything that decides what the standby accepts, stores, commits, acks and refuses lives in this
 file. Its I/O driver is `shim.replication.Receiver`: it turns what arrives on the replication link
-into events (`Greeting`, `Manifest`, `Chunk`, `ImageEnd`, `Damaged`), takes the failover
-executor's `Promote`, feeds them to `StandbyMachine.handle`, and carries out the returned commands
-in order: the store's (`RecordTerm`, `StartAssembly`, `StoreChunk`, `DropAssembly`, `Commit`,
-which `shim.store.Store` executes) and the link's (`SendAck`, `Reject`, `SendStatus`, which become
-the wire's ack, nack and status/heartbeat, each answering the message being handled). Checking
-data needs the data, so the store does it and the driver reports the verdict as `Verified`: a bad
-block after `StoreChunk` (only failures are reported), and always the outcome of `Commit`.
-`StoreChunk` and `Commit` therefore end their command list.
+into events (`Greeting`, `Manifest`, `Chunk`, `ImageEnd`, `Confirm`, `Damaged`), takes the
+failover executor's `Promote`, feeds them to `StandbyMachine.handle`, and carries out the returned
+commands in order: the store's (`RecordTerm`, `StartAssembly`, `StoreChunk`, `DropAssembly`,
+`Commit`, which `shim.store.Store` executes), `ReleaseOutput` (the host's data plane sends held
+output) and the link's (`SendAck`, `SendReleased`, `Reject`, `SendStatus`, which become the
+wire's ack, released, nack and status/heartbeat, each answering the message being handled).
+Checking data needs the data, so the store does it and the driver reports the verdict as
+`Verified`: a bad block after `StoreChunk` (only failures are reported), and always the outcome
+of `Commit`. `StoreChunk` and `Commit` therefore end their command list.
 
 Transfers are content-addressed (`shim.delta`): `Manifest` carries the wire manifest, which names
 every block by digest and, for a delta, names its base by the digest of the base's manifest; each
@@ -55,12 +56,18 @@ States, and the transition table in words (TRANSITIONS lists the same pairs):
 - RESENDING + Chunk of its transfer: seq checked and counted as above, but nothing is stored.
 - ASSEMBLING + ImageEnd of its transfer: if its seq and counts (begin seq, messages, blocks)
   match what arrived -> COMMITTING (Commit); else IDLE (DropAssembly, Reject sequence).
-- COMMITTING + Verified: ok -> IDLE, the image is the last committed one, ReleaseOutput (see
-  below), SendAck; not ok ->
-  IDLE (DropAssembly, Reject verify_failed). Nothing else may happen in COMMITTING: the driver
-  reports the outcome of Commit before it handles anything else.
-- RESENDING + ImageEnd of its transfer -> IDLE, ReleaseOutput (see below), SendAck if seq and
+- COMMITTING + Verified: ok -> IDLE, the image is the last committed one, SendAck (unsent if
+  it carries held output not sent yet, see below); not ok -> IDLE (DropAssembly, Reject
+  verify_failed). Nothing else may happen in COMMITTING: the driver reports the outcome of
+  Commit before it handles anything else.
+- RESENDING + ImageEnd of its transfer -> IDLE, SendAck (unsent as after a commit) if seq and
   counts match (else Reject).
+- Confirm(epoch, term), in any state but COMMITTING, which it leaves as it is: the primary
+  releases the output up to that epoch (see below). Term check as for a Greeting, but a
+  higher term is not recorded (nothing can be committed at it). Then, if the committed image
+  is of that term and at or above that epoch: ReleaseOutput of what it carries and was not
+  sent, up to that epoch (nothing if all was sent: a repeated confirm sends nothing twice),
+  and SendReleased; else Reject (not_committed), nothing sent.
 - REJECTED: the transfer failed and its sender has the Reject. Its remaining chunks are Ignored
   and its ImageEnd gets the same Reject again -> IDLE.
 - ImageEnd of no open transfer: term check, then Reject (no_transfer). Chunk of no open
@@ -70,18 +77,27 @@ States, and the transition table in words (TRANSITIONS lists the same pairs):
 - any state but COMMITTING + Promote(term) -> PROMOTED, if term is above every term seen
   (DropAssembly of any image in progress, RecordTerm(promoted)). Promote again with the same term
   is a no-op, so a repeated failover step is harmless; any other Promote raises ProtocolError.
-- PROMOTED is final: every Greeting, Manifest, ImageEnd and Damaged gets Reject with the promoted
-  term (stale_term for a term at or below it; unknown_unit above it: this node is no standby any
-  more); Chunks are Ignored. Nothing is ever acked again (I3).
+- PROMOTED is final: every Greeting, Manifest, ImageEnd, Confirm and Damaged gets Reject with the
+  promoted term (stale_term for a term at or below it; unknown_unit above it: this node is no
+  standby any more); Chunks are Ignored. Nothing is ever acked again (I3), and no confirm sends
+  anything.
 
 Release at the standby: a primary that releases here ships each epoch's held output inside its
-checkpoints. Before every ack of (epoch, term) above what it has sent, the machine commands
-ReleaseOutput for the epochs not sent yet, and remembers them as sent; a new term starts from
-epoch 0. So each epoch's output leaves once, before the ack that lets the primary free it, and
-a promotion first sends whatever its committed image still carries. The driver records what it
-sent durably (the store's ``released``); a failed send is handled as a crash of the standby
-(the machine is rebuilt from that record, the message nacked), and the primary's resend, which
-finds the image committed (RESENDING), sends it again.
+checkpoints, and the output leaves from this host, in two steps:
+1. The commit (or the RESENDING end) does not send it. If the committed image carries output of
+   epochs above what was sent, the ack says so (SendAck unsent); else it is a plain ack.
+2. The primary answers an unsent ack with a Confirm of (term, epoch). Only then does the machine
+   command ReleaseOutput for the epochs not sent yet, up to that epoch, remember them as sent,
+   and answer SendReleased; the primary frees its buffers only on that answer.
+So output that a partitioned primary never heard about stays here unsent: a primary cut off
+after the transfer, before the ack, re-protects elsewhere with that output in its recovery cut,
+and it leaves once, from there. What is left: the confirm arrived and the output went out, but
+the released answer was lost (one trip). A new term starts from epoch 0. A promotion first sends
+whatever its committed image still carries unsent: the restored unit continues after it, and
+nobody else will ever confirm it. The driver records what it sent durably (the store's
+``released``), and that record (not the committed epoch) is what SendStatus reports as sent; a
+failed send is handled as a crash of the standby (the machine is rebuilt from that record, the
+message nacked), and the primary's next confirm, or a promotion, sends it again.
 
 Messages from the network never raise: a bad one is rejected or ignored. ProtocolError is kept
 for the driver's mistakes (an outcome event nothing asked for, anything during COMMITTING).
@@ -122,6 +138,7 @@ __all__ = [
     "Command",
     "Commit",
     "CommittedImage",
+    "Confirm",
     "Damaged",
     "DropAssembly",
     "Event",
@@ -134,7 +151,9 @@ __all__ = [
     "ProtocolError",
     "RecordTerm",
     "Reject",
+    "ReleaseOutput",
     "SendAck",
+    "SendReleased",
     "SendStatus",
     "StandbyMachine",
     "StartAssembly",
@@ -163,6 +182,8 @@ class Code(enum.StrEnum):
     INTERNAL = "internal"
     # A term claim refused: this node committed an image newer than the claimant's.
     NEWER_COMMIT = "newer_commit"
+    # A confirm for an epoch that is not committed here at that term.
+    NOT_COMMITTED = "not_committed"
 
 
 # --- events ---------------------------------------------------------------------------------
@@ -226,6 +247,17 @@ class ImageEnd(Event):
     first_seq: int
     messages: int
     blocks: int
+
+
+@attrs.frozen
+class Confirm(Event):
+    """The primary got the unsent ack of checkpoint ``epoch`` of ``term`` and asks this standby
+    to send the output the checkpoints carry, up to ``epoch`` (release at the standby)."""
+
+    unit: str
+    epoch: int
+    term: int
+    seq: int
 
 
 @attrs.frozen
@@ -319,7 +351,22 @@ class Commit(Command):
 
 @attrs.frozen
 class SendAck(Command):
-    """Checkpoint ``epoch`` of ``term`` is committed; answers the message ``seq``."""
+    """Checkpoint ``epoch`` of ``term`` is committed; answers the message ``seq``.
+
+    ``unsent``: the committed image carries held output this standby has not sent; it goes out
+    on the primary's Confirm (release at the standby). A plain ack means nothing up to
+    ``epoch`` waits here to be sent."""
+
+    unit: str
+    epoch: int
+    term: int
+    seq: int
+    unsent: bool = False
+
+
+@attrs.frozen
+class SendReleased(Command):
+    """Answer Confirm ``seq``: the held output up to ``epoch`` of ``term`` has been sent."""
 
     unit: str
     epoch: int
@@ -330,8 +377,9 @@ class SendAck(Command):
 @attrs.frozen
 class ReleaseOutput(Command):
     """Send the held output that rode with the committed image of ``term``: the epochs in
-    (``after``, ``upto``], in epoch order, then durably note ``(term, upto)`` as sent. Comes
-    before the ack that tells the primary to free those buffers (release at the standby)."""
+    (``after``, ``upto``], in epoch order, then durably note ``(term, upto)`` as sent. The
+    committed image is of ``term`` and at or above ``upto``. Comes before the released answer
+    that tells the primary to free those buffers (release at the standby), or in a promotion."""
 
     unit: str
     term: int
@@ -355,7 +403,10 @@ class Reject(Command):
 
 @attrs.frozen
 class SendStatus(Command):
-    """Answer a greeting with the standby's term and its committed image, if any."""
+    """Answer a greeting with the standby's term and its committed image, if any.
+
+    ``released``: (term, epoch) up to which the held output shipped here has really been sent
+    ((0, 0): none), which may be below the committed image (release at the standby)."""
 
     unit: str
     seq: int
@@ -363,6 +414,7 @@ class SendStatus(Command):
     committed_epoch: int | None
     committed_term: int | None
     manifest_id: bytes | None = attrs.field(repr=lambda v: v and v.hex())
+    released: tuple[int, int] = (0, 0)
 
 
 @attrs.frozen
@@ -423,7 +475,7 @@ _NEW = _s(_A, _R, _X)
 
 # For each state and event, the states the machine may be in afterwards; checked on every event.
 # A pair that is missing is a driver bug (ProtocolError).
-TRANSITIONS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingProxyType(
+_ROWS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingProxyType(
     {
         _I: _row(_s(_I), _NEW | {_I}, _s(_I), _s(_I), _s(_I)),
         _A: _row(_s(_A, _I), _NEW, _s(_A, _X), _s(_A, _C, _I), _s(_A, _X), verified=_s(_A, _X)),
@@ -431,6 +483,14 @@ TRANSITIONS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingPro
         _X: _row(_s(_X, _I), _NEW, _s(_X), _s(_X, _I), _s(_X)),
         _C: MappingProxyType({Verified: _s(_I)}),
         _P: _row(_s(_P), _s(_P), _s(_P), _s(_P), _s(_P)),
+    }
+)
+
+# A Confirm touches no transfer: it leaves every state but COMMITTING as it is.
+TRANSITIONS: Mapping[State, Mapping[type[Event], frozenset[State]]] = MappingProxyType(
+    {
+        state: row if state is _C else MappingProxyType({**row, Confirm: _s(state)})
+        for state, row in _ROWS.items()
     }
 )
 
@@ -456,7 +516,7 @@ class _Transfer:
     failed: Reject | None = None
 
 
-_LinkEvent = Greeting | Manifest | Chunk | ImageEnd | Damaged
+_LinkEvent = Greeting | Manifest | Chunk | ImageEnd | Confirm | Damaged
 
 
 class StandbyMachine:
@@ -508,14 +568,21 @@ class StandbyMachine:
         """(term, epoch) up to which the held output shipped here has been sent."""
         return self._released
 
-    def _release_output(self, term: int, epoch: int, out: list[Command]) -> None:
-        """Send what the committed image carries and has not been sent (each epoch once)."""
+    def _unsent(self, term: int, epoch: int) -> tuple[int, bool]:
+        """(after, any): the epochs in (after, ``epoch``] of ``term`` are not sent yet, and
+        whether the committed image carries the output of any of them."""
         c = self._committed
         if c is None or (term, epoch) <= self._released:
-            return
+            return epoch, False
         after = self._released[1] if self._released[0] == term else 0
-        carried = [output_epoch(f.path) for f in c.manifest.files]
-        if any(e is not None and after < e <= epoch for e in carried):
+        carried = (output_epoch(f.path) for f in c.manifest.files)
+        return after, any(e is not None and after < e <= epoch for e in carried)
+
+    def _release_output(self, term: int, epoch: int, out: list[Command]) -> None:
+        """Send what the committed image carries up to ``epoch`` of ``term`` and has not been
+        sent (each epoch once)."""
+        after, any_carried = self._unsent(term, epoch)
+        if any_carried:
             out.append(ReleaseOutput(self.unit, term, after, epoch))
             self._released = (term, epoch)
 
@@ -539,7 +606,7 @@ class StandbyMachine:
                 self._on_promote(event, out)
             case Verified():
                 self._on_verified(event, out)
-            case Greeting() | Manifest() | Chunk() | ImageEnd() | Damaged() if (
+            case Greeting() | Manifest() | Chunk() | ImageEnd() | Confirm() | Damaged() if (
                 event.unit != self.unit
             ):
                 out.append(Ignored(event, f"for unit {event.unit}, this is {self.unit}"))
@@ -551,6 +618,8 @@ class StandbyMachine:
                 self._on_chunk(event, out)
             case ImageEnd():
                 self._on_end(event, out)
+            case Confirm():
+                self._on_confirm(event, out)
             case Damaged():
                 self._on_damaged(event, out)
         if self._state not in allowed:
@@ -654,6 +723,7 @@ class StandbyMachine:
                 None if c is None else c.epoch,
                 None if c is None else c.term,
                 None if base is None else base.id,
+                self._released,
             )
         )
 
@@ -770,8 +840,7 @@ class StandbyMachine:
         if self._state is State.RESENDING:
             self._transfer = None
             self._state = State.IDLE
-            self._release_output(end.term, end.epoch, out)
-            out.append(SendAck(self.unit, end.epoch, end.term, end.seq))
+            out.append(self._ack(end.epoch, end.term, end.seq))
             return
         t.last_seq = end.seq
         self._state = State.COMMITTING
@@ -807,5 +876,25 @@ class StandbyMachine:
         assert t.manifest is not None
         self._committed = CommittedImage(t.epoch, t.term, t.manifest)
         self._base = None
-        self._release_output(t.term, t.epoch, out)
-        out.append(SendAck(self.unit, t.epoch, t.term, t.last_seq))
+        # Nothing is sent here: the output waits for the primary's Confirm (module doc).
+        out.append(self._ack(t.epoch, t.term, t.last_seq))
+
+    def _ack(self, epoch: int, term: int, seq: int) -> SendAck:
+        """The ack of the committed image (epoch, term): unsent if it carries output not sent."""
+        _, unsent = self._unsent(term, epoch)
+        return SendAck(self.unit, epoch, term, seq, unsent=unsent)
+
+    def _on_confirm(self, cf: Confirm, out: list[Command]) -> None:
+        fenced = self._fenced(cf.term)
+        if fenced is not None:
+            # A deposed primary's confirm: the promotion (or the new primary) owns that output.
+            out.append(self._reject(cf, *fenced))
+            return
+        c = self._committed
+        if c is None or c.term != cf.term or c.epoch < cf.epoch:
+            have = "nothing" if c is None else f"epoch {c.epoch} of term {c.term}"
+            why = f"epoch {cf.epoch} of term {cf.term} is not committed here ({have} is)"
+            out.append(self._reject(cf, Code.NOT_COMMITTED, why))
+            return
+        self._release_output(cf.term, cf.epoch, out)
+        out.append(SendReleased(self.unit, cf.epoch, cf.term, cf.seq))

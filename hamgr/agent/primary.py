@@ -18,9 +18,10 @@ engine must neither release output that no checkpoint covers nor leave it held f
    NF pauses for one cut, as at any epoch boundary. With release at the standby (``outputs``,
    the engine's saved-output folder: a remote standby's re-protection), the cut saves E's
    output too, the image carries the saved output of every held epoch, and the standby sends
-   what it has not sent yet when it commits (it remembers what it sent, per term): the ack
-   only retires the buffers here. So a re-protection onto a standby this primary wrongly took
-   for lost (it committed and sent epochs whose acks never arrived) sends nothing twice. Either
+   what it has not sent yet on this primary's confirm of the commit (it remembers what it
+   sent, per term): its released answer only retires the buffers here. So a re-protection onto
+   a standby this primary wrongly took for lost (it committed and sent epochs whose answers
+   never arrived: ``sent``, what its hello reports as released) sends nothing twice. Either
    way nothing leaves before the commit: if the old standby took the unit over meanwhile and
    claimed its term at this spare first, the ship is refused (``NackedError``, stale_term, the
    higher term) and nothing is released; the caller fences.
@@ -151,8 +152,10 @@ def take_over(
     """Make the data plane's state of `unit` one a fresh machine can start from (module doc).
 
     `committed`: the standby's committed epoch at this term, whose output this primary releases
-    (a local standby). `sent`: the same for a standby that releases output itself (a remote
-    one): it has sent those epochs already, so they are retired here, never sent.
+    (a local standby). `sent`: for a standby that releases output itself (a remote one), the
+    epoch up to which it has really sent it at this term (its hello's ``released``, not its
+    committed epoch: a commit's output leaves only on the confirm), so those epochs are
+    retired here, never sent.
     `outputs`: release at the standby; the folder where the engine saved each closed epoch's
     output (`PrimaryEngine.output_path`): the recovery cut carries the held output, and the
     standby sends what it has not sent. None: the recovery cut is released here.
@@ -219,7 +222,7 @@ def take_over(
         if outputs is None:
             dp.release(unit, epoch, term)
         else:
-            # The standby sent it (or had sent it) before its ack.
+            # The standby sent it (or had sent it) on the confirm, before its released answer.
             dp.retire(unit, epoch, term)
             for e in held:
                 (outputs / output_name(e)).unlink(missing_ok=True)

@@ -14,7 +14,8 @@ What the agent does, per role of a unit U:
   plan). It probes the standby's data plane; when the standby is confirmed dead it re-protects U
   onto the first spare: a recovery cut, shipped in full, then the engine goes on there. Output
   is released at the standby (`remote_config`): each checkpoint carries the held output, the
-  standby sends it from its own data plane when it commits, and the ack only frees the buffers.
+  standby commits it and sends it from its own data plane once this primary's replication
+  client confirms the commit, and its released answer only frees the buffers here.
   While the standby is lost and not replaced it tries again every `RECHECK_S` (spares, then the
   lost standby). A reply with a higher term (its re-protection refused with stale_term, or its
   engine fenced by a standby's reply) means it was deposed: the unit's ``on_fenced`` policy
@@ -534,8 +535,9 @@ def remote_config(spec: UnitSpec) -> ep.PrimaryConfig:
 
     A primary that releases its own output after the standby's ack takes the output of every
     epoch the standby committed but it had not yet released with it when its host dies, and the
-    restored unit continues after that output: a gap at the sink. Released by the standby on its
-    own commit, that output is out before anyone could restore past it (docs/failover.md).
+    restored unit continues after that output: a gap at the sink. Released by the standby (on
+    this primary's confirm of its commit, or at its own promotion), that output is out before
+    anyone could restore past it (docs/failover.md).
     """
     return attrs.evolve(primary_config(spec), release_at=ep.ReleasePoint.STANDBY)
 
@@ -1217,11 +1219,12 @@ class RemoteAgent:
                         unit=unit,
                         term=term,
                         committed=None,
-                        # What this standby committed at this term it has sent already (it
-                        # releases): those epochs are retired here, never sent again. A standby
-                        # that comes back after its agent restarted, or a partition, may hold a
-                        # commit whose ack never arrived.
-                        sent=(hello.committed_epoch if hello.committed_term == term else None),
+                        # What this standby has sent at this term (it releases, on this
+                        # primary's confirm): those epochs are retired here, never sent again.
+                        # A standby that comes back after its agent restarted, or a partition,
+                        # may have sent epochs whose released answer never arrived; epochs it
+                        # committed but never sent ride in the recovery cut and leave once.
+                        sent=(hello.released[1] if hello.released[0] == term else None),
                         image_dir=lambda e: self.plan.runtime / "images" / unit / f"epoch-{e:08d}",
                         # Released at the standby: the held output rides in the recovery image.
                         outputs=self.plan.runtime / "images" / unit / "outputs",
@@ -1391,7 +1394,8 @@ class RemoteAgent:
 
     def _reprotect(self, role: PrimaryRole, candidates: list[str]) -> bool:
         """Re-protect `role` onto the first candidate that answers: a recovery cut, shipped in
-        full, released here on its commit (`take_over`), then the engine goes on there.
+        full, whose held output the candidate sends on its commit and this primary's confirm
+        (`take_over`), then the engine goes on there.
 
         True once re-protected, or once fenced: a candidate that answers with a higher term
         (stale_term: a standby took the unit over and claimed its term there first) deposes

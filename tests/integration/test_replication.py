@@ -24,10 +24,12 @@ import zmq
 from shim import delta as dl
 from shim.delta import BLOCK_SIZE
 from shim.replication import (
+    Ack,
     Begin,
     Blocks,
     ClosedError,
     Code,
+    Confirm,
     End,
     Message,
     Nack,
@@ -37,6 +39,7 @@ from shim.replication import (
     decode,
     encode,
 )
+from shim.standby import output_name
 from shim.store import Store
 
 PAGES = 64 << 20
@@ -486,3 +489,99 @@ def test_allowed_clients_asked_at_each_handshake_and_units_added_while_serving(
             with pytest.raises(NackedError) as info:
                 c.hello("fw0", 1, timeout=5)
             assert info.value.nack.code is Code.UNKNOWN_UNIT
+
+
+# --- release at the standby: the confirm round --------------------------------------------------
+
+
+def test_held_output_leaves_only_on_the_confirm_and_the_ship_waits_for_it(tmp_path: Path) -> None:
+    """A checkpoint that carries held output: the standby commits and acks it unsent; the
+    client confirms; only then does the output leave (once), and the ship ends on `released`."""
+    sending = threading.Event()
+    go = threading.Event()
+    sent: list[tuple[str, bytes]] = []
+
+    def emit(unit: str, path: Path) -> None:
+        sending.set()
+        assert go.wait(10)
+        sent.append((unit, path.read_bytes()))
+
+    store = Store(tmp_path / "standby" / "fw0")
+    src = write_checkpoint(tmp_path / "src", os.urandom(64 << 10), {output_name(1): b"out-1"})
+    with (
+        ReplicationServer("tcp://127.0.0.1:*", {"fw0": store}, emit=emit) as srv,
+        ReplicationClient(srv.endpoint) as cli,
+    ):
+        pending = cli.ship_nowait("fw0", 1, 1, src, timeout=10)
+        assert sending.wait(10)
+        # Committed (the output rides in the committed image), and being sent: the ship is not
+        # over until it has been.
+        time.sleep(0.1)
+        assert not pending.done()
+        go.set()
+        shipped = pending.result(10)
+        assert (shipped.epoch, shipped.term) == (1, 1)
+        assert sent == [("fw0", b"out-1")]
+        assert store.released == (1, 1)
+        status = cli.hello("fw0", 1)
+        assert (status.committed_epoch, status.released) == (1, (1, 1))
+        # The same image again (its answer lost): a plain ack, nothing sent twice.
+        cli.forget("fw0")
+        cli.ship("fw0", 1, 1, src, timeout=10)
+        # Checkpoint 2 carries epoch 1 again, and epoch 2.
+        src2 = write_checkpoint(
+            tmp_path / "src2",
+            os.urandom(64 << 10),
+            {output_name(1): b"out-1", output_name(2): b"o2"},
+        )
+        cli.ship("fw0", 2, 1, src2, timeout=10)
+    assert sent == [("fw0", b"out-1"), ("fw0", b"o2")]
+
+
+def test_a_refused_confirm_fails_the_ship(tmp_path: Path) -> None:
+    """A standby (here a scripted ROUTER) acks unsent, then refuses the confirm with a higher
+    term, as a promoted standby does: the ship raises NackedError with that term, and the
+    confirm named the acked (unit, term, epoch)."""
+    src = write_checkpoint(tmp_path / "src", os.urandom(64 << 10), {output_name(1): b"out-1"})
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    got: list[Message] = []
+
+    def standby() -> None:
+        while True:
+            if not router.poll(5000):
+                return
+            peer, *frames = router.recv_multipart()
+            msg = decode(frames)
+            got.append(msg)
+            if isinstance(msg, End):
+                reply: Message = Ack(unit="fw0", epoch=1, term=1, seq=msg.seq, unsent=True)
+            elif isinstance(msg, Confirm):
+                reply = Nack(
+                    unit="fw0", epoch=1, term=2, seq=msg.seq, code=Code.STALE_TERM, reason="x"
+                )
+            else:
+                continue
+            router.send_multipart([peer, *encode(reply)])
+            if isinstance(msg, Confirm):
+                return
+
+    thread = threading.Thread(target=standby, daemon=True)
+    thread.start()
+    try:
+        with (
+            ReplicationClient(f"tcp://127.0.0.1:{port}") as cli,
+            pytest.raises(NackedError) as refused,
+        ):
+            cli.ship("fw0", 1, 1, src, timeout=10)
+        thread.join(10)
+    finally:
+        router.close()
+        ctx.term()
+    assert (refused.value.nack.code, refused.value.nack.term) == (Code.STALE_TERM, 2)
+    confirm = got[-1]
+    assert isinstance(confirm, Confirm)
+    assert (confirm.unit, confirm.epoch, confirm.term) == ("fw0", 1, 1)
+    assert confirm.seq > got[-2].seq

@@ -19,12 +19,14 @@ from shim.replication import (
     Begin,
     Blocks,
     Code,
+    Confirm,
     End,
     Heartbeat,
     Hello,
     Message,
     Nack,
     Receiver,
+    Released,
     Status,
     WireError,
     decode,
@@ -57,12 +59,16 @@ EXAMPLES: list[Message] = [
         committed_epoch=4,
         committed_term=2,
         manifest_id=b"\x01" * 16,
+        released=(2, 3),
     ),
     Heartbeat(unit="fw0", epoch=3, term=1, seq=9),
     Begin(unit="fw0", epoch=3, term=1, seq=2, manifest=b"HMF1abc", base_epoch=2, meta={"a": 1}),
     Blocks(unit="fw0", epoch=3, term=1, seq=3, batch=BATCH),
     End(unit="fw0", epoch=3, term=1, seq=4, first_seq=2, messages=1, blocks=2),
     Ack(unit="fw0", epoch=3, term=1, seq=4),
+    Ack(unit="fw0", epoch=3, term=1, seq=4, unsent=True),
+    Confirm(unit="fw0", epoch=3, term=1, seq=5),
+    Released(unit="fw0", epoch=3, term=1, seq=5),
     Nack(unit="fw0", epoch=3, term=2, seq=4, code=Code.STALE_TERM, reason="deposed"),
 ]
 
@@ -70,6 +76,45 @@ EXAMPLES: list[Message] = [
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
 def test_every_message_round_trips(msg: Message) -> None:
     assert decode(encode(msg)) == msg
+
+
+def test_a_plain_ack_and_an_old_status_carry_nothing_new() -> None:
+    """A plain ack has no `unsent` field; a status without `released` reads as (0, 0)."""
+    header = json.loads(encode(Ack(unit="fw0", epoch=3, term=1, seq=4))[0])
+    assert "unsent" not in header
+    frames = encode(Status(unit="fw0", epoch=0, term=2, seq=1))
+    old = json.loads(frames[0])
+    del old["released"]
+    status = decode([json.dumps(old).encode()])
+    assert isinstance(status, Status)
+    assert status.released == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("unsent", 1), ("unsent", "yes"), ("released", [1]), ("released", [1, -1])],
+)
+def test_malformed_confirm_fields_are_refused(field: str, value: object) -> None:
+    msg: Message = (
+        Ack(unit="fw0", epoch=3, term=1, seq=4)
+        if field == "unsent"
+        else Status(unit="fw0", epoch=0, term=2, seq=1)
+    )
+    header = json.loads(encode(msg)[0])
+    header[field] = value
+    with pytest.raises(WireError, match=field):
+        decode([json.dumps(header).encode()])
+
+
+def test_a_standby_refuses_a_released_or_ack_sent_to_it(tmp_path: Path) -> None:
+    r = Receiver({"fw0": Store(tmp_path / "s", fsync=False)})
+    for msg in (
+        Released(unit="fw0", epoch=1, term=1, seq=2),
+        Ack(unit="fw0", epoch=1, term=1, seq=3, unsent=True),
+    ):
+        (nack,) = r.handle(msg)
+        assert isinstance(nack, Nack)
+        assert nack.code is Code.BAD_MESSAGE
 
 
 def _frames(msg: Message, **header: object) -> list[bytes]:
@@ -96,7 +141,7 @@ def _frames(msg: Message, **header: object) -> list[bytes]:
         (_frames(EXAMPLES[4], crc=[1]), Code.BAD_CHECKSUM, "frame 1"),
         (_frames(EXAMPLES[4], meta={"a": [1]}), Code.BAD_MESSAGE, "meta"),
         (_frames(EXAMPLES[5], n=3), Code.BAD_MESSAGE, "index holds"),
-        (_frames(EXAMPLES[8], code="bogus"), Code.BAD_MESSAGE, "bogus"),
+        (_frames(EXAMPLES[-1], code="bogus"), Code.BAD_MESSAGE, "bogus"),
     ],
 )
 def test_decode_refuses_bad_messages(frames: list[bytes], code: Code, match: str) -> None:
