@@ -162,6 +162,39 @@ step_conntrack() {
     fi
 }
 
+step_cgroup_dynmods() {
+    # runc and CRIU move every started or restored NF process into its cgroups. Unless a cgroup
+    # root favours dynamic modifications, each such move after an idle moment waits for an RCU
+    # grace period (5-14 ms here), inside a failover's restore step. Host-wide runtime state
+    # (lost at reboot: re-run make setup), hence a setup step; optional, so never fatal.
+    local line mnt opts
+    line=$(awk '$3 == "cgroup2" { print $2, $4; exit }' /proc/mounts)
+    if [ -n "$line" ]; then
+        mnt=${line%% *}
+        opts=${line#* }
+        case ",$opts," in
+        *,favordynmods,*)
+            step "cgroups: favordynmods already on $mnt"
+            return
+            ;;
+        esac
+        # Remount with the options it has: a cgroup2 mount applies its flags to the one root.
+        if mount -o "remount,$opts,favordynmods" "$mnt" 2>/dev/null; then
+            step "cgroups: favordynmods on $mnt (restores skip an RCU grace period)"
+        else
+            step "cgroups: WARNING: this kernel refuses favordynmods on $mnt; restores pay 5-14 ms more"
+        fi
+        return
+    fi
+    mkdir -p /run/hamgr/cgroup2
+    if mount -t cgroup2 -o favordynmods none /run/hamgr/cgroup2 2>/dev/null; then
+        step "cgroups: favordynmods on /run/hamgr/cgroup2 (restores skip an RCU grace period)"
+    else
+        rmdir /run/hamgr/cgroup2 2>/dev/null || true
+        step "cgroups: WARNING: this kernel refuses favordynmods; restores pay 5-14 ms more"
+    fi
+}
+
 step_dataplane() {
     step "data plane: building dpdk_vhost (make -C dpdk_vhost)"
     run "read the compiler error above; check that libdpdk-dev is installed (pkg-config --modversion libdpdk)" \
@@ -174,5 +207,6 @@ step_criu
 step_hugepages
 step_libvirt
 step_conntrack
+step_cgroup_dynmods
 step_dataplane
 step "setup complete"
