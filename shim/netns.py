@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import os
 import re
@@ -334,6 +335,30 @@ def destroy_tcp_sockets(netns: str) -> int:
         return run_in_netns(_check_netns_name(netns), _destroy_tcp_sockets_here)
     except OSError as exc:
         raise NetnsError(f"closing the TCP sockets of netns {netns} failed: {exc}") from exc
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq: the name, then ifr_flags
+
+
+def links_down(netns: str, *ifnames: str) -> None:
+    """Take links of a netns down at once: SIOCSIFFLAGS from a thread in it, no process spawned
+    (two ``ip link set down`` cost 5-20 ms between the first link and the last)."""
+
+    def body() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for name in ifnames:
+                req = _IFREQ_FLAGS.pack(_check_ifname(name).encode(), 0)
+                flags = _IFREQ_FLAGS.unpack(fcntl.ioctl(sock, _SIOCGIFFLAGS, req))[1]
+                down = _IFREQ_FLAGS.pack(name.encode(), flags & ~_IFF_UP)
+                fcntl.ioctl(sock, _SIOCSIFFLAGS, down)
+
+    try:
+        run_in_netns(_check_netns_name(netns), body)
+    except OSError as exc:
+        raise NetnsError(
+            f"taking {', '.join(ifnames)} down in netns {netns} failed: {exc}"
+        ) from exc
 
 
 def quiet_host_netns(netns: str) -> None:

@@ -668,6 +668,11 @@ class RemoteAgent:
         )
         # Disputed verdicts on each standby (primary side), which lengthen the next check.
         self._standby_damp: dict[str, Dampening] = {}
+        # Standbys whose probes went silent but whose check answered: checked again when the
+        # monotonic time given comes, unless their probes came back first (PeerUp). The data
+        # plane reports a silence once; a standby that dies during the dispute sends no other.
+        self._standby_recheck: dict[str, tuple[float, PeerDown]] = {}
+        self._standby_recheck_seen: set[str] = set()  # disputed in this silence: one event
         # Units whose epoch machine a standby fenced (from the runners' threads).
         self._fenced: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._recheck_at = 0.0
@@ -1383,9 +1388,14 @@ class RemoteAgent:
         # missed the window of a live standby right after it was seeded, and the unit moved its
         # protection for nothing.
         if self.confirm_peer(peer, window_us / 1e6):
-            self._standby_damp[peer] = record_dispute(self.detection, damp, now)
-            self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
+            if peer not in self._standby_recheck_seen:
+                self._standby_damp[peer] = record_dispute(self.detection, damp, now)
+                self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
+            self._standby_recheck_seen.add(peer)
+            self._standby_recheck[peer] = (time.monotonic() + window_us / 1e6, down)
             return
+        self._standby_recheck.pop(peer, None)
+        self._standby_recheck_seen.discard(peer)
         self.event("standby_lost", unit=unit, standby=peer, last_rx_us=down.last_rx_mono_us)
         role.lost_standby = peer
         self._recheck_at = time.monotonic() + RECHECK_S
@@ -1628,8 +1638,15 @@ class RemoteAgent:
                 elif isinstance(ev, PeerUp):
                     self.event("peer_up", peer=ev.peer)
                     self._seen.add(ev.peer)
+                    self._standby_recheck.pop(ev.peer, None)
+                    self._standby_recheck_seen.discard(ev.peer)
                     for driver in self.drivers.values():
                         driver.feed(fo.PeerUp(ev.peer, ev.mono_us))
+                now_s = time.monotonic()
+                for peer, (at, down) in list(self._standby_recheck.items()):
+                    if now_s >= at:
+                        del self._standby_recheck[peer]
+                        self._standby_lost(peer, down)
                 while True:
                     try:
                         req = self.requests.get_nowait()

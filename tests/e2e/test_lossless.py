@@ -176,10 +176,12 @@ def test_without_lossless_the_same_kill_loses_inputs_sent_before_it(tmp_path: Pa
         print(f"record {rec}")
         assert rec["status"] == "finished", rec
         assert rec["replayed"] is None
-        # The inputs A took after its last committed cut died with it: the newest input
-        # reflected was sent more than the margin before the kill.
+        # The inputs A took after its last committed cut died with it: some inputs sent before
+        # the kill are never reflected. (How long before the kill the newest reflected one was
+        # sent is no longer a test: a commit now lands within 25-30 ms of its cut, so it can be
+        # under MARGIN_MS, which the lossless test needs only as an upper bound.)
         assert holes == 0
-        assert newest_ms > MARGIN_MS
+        assert newest_ms > 0
         assert loss.before_kill > 0
         assert check.duplicates == 0
         assert check.gaps == 0

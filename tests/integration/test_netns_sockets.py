@@ -1,4 +1,7 @@
-"""`destroy_tcp_sockets` closes the TCP sockets a dead process left in a netns, over netlink.
+"""`destroy_tcp_sockets` and `links_down`: netns operations on a failover's or a kill's critical
+path, done from a thread in the netns instead of a spawned `ip`/`ss`.
+
+`destroy_tcp_sockets` closes the TCP sockets a dead process left in a netns, over netlink.
 
 A local failover calls it between the NF's death and the restore: a connection the dead NF
 left behind still holds the 4-tuple its restored copy must rebind (CRIU: "Cannot assign
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +87,22 @@ def test_every_tcp_socket_of_the_netns_is_closed(ns: str) -> None:
 def test_a_missing_netns_is_named_in_the_error() -> None:
     with pytest.raises(netns.NetnsError, match="hsk-none"):
         netns.destroy_tcp_sockets("hsk-none")
+
+
+def test_links_down_takes_every_named_link_down_at_once(ns: str) -> None:
+    a, b = f"{ns}a", f"{ns}b"
+    netns.create_veth(netns.VethEnd(a, ns), netns.VethEnd(b, ns))
+    netns.set_up(a, ns)
+    netns.set_up(b, ns)
+
+    def up(name: str) -> bool:
+        out = subprocess.run(
+            ["ip", "-n", ns, "-o", "link", "show", name], capture_output=True, text=True, check=True
+        ).stdout
+        return ",UP" in out or "<UP" in out
+
+    assert (up(a), up(b)) == (True, True)
+    netns.links_down(ns, a, b)
+    assert (up(a), up(b)) == (False, False)
+    with pytest.raises(netns.NetnsError, match="nolink"):
+        netns.links_down(ns, "nolink")
