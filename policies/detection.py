@@ -35,6 +35,7 @@ __all__ = [
     "DetectionDecision",
     "DetectionPolicy",
     "ProbeFacts",
+    "StandbyWatch",
     "Verdict",
     "assess",
     "dampened",
@@ -208,3 +209,54 @@ def assess(policy: DetectionPolicy, facts: ProbeFacts) -> DetectionDecision:
         + ("in hold-down" if not held else "awaiting the agent's check"),
         wake_at_us=min(deadlines),
     )
+
+
+@attrs.define
+class StandbyWatch:
+    """A primary's watch of its standby (pure: the agent runs the checks it asks for).
+
+    The data plane reports a silence once (`silent`), and says when probes come back (`heard`).
+    Each check asked for gets the dampened window. An alive answer disputes the silence
+    (dampening the next ones, once per silence) and asks again a window later, for as long as
+    no probe came back (`due`): a standby that dies while a flap is disputed is then still found
+    lost. A dead answer loses the standby.
+    """
+
+    policy: DetectionPolicy
+    damp: Dampening = attrs.Factory(Dampening)
+    recheck_at_us: int | None = None  # the next check of a disputed silence
+    disputed: bool = False  # this silence was disputed already
+
+    def busy(self, now_us: int) -> None:
+        """The standby was just chosen and is being seeded: two doublings up, as its own
+        watch of this primary starts."""
+        self.damp = Dampening(level=2, at_us=now_us)
+
+    def window_us(self, now_us: int) -> int:
+        """The confirmation window a check started now gets."""
+        return dampened(self.policy, self.damp, now_us).confirm_window_us
+
+    def heard(self) -> None:
+        """Probes came back: the silence is over."""
+        self.recheck_at_us = None
+        self.disputed = False
+
+    def due(self, now_us: int) -> bool:
+        """A disputed silence is to be checked again now (once per call that says so)."""
+        if self.recheck_at_us is None or now_us < self.recheck_at_us:
+            return False
+        self.recheck_at_us = None
+        return True
+
+    def answered(self, alive: bool, now_us: int, window_us: int) -> Verdict:
+        """The check started with `window_us` answered: DISPUTED the first time in a silence
+        (report it), SUSPECT on later alive answers (checked again), FAILED if dead."""
+        if not alive:
+            self.heard()
+            return Verdict.FAILED
+        self.recheck_at_us = now_us + window_us
+        if self.disputed:
+            return Verdict.SUSPECT
+        self.disputed = True
+        self.damp = record_dispute(self.policy, self.damp, now_us)
+        return Verdict.DISPUTED

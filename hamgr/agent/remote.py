@@ -92,7 +92,7 @@ from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
 from hamgr.agent.unitnf import prepare_unit_images, restore_unit_nf, start_unit_nf
 from hamgr.unitspec import UnitSpec, loads
-from policies.detection import Dampening, DetectionPolicy, dampened, record_dispute
+from policies.detection import Dampening, DetectionPolicy, StandbyWatch, Verdict
 from policies.placement import HostFacts
 from policies.standby_loss import StandbyLossAction, StandbyLossPolicy
 from shim import epoch as ep
@@ -667,12 +667,9 @@ class RemoteAgent:
             confirm_window_us=plan.confirm_window_us,
         )
         # Disputed verdicts on each standby (primary side), which lengthen the next check.
-        self._standby_damp: dict[str, Dampening] = {}
-        # Standbys whose probes went silent but whose check answered: checked again when the
-        # monotonic time given comes, unless their probes came back first (PeerUp). The data
-        # plane reports a silence once; a standby that dies during the dispute sends no other.
-        self._standby_recheck: dict[str, tuple[float, PeerDown]] = {}
-        self._standby_recheck_seen: set[str] = set()  # disputed in this silence: one event
+        # Each standby's watch (`policies.detection.StandbyWatch`), and the silence being judged.
+        self._standby_watch: dict[str, StandbyWatch] = {}
+        self._standby_silence: dict[str, PeerDown] = {}
         # Units whose epoch machine a standby fenced (from the runners' threads).
         self._fenced: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._recheck_at = 0.0
@@ -1263,7 +1260,7 @@ class RemoteAgent:
         self._watching[standby] = unit
         # Seeding it with a full image keeps it busy: its first checks are dampened, as its
         # watch of this primary is (`_watch`, busy).
-        self._standby_damp[standby] = Dampening(level=2, at_us=_now_us())
+        self._standby_watch_of(standby).busy(_now_us())
         if self.embedded:
             # Its standby_add made the standby watch this primary before the first ship.
             self._announce_protection(role, standby)
@@ -1371,6 +1368,12 @@ class RemoteAgent:
 
         return Observed(on_commit, on_alarm, lambda _u, _s: None, on_fenced=self._fenced.put)
 
+    def _standby_watch_of(self, peer: str) -> StandbyWatch:
+        watch = self._standby_watch.get(peer)
+        if watch is None:
+            watch = self._standby_watch[peer] = StandbyWatch(self.detection)
+        return watch
+
     def _standby_lost(self, peer: str, down: PeerDown) -> None:
         unit = self._watching.get(peer)
         role = self.primaries.get(unit or "")
@@ -1380,22 +1383,20 @@ class RemoteAgent:
             return  # lost already: `_recheck` retries it
         # Dampened as a standby's watch of its primary is (`policies.detection.dampened`): a
         # standby whose probes keep stopping while it answers is overloaded, not dead, and a
-        # false verdict costs a needless re-protection and its full image.
+        # false verdict costs a needless re-protection and its full image. The same check as a
+        # standby's of its primary (`confirm_peer`): at load 7 a bare ping missed the window of
+        # a live standby right after it was seeded, and the unit moved its protection for
+        # nothing.
+        watch = self._standby_watch_of(peer)
         now = _now_us()
-        damp = self._standby_damp.get(peer, Dampening())
-        window_us = dampened(self.detection, damp, now).confirm_window_us
-        # The same check as a standby's of its primary (`confirm_peer`): at load 7 a bare ping
-        # missed the window of a live standby right after it was seeded, and the unit moved its
-        # protection for nothing.
-        if self.confirm_peer(peer, window_us / 1e6):
-            if peer not in self._standby_recheck_seen:
-                self._standby_damp[peer] = record_dispute(self.detection, damp, now)
-                self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
-            self._standby_recheck_seen.add(peer)
-            self._standby_recheck[peer] = (time.monotonic() + window_us / 1e6, down)
+        window_us = watch.window_us(now)
+        self._standby_silence[peer] = down
+        verdict = watch.answered(self.confirm_peer(peer, window_us / 1e6), _now_us(), window_us)
+        if verdict is Verdict.DISPUTED:
+            self.event("standby_disputed", unit=unit, standby=peer, window_us=window_us)
+        if verdict is not Verdict.FAILED:
             return
-        self._standby_recheck.pop(peer, None)
-        self._standby_recheck_seen.discard(peer)
+        del self._standby_silence[peer]
         self.event("standby_lost", unit=unit, standby=peer, last_rx_us=down.last_rx_mono_us)
         role.lost_standby = peer
         self._recheck_at = time.monotonic() + RECHECK_S
@@ -1638,15 +1639,14 @@ class RemoteAgent:
                 elif isinstance(ev, PeerUp):
                     self.event("peer_up", peer=ev.peer)
                     self._seen.add(ev.peer)
-                    self._standby_recheck.pop(ev.peer, None)
-                    self._standby_recheck_seen.discard(ev.peer)
+                    if ev.peer in self._standby_watch:
+                        self._standby_watch[ev.peer].heard()
                     for driver in self.drivers.values():
                         driver.feed(fo.PeerUp(ev.peer, ev.mono_us))
-                now_s = time.monotonic()
-                for peer, (at, down) in list(self._standby_recheck.items()):
-                    if now_s >= at:
-                        del self._standby_recheck[peer]
-                        self._standby_lost(peer, down)
+                now_us = _now_us()
+                for peer, silence in list(self._standby_silence.items()):
+                    if self._standby_watch[peer].due(now_us):
+                        self._standby_lost(peer, silence)
                 while True:
                     try:
                         req = self.requests.get_nowait()

@@ -9,6 +9,7 @@ from policies import (
     Dampening,
     DetectionPolicy,
     ProbeFacts,
+    StandbyWatch,
     Verdict,
     assess,
     dampened,
@@ -129,3 +130,41 @@ def test_dampening_decays_one_doubling_per_quiet_period_and_can_be_turned_off() 
     off = DetectionPolicy(dampen_max_us=0)
     assert record_dispute(off, Dampening(), 5) == Dampening()
     assert dampened(off, Dampening(3, 0), 1) is off
+
+
+# --- a primary's watch of its standby -----------------------------------------------------
+
+
+def test_a_standby_that_answers_is_disputed_once_and_checked_again_while_silent() -> None:
+    policy = DetectionPolicy(confirm_window_us=30_000, hold_down_us=5_000, dampen_max_us=60_000)
+    watch = StandbyWatch(policy)
+    assert watch.window_us(0) == 30_000
+    assert watch.answered(True, 1_000, 30_000) is Verdict.DISPUTED
+    # The dispute dampened the next window; the silence is checked again a window later.
+    assert watch.window_us(2_000) == 60_000
+    assert not watch.due(30_999)
+    assert watch.due(31_000)
+    assert not watch.due(31_001)  # once per window
+    # Alive again in the same silence: no second dispute (no second event, no more dampening).
+    assert watch.answered(True, 32_000, 60_000) is Verdict.SUSPECT
+    assert watch.due(92_000)
+    # It died meanwhile: lost, and nothing more to check.
+    assert watch.answered(False, 93_000, 60_000) is Verdict.FAILED
+    assert not watch.due(10**9)
+
+
+def test_probes_coming_back_end_the_silence() -> None:
+    watch = StandbyWatch(DetectionPolicy(confirm_window_us=30_000, hold_down_us=5_000))
+    assert watch.answered(True, 0, 30_000) is Verdict.DISPUTED
+    watch.heard()
+    assert not watch.due(10**9)
+    # The next silence is a new one: its first alive answer is a dispute again.
+    assert watch.answered(True, 100_000, 60_000) is Verdict.DISPUTED
+
+
+def test_a_standby_being_seeded_starts_dampened() -> None:
+    policy = DetectionPolicy(confirm_window_us=5_000, hold_down_us=5_000, dampen_max_us=60_000)
+    watch = StandbyWatch(policy)
+    watch.busy(0)
+    assert watch.window_us(0) == 20_000  # two doublings
+    assert watch.window_us(2 * policy.dampen_decay_us) == 5_000  # decayed
