@@ -616,22 +616,31 @@ class Container:
         """Get the next dump's CRIU ready now, while the NF runs (swrk mode; else a no-op).
 
         Every checkpoint does this for the next one by itself; call it once after `start` or
-        `restore` so that the first checkpoint is as short as the others. Waits until the
+        `restore` so that the first checkpoint is as short as the others: it also reads, once,
+        what every dump of this container passes to CRIU (`dump_facts`). Waits until the
         worker process exists (a few ms); CRIU then finishes starting on its own. With
         ``wait=False`` the worker is started on the container's helper thread and this returns
         at once (a restored copy on a failover's critical path); the first dump, or a later
         `prepare_checkpoint`, waits for it.
         """
-        if self._backend.criu_mode != "swrk" or self.exited():
+        if self.exited():
+            return
+        if self._backend.criu_mode != "swrk":
+            self.dump_facts()  # /proc reads that the first dump would make in its pause
             return
         if not wait:
             if self._spawner is None and self._worker is None:
-                self._spawner = self._helper().submit(self._spawn_worker, None)
+                self._spawner = self._helper().submit(self._prepare_ahead)
             return
+        self.dump_facts()
         self._wait_spawner()
         with self._worker_lock:
             if self._worker is not None and self._worker.usable():
                 return
+        self._spawn_worker(None)
+
+    def _prepare_ahead(self) -> None:
+        self.dump_facts()
         self._spawn_worker(None)
 
     def wait_rx_drained(self, timeout: float = 0.02, *, settle: float = 0.0002) -> RxDrain:
