@@ -798,7 +798,10 @@ class RemoteAgent:
             # The primary's hello records its term here too; a restarted standby whose store
             # already holds it gets no new one.
             self._on_term(spec.name, max(term, self.stores[spec.name].term))
-        self._watch(spec, primary, term, spares)
+        # Busy: the primary seeds this standby with a full image and its first cuts now, or
+        # re-ships to it after a restart; B's checks of A ran late then (loaded bench and e2e
+        # runs saw B take a live A over in the warm-up), as after a re-protection.
+        self._watch(spec, primary, term, spares, busy=True)
 
     def _watch_request(self, req: dict[str, Any]) -> None:
         """A primary made this host its standby (re-protection): watch it from now on.
