@@ -713,6 +713,11 @@ class _Suspicion:
     alarmed: bool = False  # one alarm per suspicion, however often it is asked again
 
 
+def _recheck_after(policy: DetectionPolicy) -> int:
+    """How long after a disputed check a still silent peer is asked again."""
+    return max(policy.confirm_window_us, policy.disputed_recheck_us)
+
+
 class FailoverMachine:
     """The failover sequence for one unit on the node that would take it over."""
 
@@ -928,9 +933,9 @@ class FailoverMachine:
         if (
             s.agent is AgentCheck.ALIVE
             and s.asked_us is not None
-            and self._now >= s.asked_us + policy.confirm_window_us
+            and self._now >= s.asked_us + _recheck_after(policy)
         ):
-            # Disputed a window ago and still silent (no PeerUp since): ask again. Without
+            # Disputed a while ago and still silent (no PeerUp since): ask again. Without
             # this, a peer that died right after answering was never failed over, since its
             # data plane reports it down only once.
             s.agent = AgentCheck.NOT_ASKED
@@ -1214,5 +1219,7 @@ class FailoverMachine:
             wakes = [s.last_rx_us + policy.hold_down_us]
             if s.asked_us is not None:
                 wakes.append(s.asked_us + policy.confirm_window_us)
+                if s.agent is AgentCheck.ALIVE:
+                    wakes.append(s.asked_us + _recheck_after(policy))
             future = [w for w in wakes if w > self._now]
             self._wake_at = min(future) if future else None

@@ -136,18 +136,23 @@ def test_dampening_decays_one_doubling_per_quiet_period_and_can_be_turned_off() 
 
 
 def test_a_standby_that_answers_is_disputed_once_and_checked_again_while_silent() -> None:
-    policy = DetectionPolicy(confirm_window_us=30_000, hold_down_us=5_000, dampen_max_us=60_000)
+    policy = DetectionPolicy(
+        confirm_window_us=30_000,
+        hold_down_us=5_000,
+        dampen_max_us=60_000,
+        disputed_recheck_us=300_000,
+    )
     watch = StandbyWatch(policy)
     assert watch.window_us(0) == 30_000
     assert watch.answered(True, 1_000, 30_000) is Verdict.DISPUTED
-    # The dispute dampened the next window; the silence is checked again a window later.
+    # The dispute dampened the next window; the silence is checked again 300 ms later.
     assert watch.window_us(2_000) == 60_000
-    assert not watch.due(30_999)
-    assert watch.due(31_000)
-    assert not watch.due(31_001)  # once per window
+    assert not watch.due(300_999)
+    assert watch.due(301_000)
+    assert not watch.due(301_001)  # once per recheck
     # Alive again in the same silence: no second dispute (no second event, no more dampening).
-    assert watch.answered(True, 32_000, 60_000) is Verdict.SUSPECT
-    assert watch.due(92_000)
+    assert watch.answered(True, 362_000, 60_000) is Verdict.SUSPECT
+    assert watch.due(662_000)
     # It died meanwhile: lost, and nothing more to check.
     assert watch.answered(False, 93_000, 60_000) is Verdict.FAILED
     assert not watch.due(10**9)
