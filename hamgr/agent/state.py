@@ -248,6 +248,14 @@ class StateDB:
                     (name, role, peer, term, now),
                 )
 
+    def set_spec(self, name: str, spec: Mapping[str, Any]) -> None:
+        """A unit's spec changed (a spare became its standby, under a spec naming it so)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE units SET spec = ?, updated_at = ? WHERE name = ?",
+                (json.dumps(dict(spec), sort_keys=True), time.time(), name),
+            )
+
     def set_unit_state(self, name: str, state: str, error: str | None = None) -> None:
         with self._tx() as db:
             db.execute(
