@@ -286,6 +286,10 @@ def test_b_claims_its_term_at_the_spare_c_when_a_dies_and_c_becomes_its_standby(
         assert (result["ok"], result["standby"], result["spares"]) == (True, b, [c]), result
         spare = _role(fab, "C", "spare")
         text = fab.cli("C", "status").stdout
+        # C's agent restarts: it finds its spare role (and store) again in state.db.
+        fab.cli("C", "down")
+        fab.cli("C", "up")
+        adopted = _role(fab, "C", "spare")
         sink, sender, out = start_traffic(fab, tmp_path, seconds=7.0, pps=PPS)
         try:
             kill_us = _kill_a_after_its_commits(fab)
@@ -311,6 +315,7 @@ def test_b_claims_its_term_at_the_spare_c_when_a_dies_and_c_becomes_its_standby(
         assert (spare["peer"], spare["term"], spare["state"]) == (a, 1, "spare")
         assert spare["last_committed"] is None
         assert any(ln.split()[:4] == [UNIT, "spare", a, "1"] for ln in text.splitlines()), text
+        assert adopted == spare
         # B claimed term 2 at C before it restored anything, and C granted it.
         assert [(e["term"], e["claims"]) for e in claims] == [
             (2, [{"spare": c, "verdict": "granted", "detail": ""}])
