@@ -282,6 +282,33 @@ def test_a_version_1_database_gets_the_spare_role(tmp_path: Path) -> None:
     db.close()
 
 
+def test_a_teardown_keeps_what_the_role_had_before(tmp_path: Path) -> None:
+    """A spare whose change into a standby failed: what the change made goes, its store stays
+    (and stays recorded)."""
+    from hamgr.agent import unitnet
+
+    db = StateDB(tmp_path / "state.db", host="hC")
+    db.add_unit("u1", {"name": "u1"}, {"spare": "hA"}, term=1)
+    store, images = tmp_path / "store", tmp_path / "images"
+    store.mkdir()
+    images.mkdir()
+    db.add_resource("u1", "standby", "u1", {"root": str(store), "remote": True})
+    kept = {(r.kind, r.name) for r in db.resources("u1")}
+    db.add_resource("u1", "images", "u1", {"root": str(images)})
+    problems = unitnet.teardown(
+        db,
+        "u1",
+        dp=None,
+        backend=None,  # type: ignore[arg-type]
+        keep=lambda r: (r.kind, r.name) in kept,
+    )
+    assert problems == []
+    assert store.is_dir()
+    assert not images.exists()
+    assert [(r.kind, r.name) for r in db.resources("u1")] == [("standby", "u1")]
+    db.close()
+
+
 def test_state_belongs_to_one_host(tmp_path: Path) -> None:
     StateDB(tmp_path / "state.db", host="h1").close()
     with pytest.raises(StateError, match="belongs to host 'h1'"):
