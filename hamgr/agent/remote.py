@@ -792,12 +792,14 @@ class RemoteAgent:
         self.write_status()
         self.event("ready", pid=os.getpid())
 
-    def _start_standby(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
+    def _start_standby(
+        self, spec: UnitSpec, primary: str, term: int, spares: list[str], *, busy: bool = False
+    ) -> None:
         if spec.protection.lossless:
             # The primary's hello records its term here too; a restarted standby whose store
             # already holds it gets no new one.
             self._on_term(spec.name, max(term, self.stores[spec.name].term))
-        self._watch(spec, primary, term, spares)
+        self._watch(spec, primary, term, spares, busy=busy)
 
     def _watch_request(self, req: dict[str, Any]) -> None:
         """A primary made this host its standby (re-protection): watch it from now on.
@@ -1018,7 +1020,11 @@ class RemoteAgent:
                 )
             self.specs[unit] = spec
         try:
-            self._start_standby(spec, primary, max(term, store.term), spares)
+            # A spare becomes a standby at a re-protection, whose primary has just shipped it
+            # a full image (and may have just lost its standby): watched as `_watch_request`
+            # watches a primary that chose it, with its first checks dampened.
+            busy = was_spare is not None
+            self._start_standby(spec, primary, max(term, store.term), spares, busy=busy)
         except BaseException:
             if was_spare is None:
                 self._drop_standby(unit)
