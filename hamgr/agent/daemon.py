@@ -1052,7 +1052,11 @@ class Agent:
             remote.prepare_standby(spec)
             step = f"watch {primary}"
             spares = list(request.spares)
-            remote.call(lambda: remote.add_standby(spec, primary, request.term, spares))
+            # Past term 1, the primary took the unit over and now re-protects it here.
+            again = request.term > 1
+            remote.call(
+                lambda: remote.add_standby(spec, primary, request.term, spares, reprotection=again)
+            )
             if spare is not None:
                 self.db.set_spec(unit, spec.to_json())
                 self.db.set_role(unit, "standby", primary, request.term)

@@ -996,9 +996,20 @@ class RemoteAgent:
         self.spare_of[unit] = (primary, term)
         self.event("spare", unit=unit, primary=primary, term=max(term, store.term))
 
-    def add_standby(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
+    def add_standby(
+        self,
+        spec: UnitSpec,
+        primary: str,
+        term: int,
+        spares: list[str],
+        *,
+        reprotection: bool = False,
+    ) -> None:
         """Become `spec`'s standby for `primary` at `term` (loop thread; `prepare_standby`
         first, off it). The store reopens what an earlier incarnation of this agent left.
+        `reprotection`: `primary` chose this host to re-protect the unit (it seeds it with a
+        full image, and may have just taken the unit over), so detection starts dampened, as
+        `_watch_request` does.
 
         A spare of the unit becomes its standby with the store it holds (a re-protection chose
         it): at a term no lower than the one its store recorded (a takeover's claim), and a
@@ -1020,10 +1031,8 @@ class RemoteAgent:
                 )
             self.specs[unit] = spec
         try:
-            # A spare becomes a standby at a re-protection, whose primary has just shipped it
-            # a full image (and may have just lost its standby): watched as `_watch_request`
-            # watches a primary that chose it, with its first checks dampened.
-            busy = was_spare is not None
+            # A spare becomes a standby only at a re-protection.
+            busy = reprotection or was_spare is not None
             self._start_standby(spec, primary, max(term, store.term), spares, busy=busy)
         except BaseException:
             if was_spare is None:
