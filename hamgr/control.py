@@ -34,11 +34,15 @@ standby_add    spec: unit spec, primary: host name (the        unit, role ("stan
                term), source?: str
 standby_remove unit: unit name, primary: host name (the        unit, removed: bool, detail
                agent asking)
+spare_add      spec: unit spec, primary: host name (the        unit, role ("spare"), primary,
+               agent asking), term: int >= 1, source?: str     term
+spare_remove   unit: unit name, primary: host name (the        unit, removed: bool, detail
+               agent asking)
 =============  ==============================================  ====================================
 
-``standby_add`` and ``standby_remove`` are sent by one agent to another (docs/agent.md, "Remote
-standby"); the receiving agent also checks that the key the request came with is the configured
-key of `primary`.
+``standby_add``, ``standby_remove``, ``spare_add`` and ``spare_remove`` are sent by one agent to
+another (docs/agent.md, "Remote standby"); the receiving agent also checks that the key the
+request came with is the configured key of `primary`.
 
 Replies (agent -> client), with the request's ``id`` (null when it could not be read):
 ``{"type": "result", "data": {...}}``, ``{"type": "error", "code": C, "message": M}``,
@@ -84,6 +88,8 @@ __all__ = [
     "Request",
     "SchemaError",
     "Shutdown",
+    "SpareAdd",
+    "SpareRemove",
     "StandbyAdd",
     "StandbyRemove",
     "Status",
@@ -299,6 +305,25 @@ class StandbyRemove(Request):
     primary: str = ""
 
 
+@attrs.frozen
+class SpareAdd(Request):
+    """Agent to agent: keep a store of the unit `spec` (whose primary is `primary`), so that its
+    standby can claim a term here at a takeover."""
+
+    spec: Mapping[str, Any] = attrs.field(factory=dict)
+    primary: str = ""
+    term: int = 1
+    source: str = "<request>"
+
+
+@attrs.frozen
+class SpareRemove(Request):
+    """Agent to agent: drop the spare role of `unit` that `primary` set up here."""
+
+    unit: str = ""
+    primary: str = ""
+
+
 def _ping(f: _Fields, rid: str) -> Request:
     return Ping(rid)
 
@@ -357,12 +382,30 @@ def _standby_add(f: _Fields, rid: str) -> Request:
     return StandbyAdd(rid, spec, primary, term, spares, source)
 
 
-def _standby_remove(f: _Fields, rid: str) -> Request:
+def _unit_and_primary(f: _Fields) -> tuple[str, str]:
     unit = f.string("unit", pattern=_UNIT)
     primary = f.string("primary", pattern=_HOST, max_len=32)
     assert unit is not None
     assert primary is not None
-    return StandbyRemove(rid, unit, primary)
+    return unit, primary
+
+
+def _standby_remove(f: _Fields, rid: str) -> Request:
+    return StandbyRemove(rid, *_unit_and_primary(f))
+
+
+def _spare_add(f: _Fields, rid: str) -> Request:
+    spec = f.obj_field("spec")
+    primary = f.string("primary", pattern=_HOST, max_len=32)
+    term = f.integer("term", low=1, high=2**62, required=True)
+    source = f.string("source", required=False, max_len=1024) or "<request>"
+    assert primary is not None
+    assert term is not None
+    return SpareAdd(rid, spec, primary, term, source)
+
+
+def _spare_remove(f: _Fields, rid: str) -> Request:
+    return SpareRemove(rid, *_unit_and_primary(f))
 
 
 REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
@@ -375,6 +418,8 @@ REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "shutdown": _shutdown,
     "standby_add": _standby_add,
     "standby_remove": _standby_remove,
+    "spare_add": _spare_add,
+    "spare_remove": _spare_remove,
 }
 _REQUEST_NAMES: Final = {
     Ping: "ping",
@@ -386,6 +431,8 @@ _REQUEST_NAMES: Final = {
     Shutdown: "shutdown",
     StandbyAdd: "standby_add",
     StandbyRemove: "standby_remove",
+    SpareAdd: "spare_add",
+    SpareRemove: "spare_remove",
 }
 
 
@@ -951,3 +998,19 @@ class ControlClient:
         self, unit: str, *, primary: str, timeout: float = 60.0
     ) -> Mapping[str, Any]:
         return self.call(StandbyRemove(self.new_id(), unit, primary), timeout=timeout)
+
+    def spare_add(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        primary: str,
+        term: int,
+        source: str = "<request>",
+        timeout: float = 60.0,
+    ) -> Mapping[str, Any]:
+        return self.call(
+            SpareAdd(self.new_id(), dict(spec), primary, term, source), timeout=timeout
+        )
+
+    def spare_remove(self, unit: str, *, primary: str, timeout: float = 60.0) -> Mapping[str, Any]:
+        return self.call(SpareRemove(self.new_id(), unit, primary), timeout=timeout)

@@ -94,15 +94,19 @@ def sequencer_spec(
     tcp_port: int | None = None,
     chain: int = 1,
     standby: str | None = None,
+    spares: tuple[str, ...] = (),
 ) -> str:
     """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there; with
-    `standby` (a host's name) its standby is on that host (for the main agents).
+    `standby` (a host's name) its standby is on that host (for the main agents), and `spares`
+    its spares.
 
     With `chain` > 1 the unit is a chain of that many sequencers: each forwards to the next on
     the next port over the NF netns's loopback, and the last one to the sink.
     """
     tcp = "" if tcp_port is None else f', "--tcp-listen", "{tcp_port}"'
     standby_table = "" if standby is None else f'\n[standby]\nhost = "{standby}"\n'
+    if spares:
+        standby_table += f"spares = {json.dumps(list(spares))}\n"
     dest = f"{SINK_IP}:{SINK_PORT}" if chain == 1 else f"127.0.0.1:{NF_PORT + 1}"
     members = ""
     for i in range(1, chain):

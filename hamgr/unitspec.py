@@ -25,6 +25,8 @@ One file describes one protected unit::
 
     [standby]
     host = "auto"                       # "auto" or a host name
+    spares = []                         # with a remote standby: up to 8 more peers, where a
+                                        # takeover claims its term (docs/failover.md, Partitions)
 
     [epoch]
     policy = "fixed"                    # "fixed" (length_ms) or "adaptive"
@@ -81,6 +83,7 @@ _IFNAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _HOSTNAME: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _MAC: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_WIRE_PORTS: Final = 4
+MAX_SPARES: Final = 8  # as many as a standby_add carries (hamgr.control)
 MAX_CHAIN_MEMBERS: Final = 3  # [nf] and at most two [[chain]] tables
 MAX_INFLIGHT: Final = 64  # the data plane's limit
 MAX_EPOCH_MS: Final = 60_000
@@ -271,6 +274,18 @@ def _standby_host(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> Non
         raise _InvalidError(f'must be "auto" or a host name, got {_show(value)}')
 
 
+def _spares(_inst: object, _attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, list | tuple) or len(value) > MAX_SPARES:
+        raise _InvalidError(
+            f"must be an array of at most {MAX_SPARES} host names, got {_show(value)}"
+        )
+    for item in value:
+        if not isinstance(item, str) or not _HOSTNAME.match(item):
+            raise _InvalidError(f"{_show(item)} is not a host name")
+    if len(set(value)) != len(value):
+        raise _InvalidError(f"names a host twice: {_show(list(value))}; name each spare once")
+
+
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -338,7 +353,27 @@ class PortsSpec:
 
 @attrs.frozen
 class StandbySpec:
+    """Where the standby runs; with a remote one, the spares a takeover claims its term at.
+
+    Whether each spare is a peer of the primary (and not the primary itself) only the primary's
+    agent knows: it checks that at protect time."""
+
     host: str = attrs.field(default="auto", validator=_standby_host)
+    spares: tuple[str, ...] = attrs.field(default=(), validator=_spares)
+
+    def _problems(self) -> list[tuple[str, str]]:
+        if not self.spares:
+            return []
+        if self.host == "auto":
+            return [
+                (
+                    "spares",
+                    "spares need a remote standby: set host to a peer's name, or remove spares",
+                )
+            ]
+        if self.host in self.spares:
+            return [("spares", f"{_show(self.host)} is the standby; a spare is another host")]
+        return []
 
 
 @attrs.frozen
@@ -418,6 +453,7 @@ _CONVERT: Final[Mapping[str, Callable[[Any], Any]]] = {
     "args": _tuple,
     "env": _tuple,
     "wire": _tuple,
+    "spares": _tuple,
     "neighbors": _frozen_map,
 }
 

@@ -23,8 +23,9 @@ data plane and the NFs running, and the new agent adopts them (`hamgr.agent.prim
   the standbys this host holds for other hosts' units, probes of those peers and the takeover
   of a unit whose primary host died. Every change of those roles runs on this thread
   (`RemoteAgent.call`); its epoch loops are `unit-U` threads too.
-- **hamgr-peer**: ``standby_add`` and ``standby_remove`` from peer agents, one at a time (a
-  worker of its own: two agents protecting units onto each other never wait on each other).
+- **hamgr-peer**: ``standby_add``, ``standby_remove``, ``spare_add`` and ``spare_remove`` from
+  peer agents, one at a time (a worker of its own: two agents protecting units onto each other
+  never wait on each other).
 
 A unit's standby is this same agent (a local standby, in the same process: it covers an agent
 crash and an NF's death), or, with ``[standby] host`` naming a peer, that peer's agent (a remote
@@ -94,6 +95,8 @@ STOP_DRAIN_S = 2.0
 # A peer's standby_add builds a netns, unpacks the image and joins its data plane: seconds.
 STANDBY_ADD_TIMEOUT_S = 60.0
 STANDBY_REMOVE_TIMEOUT_S = 30.0
+# A peer's spare_add only opens a store.
+SPARE_ADD_TIMEOUT_S = 30.0
 
 
 class AgentError(Exception):
@@ -200,8 +203,10 @@ class _RoleRecorder(RoleHooks):
             log.warning("takeover aborted: %s", report.detail, extra={"unit": unit})
 
     def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
-        # The spec names its standby: the new one now.
-        placed = attrs.evolve(spec, standby=attrs.evolve(spec.standby, host=standby))
+        # The spec names its standby: the new one now. Its spares stay spares but the new
+        # standby and this host (a standby that took the unit over); a dead primary is not one.
+        spares = tuple(s for s in spec.standby.spares if s not in (standby, self.agent.host))
+        placed = attrs.evolve(spec, standby=attrs.evolve(spec.standby, host=standby, spares=spares))
         self.agent.standby_add(placed, standby, term)
 
     def standby_changed(self, unit: str, standby: str, term: int) -> None:
@@ -594,7 +599,12 @@ class Agent:
                     return
                 work = self._protect if isinstance(request, control.Protect) else self._unprotect
                 self.worker.submit(self._guarded, work, request, responder)
-            case control.StandbyAdd() | control.StandbyRemove():
+            case (
+                control.StandbyAdd()
+                | control.StandbyRemove()
+                | control.SpareAdd()
+                | control.SpareRemove()
+            ):
                 if self._stop.is_set():
                     responder.error("busy", "the agent is stopping")
                     return
@@ -604,11 +614,12 @@ class Agent:
                         f"{self.host} holds no remote standbys: its agent.toml has no [remote]",
                     )
                     return
-                peer_work = (
-                    self._standby_add
-                    if isinstance(request, control.StandbyAdd)
-                    else self._standby_remove
-                )
+                peer_work = {
+                    control.StandbyAdd: self._standby_add,
+                    control.StandbyRemove: self._role_remove,
+                    control.SpareAdd: self._spare_add,
+                    control.SpareRemove: self._role_remove,
+                }[type(request)]
                 self.peer_worker.submit(self._guarded, peer_work, request, responder)
             case control.Shutdown(teardown=teardown):
                 responder.result({"stopping": True, "teardown": teardown, "pid": os.getpid()})
@@ -660,6 +671,12 @@ class Agent:
             )
         if peer is not None:
             return self._refuse_remote(spec, peer)
+        if spec.standby.spares:
+            return (
+                "bad_spec",
+                "standby.spares: spares serve a remote standby, and this unit's standby is local "
+                f"({spec.standby.host!r}); set [standby] host to a peer, or remove spares",
+            )
         for field, iface in [("ports.wire", w) for w in spec.ports.wire] + [
             ("ports.egress", spec.ports.egress)
         ]:
@@ -695,6 +712,21 @@ class Agent:
                 f"standby.host: {peer!r} is not a peer of {self.host} (its peers: {known}); "
                 f"add [peers.{peer}] to {self.config.path} and restart the agent",
             )
+        for spare in spec.standby.spares:
+            if spare == self.host:
+                return (
+                    "bad_spec",
+                    f"standby.spares: {spare!r} is this host, the unit's primary; a spare is "
+                    "another peer: remove it from spares",
+                )
+            if spare not in self.config.peers:
+                known = ", ".join(sorted(self.config.peers)) or "none"
+                return (
+                    "bad_spec",
+                    f"standby.spares: {spare!r} is not a peer of {self.host} (its peers: "
+                    f"{known}); add [peers.{spare}] to {self.config.path} and restart the "
+                    "agent, or remove it from spares",
+                )
         if spec.protection.on_standby_loss == "run-unprotected":
             return (
                 "unsupported",
@@ -819,6 +851,9 @@ class Agent:
         nf: Container | None = None
         try:
             self.standby_add(spec, peer, term)
+            for spare in spec.standby.spares:
+                step = f"set up its spare on {spare}"
+                self.spare_add(spec, spare, term)
             step = "build the image"
             image = self._image(spec)
             dp = self.dp.client()
@@ -829,7 +864,10 @@ class Agent:
             nf = unitnet.start_nf(self.db, self.backend, spec, names, image)
             step = f"start the epoch engine (its first hello to {peer})"
             started_nf = nf
-            self.remote.call(lambda: self._remote().add_primary(spec, started_nf, peer, term=term))
+            spares = spec.standby.spares
+            self.remote.call(
+                lambda: self._remote().add_primary(spec, started_nf, peer, term=term, spares=spares)
+            )
             self.db.set_unit_state(unit, "running")
         except Exception as exc:
             log.exception("protect %s failed at: %s", unit, step, extra={"unit": unit})
@@ -846,7 +884,13 @@ class Agent:
         assert nf is not None
         seconds = round(time.monotonic() - started, 3)
         self.bus.publish(
-            "protect", unit=unit, term=term, nf_pid=nf.pid, standby=peer, seconds=seconds
+            "protect",
+            unit=unit,
+            term=term,
+            nf_pid=nf.pid,
+            standby=peer,
+            spares=list(spec.standby.spares),
+            seconds=seconds,
         )
         log.info(
             "unit protected",
@@ -857,6 +901,7 @@ class Agent:
                 "unit": unit,
                 "role": "primary",
                 "standby": peer,
+                "spares": list(spec.standby.spares),
                 "term": term,
                 "nf_pid": nf.pid,
                 "protection": "protected",
@@ -865,30 +910,61 @@ class Agent:
         )
 
     def standby_add(self, spec: UnitSpec, peer: str, term: int) -> None:
-        """Ask `peer` to hold `spec`'s standby at `term` (its `standby_add`), recorded as the
-        unit's `remote_standby` resource; RuntimeError naming the peer's answer if it refused.
-        A request it may have carried out without answering is recorded too: an unprotect
-        then asks it to drop whatever it made."""
+        """Ask `peer` to hold `spec`'s standby at `term` (its `standby_add`, with the spec's
+        spares), recorded as the unit's `remote_standby` resource; RuntimeError naming the
+        peer's answer if it refused. A request it may have carried out without answering is
+        recorded too: an unprotect then asks it to drop whatever it made. A spare that became
+        the standby is one no more."""
+        unit = spec.name
+        self._ask_peer(
+            unit,
+            peer,
+            "remote_standby",
+            term,
+            lambda c: c.standby_add(
+                spec.to_json(),
+                primary=self.host,
+                term=term,
+                spares=spec.standby.spares,
+                source=f"{self.host}:{unit}",
+                timeout=STANDBY_ADD_TIMEOUT_S,
+            ),
+            timeout=STANDBY_ADD_TIMEOUT_S,
+        )
+        assert self.db is not None
+        self.db.remove_resource(unit, "remote_spare", peer)
+
+    def spare_add(self, spec: UnitSpec, peer: str, term: int) -> None:
+        """Ask `peer` to be a spare of `spec` (its `spare_add`), recorded as the unit's
+        `remote_spare` resource, as `standby_add` records a standby."""
+        unit = spec.name
+        self._ask_peer(
+            unit,
+            peer,
+            "remote_spare",
+            term,
+            lambda c: c.spare_add(
+                spec.to_json(),
+                primary=self.host,
+                term=term,
+                source=f"{self.host}:{unit}",
+                timeout=SPARE_ADD_TIMEOUT_S,
+            ),
+            timeout=SPARE_ADD_TIMEOUT_S,
+        )
+
+    def _ask_peer(
+        self, unit: str, peer: str, kind: str, term: int, fn: Any, *, timeout: float
+    ) -> None:
         assert self.db is not None
         assert self.peer_caller is not None
-        unit = spec.name
         try:
-            self.peer_caller.call(
-                peer,
-                lambda c: c.standby_add(
-                    spec.to_json(),
-                    primary=self.host,
-                    term=term,
-                    source=f"{self.host}:{unit}",
-                    timeout=STANDBY_ADD_TIMEOUT_S,
-                ),
-                timeout=STANDBY_ADD_TIMEOUT_S,
-            )
+            self.peer_caller.call(peer, fn, timeout=timeout)
         except peers.PeerError as exc:
             if exc.sent and exc.code in (None, "timeout"):
-                self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+                self.db.add_resource(unit, kind, peer, {"term": term})
             raise RuntimeError(exc.message) from None
-        self.db.add_resource(unit, "remote_standby", peer, {"term": term})
+        self.db.add_resource(unit, kind, peer, {"term": term})
 
     def _remote(self) -> RemoteAgent:
         assert self.remote is not None
@@ -909,11 +985,11 @@ class Agent:
         )
         return False
 
-    def _standby_add(self, request: control.StandbyAdd, responder: control.Responder) -> None:
-        """A peer's request: hold the standby of its unit (peer_worker thread)."""
-        assert self.db is not None
-        assert self.dp is not None
-        remote = self._remote()
+    def _peer_spec(
+        self, request: control.StandbyAdd | control.SpareAdd, responder: control.Responder
+    ) -> UnitSpec | None:
+        """The spec of a peer's request, once the peer and its key are checked; None once
+        refused."""
         primary = request.primary
         if primary not in self.config.peers:
             responder.error(
@@ -921,13 +997,26 @@ class Agent:
                 f"{primary} is not a peer of {self.host}: add [peers.{primary}] to "
                 f"{self.host}'s {self.config.path} and restart its agent",
             )
-            return
+            return None
         if not self._sent_by(primary, responder):
-            return
+            return None
         try:
-            spec = UnitSpec.from_json(request.spec, source=request.source)
+            return UnitSpec.from_json(request.spec, source=request.source)
         except SpecError as exc:
             responder.error("bad_spec", str(exc))
+            return None
+
+    def _standby_add(self, request: control.StandbyAdd, responder: control.Responder) -> None:
+        """A peer's request: hold the standby of its unit (peer_worker thread).
+
+        A spare of the unit becomes its standby (a re-protection chose it): the store it holds
+        stays, the rest is made; a failure removes only what was made and leaves the spare."""
+        assert self.db is not None
+        assert self.dp is not None
+        remote = self._remote()
+        primary = request.primary
+        spec = self._peer_spec(request, responder)
+        if spec is None:
             return
         unit = spec.name
         if spec.standby.host != self.host:
@@ -940,28 +1029,47 @@ class Agent:
         if unknown:
             responder.error("unsupported", f"spares {unknown} are not peers of {self.host}")
             return
-        if self.db.unit(unit) is not None:
+        spare = self.db.role(unit, "spare")
+        if self.db.unit(unit) is not None and (spare is None or len(self.db.roles(unit)) > 1):
             responder.error("exists", f"unit {unit} already has a role on {self.host}")
             return
         names = unitnet.UnitNames(self.host, unit)
         started = time.monotonic()
-        self.db.add_unit(unit, spec.to_json(), {"standby": primary}, request.term)
+        kept: set[tuple[str, str]] = set()
+        if spare is None:
+            self.db.add_unit(unit, spec.to_json(), {"standby": primary}, request.term)
+        else:
+            kept = {(r.kind, r.name) for r in self.db.resources(unit)}
         step = "prepare the NF's network"
         dp: DataPlaneClient | None = None
         try:
             dp = self.dp.client()
             unitnet.build_remote_network(self.db, dp, spec, names, data_port=FABRIC_PORT, term=None)
             step = "prepare the image and the store"
-            root = self.standby_root(unit)
-            self.db.add_resource(unit, "standby", unit, {"root": str(root), "remote": True})
+            if spare is None:
+                root = self.standby_root(unit)
+                self.db.add_resource(unit, "standby", unit, {"root": str(root), "remote": True})
             remote.prepare_standby(spec)
             step = f"watch {primary}"
             spares = list(request.spares)
             remote.call(lambda: remote.add_standby(spec, primary, request.term, spares))
+            if spare is not None:
+                self.db.set_spec(unit, spec.to_json())
+                self.db.set_role(unit, "standby", primary, request.term)
+                self.db.remove_role(unit, "spare")
             self.db.set_unit_state(unit, "running")
         except Exception as exc:
             log.exception("standby_add %s failed at: %s", unit, step, extra={"unit": unit})
-            problems = self._teardown_unit(unit, None)
+            if spare is None:
+                problems = self._teardown_unit(unit, None)
+            else:
+                problems = unitnet.teardown(
+                    self.db,
+                    unit,
+                    dp=dp,
+                    backend=self.backend,
+                    keep=lambda r: (r.kind, r.name) in kept,
+                )
             if dp is not None:
                 dp.close()
             left = f"; the rollback left: {'; '.join(problems)}" if problems else ""
@@ -984,58 +1092,94 @@ class Agent:
             }
         )
 
-    def _standby_remove(self, request: control.StandbyRemove, responder: control.Responder) -> None:
-        """A peer's request: drop the standby of its unit (peer_worker thread).
+    def _spare_add(self, request: control.SpareAdd, responder: control.Responder) -> None:
+        """A peer's request: be a spare of its unit, a store only (peer_worker thread)."""
+        assert self.db is not None
+        remote = self._remote()
+        primary = request.primary
+        spec = self._peer_spec(request, responder)
+        if spec is None:
+            return
+        unit = spec.name
+        if self.host not in spec.standby.spares:
+            responder.error(
+                "bad_spec",
+                f"standby.spares: {list(spec.standby.spares)} does not name {self.host}",
+            )
+            return
+        if self.db.unit(unit) is not None:
+            responder.error("exists", f"unit {unit} already has a role on {self.host}")
+            return
+        self.db.add_unit(unit, spec.to_json(), {"spare": primary}, request.term)
+        try:
+            root = self.standby_root(unit)
+            self.db.add_resource(unit, "standby", unit, {"root": str(root), "remote": True})
+            remote.call(lambda: remote.add_spare(spec, primary, request.term))
+            self.db.set_unit_state(unit, "running")
+        except Exception as exc:
+            log.exception("spare_add %s failed", unit, extra={"unit": unit})
+            problems = self._teardown_unit(unit, None)
+            left = f"; the rollback left: {'; '.join(problems)}" if problems else ""
+            responder.error("failed", f"spare of {unit} on {self.host}: {exc}{left}")
+            return
+        self.bus.publish("spare_add", unit=unit, primary=primary, term=request.term)
+        log.info("spare set up", extra={"unit": unit, "primary": primary})
+        responder.result({"unit": unit, "role": "spare", "primary": primary, "term": request.term})
 
-        Only the standby that `primary` set up, asked with `primary`'s key: a unit this host
+    def _role_remove(
+        self, request: control.StandbyRemove | control.SpareRemove, responder: control.Responder
+    ) -> None:
+        """A peer's request: drop the standby or spare of its unit (peer_worker thread).
+
+        Only the role that `primary` set up, asked with `primary`'s key: a unit this host
         took over (it is the primary now) or holds for another host is left alone, and the
         answer says so with ``removed: false``."""
         assert self.db is not None
         unit, primary = request.unit, request.primary
+        kind = "standby" if isinstance(request, control.StandbyRemove) else "spare"
         if not self._sent_by(primary, responder):
             return
         row = self.db.unit(unit)
-        standby = self.db.role(unit, "standby")
-        if row is None or standby is None or standby.peer != primary:
+        held = self.db.role(unit, kind)
+        if row is None or held is None or held.peer != primary:
             own = self.db.role(unit, "primary")
+            other = [r for r in self.db.roles(unit) if r.role != "primary"]
             if own is not None:
                 why = f"{self.host} is the primary of {unit} at term {own.term} now"
-            elif row is None:
+            elif row is None or not other:
                 why = f"{self.host} holds no role of {unit}"
             else:
-                why = f"{self.host} holds {unit}'s standby for {standby.peer if standby else '?'}"
+                why = f"{self.host} is {unit}'s {other[0].role} for {other[0].peer}"
             responder.result({"unit": unit, "removed": False, "detail": why})
             return
         problems = self._teardown_unit(unit, None)
         if problems:
-            responder.error(
-                "failed", f"dropping the standby of {unit} left: " + "; ".join(problems)
-            )
+            responder.error("failed", f"dropping the {kind} of {unit} left: " + "; ".join(problems))
             return
-        self.bus.publish("standby_remove", unit=unit, primary=primary)
-        log.info("standby dropped", extra={"unit": unit, "primary": primary})
+        self.bus.publish(f"{kind}_remove", unit=unit, primary=primary)
+        log.info("%s dropped", kind, extra={"unit": unit, "primary": primary})
         responder.result({"unit": unit, "removed": True, "detail": ""})
 
-    def _drop_remote_standby(self, unit: str) -> Any:
-        """The teardown of a `remote_standby` resource: the peer drops what it holds."""
+    def _drop_remote(self, unit: str, kind: str) -> Any:
+        """The teardown of a `remote_standby` or `remote_spare` resource: the peer drops what
+        it holds."""
 
         def drop(res: Resource) -> None:
             assert self.peer_caller is not None
+
+            def remove(c: control.ControlClient) -> Any:
+                ask = c.standby_remove if kind == "standby" else c.spare_remove
+                return ask(unit, primary=self.host, timeout=STANDBY_REMOVE_TIMEOUT_S)
+
             try:
-                reply = self.peer_caller.call(
-                    res.name,
-                    lambda c: c.standby_remove(
-                        unit, primary=self.host, timeout=STANDBY_REMOVE_TIMEOUT_S
-                    ),
-                    timeout=STANDBY_REMOVE_TIMEOUT_S,
-                )
+                reply = self.peer_caller.call(res.name, remove, timeout=STANDBY_REMOVE_TIMEOUT_S)
             except peers.PeerError as exc:
                 raise RuntimeError(
-                    f"the standby on {res.name} could not be dropped: {exc.message}; "
+                    f"the {kind} on {res.name} could not be dropped: {exc.message}; "
                     f"`hamgr unprotect {unit}` tries again"
                 ) from None
             if not reply.get("removed"):
-                log.info("standby of %s on %s: %s", unit, res.name, reply.get("detail"))
+                log.info("%s of %s on %s: %s", kind, unit, res.name, reply.get("detail"))
 
         return drop
 
@@ -1360,7 +1504,10 @@ class Agent:
                 unit,
                 dp=dp,
                 backend=self.backend,
-                others={"remote_standby": self._drop_remote_standby(unit)},
+                others={
+                    "remote_standby": self._drop_remote(unit, "standby"),
+                    "remote_spare": self._drop_remote(unit, "spare"),
+                },
             )
         finally:
             if dp is not None:
@@ -1429,6 +1576,8 @@ class Agent:
         unit = spec.name
         primary: RoleRow | None = self.db.role(unit, "primary")
         standby: RoleRow | None = self.db.role(unit, "standby")
+        spare: RoleRow | None = self.db.role(unit, "spare")
+        spares = tuple(s for s in spec.standby.spares if s in self.config.peers)
         if primary is not None:
             newest = local.newest_container(self.db, unit)
             if newest is None:
@@ -1439,7 +1588,9 @@ class Agent:
                 self.db.remove_resource(unit, "container", stale.name)
             nf = unitnet.adopt_container(self.backend, newest)
             if primary.peer:
-                remote.add_primary(spec, nf, primary.peer, term=primary.term, first=False)
+                remote.add_primary(
+                    spec, nf, primary.peer, term=primary.term, first=False, spares=spares
+                )
             else:
                 remote.add_unprotected(spec, nf, primary.term)
             term, peer, role = primary.term, primary.peer, "primary"
@@ -1450,8 +1601,11 @@ class Agent:
                     "NF is recorded): the unit is down; `hamgr unprotect` it"
                 )
             remote.prepare_standby(spec)
-            remote.add_standby(spec, standby.peer, standby.term, [])
+            remote.add_standby(spec, standby.peer, standby.term, list(spares))
             term, peer, role = standby.term, standby.peer, "standby"
+        elif spare is not None:
+            remote.add_spare(spec, spare.peer, spare.term)
+            term, peer, role = spare.term, spare.peer, "spare"
         else:
             raise RuntimeError("no role was recorded for it")
         self.db.set_unit_state(unit, "running")

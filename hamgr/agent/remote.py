@@ -651,6 +651,9 @@ class RemoteAgent:
         self.stores: dict[str, Store] = {}
         self.specs: dict[str, UnitSpec] = {loads(u.spec).name: loads(u.spec) for u in plan.units}
         self.primaries: dict[str, PrimaryRole] = {}
+        # Units this host is a spare of (a store only, inside the main agent): their primary
+        # and the term it asked at.
+        self.spare_of: dict[str, tuple[str, int]] = {}
         self.drivers: dict[str, RemoteFailover] = {}
         self.steps: dict[str, StandbySteps] = {}
         self.requests: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -798,9 +801,10 @@ class RemoteAgent:
             # The primary's hello records its term here too; a restarted standby whose store
             # already holds it gets no new one.
             self._on_term(spec.name, max(term, self.stores[spec.name].term))
-        # Busy: the primary seeds this standby with a full image and its first cuts now, or
-        # re-ships to it after a restart; B's checks of A ran late then (loaded bench and e2e
-        # runs saw B take a live A over in the warm-up), as after a re-protection.
+        # Busy, whoever set it up: the primary seeds this standby with a full image and its
+        # first cuts now (at protection, at a re-protection, or re-ships after a restart), and
+        # B's checks of A ran late then (loaded bench and e2e runs saw B take a live A over in
+        # that warm-up).
         self._watch(spec, primary, term, spares, busy=True)
 
     def _watch_request(self, req: dict[str, Any]) -> None:
@@ -977,14 +981,9 @@ class RemoteAgent:
         """A role of `unit` runs here (standby, primary, or a takeover's restored copy)."""
         return unit in self.primaries or unit in self.drivers or unit in self.stores
 
-    def add_standby(self, spec: UnitSpec, primary: str, term: int, spares: list[str]) -> None:
-        """Become `spec`'s standby for `primary` at `term` (loop thread; `prepare_standby`
-        first, off it). The store reopens what an earlier incarnation of this agent left."""
+    def _open_store(self, spec: UnitSpec) -> Store:
+        """Serve `spec`'s store (reopened from what an earlier incarnation left, if any)."""
         unit = spec.name
-        if self.holds(unit):
-            raise ValueError(f"unit {unit} already has a role on {self.host}")
-        if primary not in self.plan.peers:
-            raise ValueError(f"{primary} is not a peer of {self.host}")
         assert self.server is not None
         store = Store(self.plan.runtime / "standby" / unit)
         self.server.add_store(unit, store)
@@ -993,11 +992,57 @@ class RemoteAgent:
         if spec.protection.lossless:
             self.lossless.add(unit)
             self.inputs.shadow(unit, spec.nf.mac)
+        return store
+
+    def add_spare(self, spec: UnitSpec, primary: str, term: int) -> None:
+        """Keep a store for `spec`, whose primary is `primary` (loop thread): a standby's term
+        claim is granted or refused here, and the primary may re-protect the unit onto it."""
+        unit = spec.name
+        if self.holds(unit):
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        if primary not in self.plan.peers:
+            raise ValueError(f"{primary} is not a peer of {self.host}")
+        store = self._open_store(spec)
+        self.spare_of[unit] = (primary, term)
+        self.event("spare", unit=unit, primary=primary, term=max(term, store.term))
+
+    def add_standby(
+        self,
+        spec: UnitSpec,
+        primary: str,
+        term: int,
+        spares: list[str],
+    ) -> None:
+        """Become `spec`'s standby for `primary` at `term` (loop thread; `prepare_standby`
+        first, off it). The store reopens what an earlier incarnation of this agent left.
+        Detection starts dampened (`_start_standby`): the primary seeds this host now.
+
+        A spare of the unit becomes its standby with the store it holds (a re-protection chose
+        it): at a term no lower than the one its store recorded (a takeover's claim), and a
+        failure leaves it the spare it was."""
+        unit = spec.name
+        was_spare = self.spare_of.get(unit)
+        if (self.holds(unit) and was_spare is None) or unit in self.drivers:
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        if primary not in self.plan.peers:
+            raise ValueError(f"{primary} is not a peer of {self.host}")
+        if was_spare is None:
+            store = self._open_store(spec)
+        else:
+            store = self.stores[unit]
+            if term < store.term:
+                raise ValueError(
+                    f"{primary} asks at term {term}, and the spare's store of {unit} recorded "
+                    f"term {store.term}: a newer primary exists"
+                )
+            self.specs[unit] = spec
         try:
             self._start_standby(spec, primary, max(term, store.term), spares)
         except BaseException:
-            self._drop_standby(unit)
+            if was_spare is None:
+                self._drop_standby(unit)
             raise
+        self.spare_of.pop(unit, None)
         self.event("watching", unit=unit, primary=primary, term=term, spares=spares)
 
     def add_primary(
@@ -1008,16 +1053,19 @@ class RemoteAgent:
         *,
         term: int = 1,
         first: bool = True,
+        spares: tuple[str, ...] = (),
     ) -> None:
         """Run `spec`'s epoch engine on its NF `nf`, shipping to `standby` (loop thread).
 
         The unit is in the data plane already (`hamgr.agent.unitnet.build_remote_network`).
         `first`: a unit just started; otherwise one an earlier agent ran, taken over with a
-        recovery cut (`take_over`)."""
+        recovery cut (`take_over`). `spares`: where the unit is re-protected if `standby` is
+        lost."""
         unit = spec.name
         if self.holds(unit):
             raise ValueError(f"unit {unit} already has a role on {self.host}")
-        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, [])
+        kept = [s for s in spares if s not in (standby, self.host)]
+        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, kept)
         self.primaries[unit] = role
         self.specs[unit] = spec
         try:
@@ -1083,6 +1131,7 @@ class RemoteAgent:
             nfs.extend(c for c in steps.restored.values() if c not in nfs)
         store = self._drop_standby(unit)
         self.specs.pop(unit, None)
+        self.spare_of.pop(unit, None)  # a spare probes nobody
         self.write_status()
         return Detached(unit, runner, tuple(nfs), store, tuple(sorted(peers)))
 
@@ -1153,28 +1202,33 @@ class RemoteAgent:
                 }
             )
         promoted = {u["unit"] for u in out}
+        for unit, (primary, term) in sorted(dict(self.spare_of).items()):
+            out.append(self._store_entry(unit, "spare", primary, term, "spare"))
         for unit, driver in sorted(dict(self.drivers).items()):
             if unit in promoted:
                 continue  # it took the unit over: the primary's entry says so
             m = driver.machine
-            server = self.server
-            committed = (
-                server.committed(unit) if server is not None and unit in self.stores else None
-            )
-            store = self.stores.get(unit)
-            out.append(
-                {
-                    "unit": unit,
-                    "role": "standby",
-                    "peer": m.peer,
-                    "term": max(m.term, store.term if store is not None else 0),
-                    "state": m.state.value,
-                    "protection": None,
-                    "last_committed": None if committed is None else committed.epoch,
-                    "committed_term": None if committed is None else committed.term,
-                }
-            )
+            out.append(self._store_entry(unit, "standby", m.peer or "", m.term, m.state.value))
         return out
+
+    def _store_entry(
+        self, unit: str, role: str, peer: str, term: int, state: str
+    ) -> dict[str, Any]:
+        """The status of a role that holds `unit`'s store: its term (the store's, if higher)
+        and its last commit."""
+        server = self.server
+        committed = server.committed(unit) if server is not None and unit in self.stores else None
+        store = self.stores.get(unit)
+        return {
+            "unit": unit,
+            "role": role,
+            "peer": peer,
+            "term": max(term, store.term if store is not None else 0),
+            "state": state,
+            "protection": None,
+            "last_committed": None if committed is None else committed.epoch,
+            "committed_term": None if committed is None else committed.term,
+        }
 
     # -- the primary side ----------------------------------------------------------------
 
@@ -1449,6 +1503,18 @@ class RemoteAgent:
             role.spares = [s for s in role.spares if s != candidate]
             role.lost_standby = None
             self.event("reprotected", unit=unit, standby=candidate, term=role.term)
+            if self.embedded and candidate != lost:
+                # The spare holds the image now; its standby_add makes it watch this primary
+                # (its store stays), so that this host's death is covered again.
+                try:
+                    self.hooks.add_standby(role.spec, candidate, role.term)
+                except Exception as exc:
+                    self.event(
+                        "alarm",
+                        unit=unit,
+                        reason=f"{candidate} holds the unit's image but does not watch "
+                        f"{self.host}: {exc}",
+                    )
             try:
                 self.hooks.standby_changed(unit, candidate, role.term)
             except Exception:
@@ -1913,12 +1979,13 @@ class StandbySteps:
                 self.agent.event("input_log_removed", unit=self.unit, term=term, dropped=dropped)
 
     def _candidates(self) -> list[str]:
-        """Hosts a new standby may be put on: the spares; inside the main agent, which has no
-        spares yet, its peers but the failed primary (the new one is chosen by its own
+        """Hosts a new standby may be put on: the spares; inside the main agent, the spares
+        first, then its other peers but the failed primary (the new one is set up by its
         `standby_add`, `RoleHooks.add_standby`)."""
-        if self.spares or not self.agent.embedded:
+        if not self.agent.embedded:
             return list(self.spares)
-        return [p for p in self.agent.plan.peers if p not in (self.primary, self.agent.host)]
+        others = [p for p in self.agent.plan.peers if p not in (self.primary, self.agent.host)]
+        return list(dict.fromkeys([*self.spares, *others]))
 
     def survey(self, term: int) -> tuple[HostFacts, ...]:
         return tuple(
@@ -1929,9 +1996,10 @@ class StandbySteps:
     def reprotect(self, term: int, standby: str) -> None:
         nf = self.restored[term]
         machine, _alarm = self.unprotected[term]
-        if self.agent.embedded and standby not in self.spares:
-            # A peer with no store for the unit yet: it becomes the standby first (netns,
-            # image, store, and a watch of this host at the new term), as at `hamgr protect`.
+        if self.agent.embedded:
+            # It becomes the standby first (netns, image, and a watch of this host at the new
+            # term), as at `hamgr protect`: a spare with the store it holds (it recorded this
+            # term at the claim), another peer with a new one.
             self.agent.hooks.add_standby(self.spec, standby, term)
         role = PrimaryRole(self.spec, self.names, nf, term, standby, [], protection="unprotected")
         self.agent.primaries[self.unit] = role

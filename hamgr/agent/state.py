@@ -5,19 +5,20 @@ touching them: which units it protects and with which spec, each unit's roles on
 their terms and last committed epochs, every resource it made for a unit (so a half-done protect
 can be undone, and a finished one found again), and the data plane process it owns.
 
-Schema (version 1)::
+Schema (version 2; a version 1 database is migrated when it is opened)::
 
     meta(key PRIMARY KEY, value)                      schema_version, host
     units(name PRIMARY KEY, spec JSON, state, error, created_at, updated_at)
         state: starting | running | stopping | error
     roles(unit, role, peer, term, protection, last_committed, commits_total, updated_at)
-        PRIMARY KEY (unit, role); role: primary | standby; peer: the other role's host (this
-        host for a local standby, "" for a primary that has no standby)
+        PRIMARY KEY (unit, role); role: primary | standby | spare (version 2); peer: the other
+        role's host (this host for a local standby, "" for a primary that has no standby, the
+        primary that asked for a spare)
     resources(unit, kind, name, detail JSON, created_at)
         PRIMARY KEY (unit, kind, name); kind: netns | veth | dp_port | dp_unit | standby |
         images | container | remote_standby (a standby on another host, named after it) |
-        remote_store (this host's store of a unit whose primary is elsewhere), in the order
-        they were made
+        remote_spare (a spare on another host, named after it) | remote_store (this host's
+        store of a unit whose primary is elsewhere), in the order they were made
     dataplane(id = 1, pid, start_ticks, ctl_path, file_prefix, log_path, started_at)
     failovers(seq, unit, term, status, record JSON, at)
         one row per failover attempt that ended (status: finished | failed | aborted); removed
@@ -54,7 +55,7 @@ __all__ = [
     "UnitRow",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,7 +69,7 @@ CREATE TABLE IF NOT EXISTS units (
 );
 CREATE TABLE IF NOT EXISTS roles (
     unit TEXT NOT NULL REFERENCES units(name) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('primary', 'standby')),
+    role TEXT NOT NULL CHECK (role IN ('primary', 'standby', 'spare')),
     peer TEXT NOT NULL,
     term INTEGER NOT NULL CHECK (term >= 0),
     protection TEXT,
@@ -173,6 +174,8 @@ class StateDB:
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
             self.set_meta("host", host)
+        elif version == "1":
+            self._migrate_roles_to_2()
         elif version != str(SCHEMA_VERSION):
             raise StateError(f"{path} has schema {version}; this agent reads {SCHEMA_VERSION}")
         owner = self.meta("host")
@@ -180,6 +183,21 @@ class StateDB:
             raise StateError(
                 f"{path} belongs to host {owner!r}, not {host!r}: the state dir holds another "
                 "host's units; use its own state dir"
+            )
+
+    def _migrate_roles_to_2(self) -> None:
+        """Version 2 allows the role ``spare``: SQLite cannot change a CHECK in place, so the
+        roles table is copied into one with the new CHECK, in one transaction."""
+        columns = "unit, role, peer, term, protection, last_committed, commits_total, updated_at"
+        table = _SCHEMA.split("CREATE TABLE IF NOT EXISTS roles", 1)[1].split(";", 1)[0]
+        with self._tx() as db:
+            db.execute(f"CREATE TABLE roles_v2 {table}")
+            db.execute(f"INSERT INTO roles_v2({columns}) SELECT {columns} FROM roles")
+            db.execute("DROP TABLE roles")
+            db.execute("ALTER TABLE roles_v2 RENAME TO roles")
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
             )
 
     def close(self) -> None:
@@ -229,6 +247,14 @@ class StateDB:
                     "INSERT INTO roles(unit, role, peer, term, updated_at) VALUES (?, ?, ?, ?, ?)",
                     (name, role, peer, term, now),
                 )
+
+    def set_spec(self, name: str, spec: Mapping[str, Any]) -> None:
+        """A unit's spec changed (a spare became its standby, under a spec naming it so)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE units SET spec = ?, updated_at = ? WHERE name = ?",
+                (json.dumps(dict(spec), sort_keys=True), time.time(), name),
+            )
 
     def set_unit_state(self, name: str, state: str, error: str | None = None) -> None:
         with self._tx() as db:

@@ -291,15 +291,19 @@ def teardown(
     backend: RuncBackend,
     nf: Container | None = None,
     others: Mapping[str, Callable[[Resource], None]] | None = None,
+    keep: Callable[[Resource], bool] | None = None,
 ) -> list[str]:
     """Remove every recorded resource of `unit`, newest first; returns what could not be.
 
     Each resource is forgotten once it is gone, so a teardown that is interrupted resumes
     where it stopped. `others` removes the kinds this module does not know (the agent's
-    remote_standby and remote_store); one that raises is kept, as a problem.
+    remote_standby, remote_spare and remote_store); one that raises is kept, as a problem.
+    `keep`: the resources to leave alone (a role that goes on with what it had before).
     """
     problems: list[str] = []
     for res in reversed(db.resources(unit)):
+        if keep is not None and keep(res):
+            continue
         try:
             if others is not None and res.kind in others:
                 others[res.kind](res)

@@ -18,7 +18,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,35 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
     except (OSError, IndexError):
         return "zombie (gone)"
+
+
+def isolate_b_after_a_first_stream(
+    fab: Fabric, tmp_path: Path, committed: Callable[[], Any]
+) -> tuple[Path, int]:
+    """A first stream until `committed()` returns, then B cut off from C and from A while the
+    unit is idle (the sink leaves after 2 s without traffic). Returns the first stream's
+    output file and the time of the cut (µs)."""
+    first = tmp_path / "first"
+    first.mkdir()
+    sink, sender, out1 = start_traffic(fab, first, seconds=2.0, pps=PPS)
+    try:
+        committed()
+    finally:
+        finish_traffic(sink, sender)
+    cut_us = fab.partition("B", "C")
+    fab.partition("A", "B")
+    return out1, cut_us
+
+
+def assert_stood_down_unanswered(record: dict[str, Any], spare: str) -> None:
+    """A standby's takeover record at term 2 while it was cut off from its one spare: the
+    claim got no answer, so it stood down and restored nothing."""
+    assert record["status"] == "aborted", record
+    assert record["term"] == 2
+    assert record["detail"].startswith("stand down: no spare granted the term claim")
+    assert record["new_pid"] is None
+    assert len(record["claims"]) == 1
+    assert record["claims"][0].startswith(f"{spare}: no-answer")
 
 
 def test_partition_primary_standby_takes_over_old_primary_is_fenced(tmp_path: Path) -> None:
@@ -152,17 +183,11 @@ def test_isolated_standby_stands_down_and_a_newer_commit_refuses_its_claim(
     with Fabric(tmp_path / "fab") as fab:
         fab.start()
         c = fab.hosts["C"].name
-        first = tmp_path / "first"
-        first.mkdir()
-        sink, sender, out1 = start_traffic(fab, first, seconds=2.0, pps=PPS)
-        try:
-            fab.wait_event("A", "first_commit", timeout=10)
-        finally:
-            finish_traffic(sink, sender)  # the sink leaves after 2 s without traffic
+        out1, cut_us = isolate_b_after_a_first_stream(
+            fab, tmp_path, lambda: fab.wait_event("A", "first_commit", timeout=10)
+        )
         second = tmp_path / "second"
         second.mkdir()
-        cut_us = fab.partition("B", "C")
-        fab.partition("A", "B")
         sink, sender, out2 = start_traffic(fab, second, seconds=7.0, pps=PPS)
         try:
             isolated = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
@@ -185,12 +210,7 @@ def test_isolated_standby_stands_down_and_a_newer_commit_refuses_its_claim(
         check = check_sequence(records)
         print(f"{check_sequence(before)}, {check}; isolated {isolated}; refused {refused}")
         # Isolated: no grant, no takeover, nothing restored.
-        assert isolated["status"] == "aborted", isolated
-        assert isolated["term"] == 2
-        assert isolated["detail"].startswith("stand down: no spare granted the term claim")
-        assert isolated["new_pid"] is None
-        assert len(isolated["claims"]) == 1
-        assert isolated["claims"][0].startswith(f"{c}: no-answer")
+        assert_stood_down_unanswered(isolated, c)
         # C committed A's epochs after the cut: B's claim against them is refused, naming them.
         assert refused["status"] == "aborted", refused
         assert refused["term"] == 3

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
+from hamgr.agent.state import StateDB
 from hamgr.bench.failover import finish_traffic, start_traffic
 from hamgr.fabric import Fabric, sequencer_spec
 from hamgr.trafgen import check_sequence, read_records
 from shim import netns
+from tests.e2e.test_partition import assert_stood_down_unanswered, isolate_b_after_a_first_stream
 
 pytestmark = [pytest.mark.root]
 
@@ -74,9 +76,19 @@ def _taken_over(fab: Fabric, letter: str, term: int) -> dict[str, Any]:
     return taken
 
 
-def _spec(fab: Fabric, tmp_path: Path, standby: str) -> Path:
+def _unprotect(fab: Fabric, letter: str) -> None:
+    """`hamgr unprotect` on `letter` until it removed everything: a standby refuses to go while
+    its machine checks a flapping probe (a loaded host), and the message says to run it again."""
+    _wait(
+        lambda: fab.cli_json(letter, "unprotect", UNIT, check=False)["ok"],
+        60,
+        f"hamgr unprotect on {letter} to remove every role",
+    )
+
+
+def _spec(fab: Fabric, tmp_path: Path, standby: str, spares: tuple[str, ...] = ()) -> Path:
     path = tmp_path / f"{UNIT}.toml"
-    path.write_text(sequencer_spec(epoch_ms=fab.epoch_ms, standby=standby))
+    path.write_text(sequencer_spec(epoch_ms=fab.epoch_ms, standby=standby, spares=spares))
     return path
 
 
@@ -271,6 +283,158 @@ def test_restarted_agents_adopt_their_roles_and_unprotect_drops_the_standby_on_b
         assert not (b.runtime / "standby" / UNIT).exists()
 
 
+def test_b_claims_its_term_at_the_spare_c_when_a_dies_and_c_becomes_its_standby(
+    tmp_path: Path,
+) -> None:
+    """`[standby] spares = [C]`: C holds a store of the unit (role spare). When A dies, B's
+    takeover claims term 2 at C first (C grants and records it), then B makes C its standby:
+    C's spare turns into the standby with the store it has. One takeover, no duplicate, no gap."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        a, b, c = (fab.hosts[x].name for x in "ABC")
+        result = fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b, spares=(c,))))
+        assert (result["ok"], result["standby"], result["spares"]) == (True, b, [c]), result
+        spare = _role(fab, "C", "spare")
+        text = fab.cli("C", "status").stdout
+        # C's agent restarts: it finds its spare role (and store) again in state.db.
+        fab.cli("C", "down")
+        fab.cli("C", "up")
+        adopted = _role(fab, "C", "spare")
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=7.0, pps=PPS)
+        try:
+            kill_us = _kill_a_after_its_commits(fab)
+            taken = _taken_over(fab, "B", 2)
+            standby = _wait(
+                lambda: (s := _role(fab, "C", "standby")) and s["peer"] == b and s,
+                30,
+                "C to become B's standby",
+            )
+            protected = _wait(
+                lambda: (p := _role(fab, "B", "primary")) and p["protection"] == "protected" and p,
+                30,
+                "B protected by C",
+            )
+        finally:
+            finish_traffic(sink, sender)
+        records = read_records(out)
+        check = check_sequence(records)
+        claims = fab.hosts["B"].events("claims")
+        print(f"{check}; takeover {taken['last_failover']}; claims {claims}")
+        # Before the kill: C is the unit's spare for A, shown as such by `hamgr status`.
+        assert spare is not None
+        assert (spare["peer"], spare["term"], spare["state"]) == (a, 1, "spare")
+        assert spare["last_committed"] is None
+        assert any(ln.split()[:4] == [UNIT, "spare", a, "1"] for ln in text.splitlines()), text
+        assert adopted == spare
+        # B claimed term 2 at C before it restored anything, and C granted it.
+        assert [(e["term"], e["claims"]) for e in claims] == [
+            (2, [{"spare": c, "verdict": "granted", "detail": ""}])
+        ]
+        assert taken["last_failover"]["claims"] == [f"{c}: granted"]
+        assert taken["last_failover"]["status"] == "finished"
+        assert taken["failovers"] == 1
+        # C recorded term 2 (its store, and state.db), and is B's standby now, not a spare.
+        assert _role(fab, "C", "spare") is None
+        assert (standby["peer"], standby["term"]) == (b, 2)
+        c_db = StateDB(fab.hosts["C"].work / "state.db", host=c)
+        try:
+            assert [(r.role, r.peer, r.term) for r in c_db.roles(UNIT)] == [("standby", b, 2)]
+        finally:
+            c_db.close()
+        assert protected["peer"] == c
+        assert protected["term"] == 2
+        after = [r for r in records if r.recv_ns > kill_us * 1000]
+        assert after, "no output at the sink after B took over"
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0)
+
+        # B unprotects: C's standby goes too.
+        _unprotect(fab, "B")
+        assert _units(fab, "B") == []
+        assert _units(fab, "C") == []
+        assert not (fab.hosts["C"].runtime / "standby" / UNIT).exists()
+
+
+def test_an_isolated_standby_stands_down_and_a_reprotects_onto_the_spare(tmp_path: Path) -> None:
+    """B cut off from A and C while the unit is idle (see docs/failover.md, "Partitions", for
+    why idle): B's term claim at C gets no answer, B stands down and restores nothing; A loses
+    B and re-protects onto its spare C, which becomes its standby. After the heal nothing came
+    out twice, and `hamgr unprotect` on A removes the roles on B and C."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        a, b, c = (fab.hosts[x].name for x in "ABC")
+        fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b, spares=(c,))))
+        out1, cut_us = isolate_b_after_a_first_stream(
+            fab,
+            tmp_path,
+            lambda: _wait(
+                lambda: (s := _role(fab, "B", "standby")) and s.get("last_committed"),
+                20,
+                "a commit on B",
+            ),
+        )
+        second = tmp_path / "second"
+        second.mkdir()
+        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
+        try:
+            isolated = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
+            moved = fab.wait_event("A", "reprotected", timeout=30, after_us=cut_us)
+            on_c = _wait(
+                lambda: (
+                    (p := _role(fab, "A", "primary"))
+                    and p["peer"] == c
+                    and p["protection"] == "protected"
+                    and p
+                ),
+                30,
+                "A protected by C",
+            )
+            c_standby = _wait(
+                lambda: (s := _role(fab, "C", "standby")) and s["peer"] == a and s,
+                30,
+                "C to become A's standby",
+            )
+            b_during = _role(fab, "B", "standby")
+            b_primary = _role(fab, "B", "primary")
+            heal_us = fab.heal("B", "C")
+            fab.heal("A", "B")
+            time.sleep(1.5)
+            a_after = _role(fab, "A", "primary")
+            b_after = _role(fab, "B", "standby")
+        finally:
+            finish_traffic(sink, sender)
+        before, records = read_records(out1), read_records(out2)
+        check = check_sequence(records)
+        print(f"{check_sequence(before)}, {check}; isolated {isolated}; moved {moved}")
+        # Isolated: B's claim reached no spare; no takeover, nothing restored.
+        assert_stood_down_unanswered(isolated, c)
+        assert b_primary is None
+        assert b_during is not None
+        assert (b_during["peer"], b_during["state"]) == (a, "watching")
+        assert not [u for u in _units(fab, "B") if u["role"] == "primary"]
+        # A re-protected onto its spare C, which is its standby now; A was never fenced.
+        assert moved["standby"] == c
+        assert (on_c["term"], on_c["failovers"]) == (1, 0)
+        assert (c_standby["term"], c_standby["state"]) == (1, "watching")
+        assert _role(fab, "C", "spare") is None
+        assert a_after is not None
+        assert (a_after["peer"], a_after["term"], a_after["state"]) == (c, 1, "running"), a_after
+        assert not fab.hosts["A"].events("fenced"), fab.hosts["A"].events("fenced")
+        assert b_after is not None
+        assert b_after["peer"] == a
+        # Output went on through A, once, before and after the heal.
+        first_check = check_sequence(before)
+        assert first_check.received > 0
+        assert (first_check.duplicates, first_check.gaps, first_check.reordered) == (0, 0, 0)
+        assert [r for r in records if r.recv_ns > heal_us * 1000], "no output after the heal"
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0)
+
+        # A's unprotect drops C's standby and B's stale one.
+        _unprotect(fab, "A")
+        for letter in "ABC":
+            assert _units(fab, letter) == [], letter
+            assert not netns.netns_exists(f"hamgr-{fab.hosts[letter].name}-{UNIT}")
+
+
 def test_refusals_leave_nothing_on_either_host(tmp_path: Path) -> None:
     with Fabric(tmp_path / "fab", agents="main") as fab:
         fab.start()
@@ -310,6 +474,23 @@ def test_refusals_leave_nothing_on_either_host(tmp_path: Path) -> None:
         assert "could not be reached" in out["error"]
         assert time.monotonic() - started < 90
         fab.cli("B", "up")
+        nothing_left()
+
+        # A spare that is not a peer is refused before anything is made; a spare whose agent
+        # is down fails the protect after B set up its standby: A asks B to drop it.
+        spec = _spec(fab, tmp_path, b.name, spares=("elsewhere",))
+        out = fab.cli_json("A", "protect", str(spec), check=False)
+        assert (out["exit"], out["code"]) == (1, "bad_spec"), out
+        assert "standby.spares: 'elsewhere' is not a peer" in out["error"]
+        assert "[peers.elsewhere]" in out["error"]
+        nothing_left()
+        fab.cli("C", "down")
+        spec = _spec(fab, tmp_path, b.name, spares=(c.name,))
+        out = fab.cli_json("A", "protect", str(spec), check=False)
+        assert (out["exit"], out["code"]) == (1, "failed"), out
+        assert f"set up its spare on {c.name}" in out["error"]
+        assert "could not be reached" in out["error"]
+        fab.cli("C", "up")
         nothing_left()
 
         # C refuses B's standby_add of a unit whose spec names C as... the standby of A's

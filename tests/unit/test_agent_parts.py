@@ -239,6 +239,76 @@ def test_a_remote_standby_becomes_the_primary_in_the_roles(tmp_path: Path) -> No
     db.close()
 
 
+def test_a_version_1_database_gets_the_spare_role(tmp_path: Path) -> None:
+    """An agent of the previous version left roles under a CHECK without 'spare': opening the
+    database keeps every row and accepts spares from then on."""
+    path = tmp_path / "state.db"
+    db = StateDB(path, host="hC")
+    db.add_unit("u1", {"name": "u1"}, {"standby": "hA"}, term=3)
+    db.update_role("u1", "standby", last_committed=7)
+    db.close()
+    raw = sqlite3.connect(path)
+    with raw:
+        rows = raw.execute("SELECT * FROM roles").fetchall()
+        raw.execute("DROP TABLE roles")
+        raw.execute(
+            "CREATE TABLE roles (unit TEXT NOT NULL REFERENCES units(name) ON DELETE CASCADE, "
+            "role TEXT NOT NULL CHECK (role IN ('primary', 'standby')), peer TEXT NOT NULL, "
+            "term INTEGER NOT NULL CHECK (term >= 0), protection TEXT, last_committed INTEGER, "
+            "commits_total INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL, "
+            "PRIMARY KEY (unit, role))"
+        )
+        raw.executemany("INSERT INTO roles VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        raw.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            raw.execute(
+                "INSERT INTO roles(unit, role, peer, term, updated_at) "
+                "VALUES ('u1', 'spare', 'hA', 1, 0)"
+            )
+    raw.close()
+    db = StateDB(path, host="hC")
+    assert db.meta("schema_version") == "2"
+    (standby,) = db.roles("u1")
+    assert (standby.role, standby.peer, standby.term, standby.last_committed) == (
+        "standby",
+        "hA",
+        3,
+        7,
+    )
+    db.add_unit("u2", {"name": "u2"}, {"spare": "hA"}, term=1)
+    assert [(r.role, r.peer) for r in db.roles("u2")] == [("spare", "hA")]
+    db.remove_unit("u1")
+    assert [r.unit for r in db.roles()] == ["u2"]
+    db.close()
+
+
+def test_a_teardown_keeps_what_the_role_had_before(tmp_path: Path) -> None:
+    """A spare whose change into a standby failed: what the change made goes, its store stays
+    (and stays recorded)."""
+    from hamgr.agent import unitnet
+
+    db = StateDB(tmp_path / "state.db", host="hC")
+    db.add_unit("u1", {"name": "u1"}, {"spare": "hA"}, term=1)
+    store, images = tmp_path / "store", tmp_path / "images"
+    store.mkdir()
+    images.mkdir()
+    db.add_resource("u1", "standby", "u1", {"root": str(store), "remote": True})
+    kept = {(r.kind, r.name) for r in db.resources("u1")}
+    db.add_resource("u1", "images", "u1", {"root": str(images)})
+    problems = unitnet.teardown(
+        db,
+        "u1",
+        dp=None,
+        backend=None,  # type: ignore[arg-type]
+        keep=lambda r: (r.kind, r.name) in kept,
+    )
+    assert problems == []
+    assert store.is_dir()
+    assert not images.exists()
+    assert [(r.kind, r.name) for r in db.resources("u1")] == [("standby", "u1")]
+    db.close()
+
+
 def test_state_belongs_to_one_host(tmp_path: Path) -> None:
     StateDB(tmp_path / "state.db", host="h1").close()
     with pytest.raises(StateError, match="belongs to host 'h1'"):

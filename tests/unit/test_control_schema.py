@@ -54,6 +54,18 @@ def _req(kind: str, **fields: Any) -> dict[str, Any]:
             _req("standby_remove", unit="seq0", primary="hostA"),
             control.StandbyRemove("r1", "seq0", "hostA"),
         ),
+        (
+            _req("spare_add", spec={"name": "x"}, primary="hostA", term=1),
+            control.SpareAdd("r1", {"name": "x"}, "hostA", 1, "<request>"),
+        ),
+        (
+            _req("spare_add", spec={}, primary="hostA", term=3, source="hostA:seq0"),
+            control.SpareAdd("r1", {}, "hostA", 3, "hostA:seq0"),
+        ),
+        (
+            _req("spare_remove", unit="seq0", primary="hostA"),
+            control.SpareRemove("r1", "seq0", "hostA"),
+        ),
     ],
 )
 def test_good_requests(message: dict[str, Any], expected: control.Request) -> None:
@@ -140,6 +152,24 @@ def test_good_requests(message: dict[str, Any], expected: control.Request) -> No
             _req("standby_remove", unit="../u", primary="a"),
             "bad_field",
             "standby_remove.unit: '../u' does not match",
+        ),
+        (_req("spare_add", primary="a", term=1), "bad_field", "spare_add.spec: is required"),
+        (_req("spare_add", spec={}, primary="a"), "bad_field", "spare_add.term: is required"),
+        (
+            _req("spare_add", spec={}, primary="a", term=0),
+            "bad_field",
+            "spare_add.term: must be in [1,",
+        ),
+        (
+            _req("spare_add", spec={}, primary="a", term=1, spares=["b"]),
+            "bad_field",
+            "spare_add.spares: is not a field of this message",
+        ),
+        (_req("spare_remove", unit="u"), "bad_field", "spare_remove.primary: is required"),
+        (
+            _req("spare_remove", unit="u/1", primary="a"),
+            "bad_field",
+            "spare_remove.unit: 'u/1' does not match",
         ),
     ],
 )

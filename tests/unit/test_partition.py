@@ -587,6 +587,22 @@ def test_raise_term_without_a_committed_image_fails_the_step(tmp_path: Path) -> 
     steps.close()
 
 
+def test_inside_the_main_agent_a_takeover_surveys_the_spares_first(tmp_path: Path) -> None:
+    """The spec's spares (stores there already, the term claimed) come first, then the other
+    peers but the failed primary and this host; the stand-alone agent surveys its spares only."""
+    steps = _steps(tmp_path, {}, (1, 12))
+    steps.spares, steps.primary = ["hostD"], "hostA"
+    agent: Any = steps.agent
+    agent.host, agent.embedded = "hostB", True
+    agent.plan = attrs.make_class("P", ["work", "peers"])(
+        tmp_path, dict.fromkeys(["hostA", "hostC", "hostD", "hostE"])
+    )
+    assert steps._candidates() == ["hostD", "hostC", "hostE"]
+    agent.embedded = False
+    assert steps._candidates() == ["hostD"]
+    steps.close()
+
+
 # --- the plan -------------------------------------------------------------------------------
 
 

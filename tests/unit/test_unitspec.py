@@ -195,6 +195,30 @@ def test_bad_field(old: str, new: str, expected: str) -> None:
         ('[standby]\nhost = ""', 'spec.toml:11: standby.host: must be "auto" or a host name'),
         ('[standby]\nhost = "a_b"', "spec.toml:11: standby.host: must be"),
         ("[standby]\nhost = 3", "spec.toml:11: standby.host: must be"),
+        (
+            '[standby]\nhost = "hostB"\nspares = "hostC"',
+            "spec.toml:12: standby.spares: must be an array of at most 8 host names",
+        ),
+        (
+            '[standby]\nhost = "hostB"\nspares = ["h1","h2","h3","h4","h5","h6","h7","h8","h9"]',
+            "spec.toml:12: standby.spares: must be an array of at most 8 host names",
+        ),
+        (
+            '[standby]\nhost = "hostB"\nspares = ["host_C"]',
+            'spec.toml:12: standby.spares: "host_C" is not a host name',
+        ),
+        (
+            '[standby]\nhost = "hostB"\nspares = ["hostC", "hostC"]',
+            "spec.toml:12: standby.spares: names a host twice",
+        ),
+        (
+            '[standby]\nhost = "hostB"\nspares = ["hostB"]',
+            'spec.toml:12: standby.spares: "hostB" is the standby; a spare is another host',
+        ),
+        (
+            '[standby]\nspares = ["hostC"]',
+            "spec.toml:11: standby.spares: spares need a remote standby: set host to a peer's",
+        ),
         ('[epoch]\npolicy = "sometimes"', 'spec.toml:11: epoch.policy: must be "fixed" or'),
         ("[epoch]\nlength_ms = 0", "spec.toml:11: epoch.length_ms: must be a positive integer"),
         ("[epoch]\nlength_ms = -5", "spec.toml:11: epoch.length_ms: must be a positive integer"),
@@ -232,6 +256,13 @@ def test_bad_field(old: str, new: str, expected: str) -> None:
 def test_bad_optional_table(table: str, expected: str) -> None:
     errors = _errors(MINIMAL + table + "\n")
     assert any(expected in e for e in errors), errors
+
+
+def test_spares_round_trip() -> None:
+    spec = loads(MINIMAL + '[standby]\nhost = "hostB"\nspares = ["hostC", "hostD"]\n')
+    assert spec.standby.spares == ("hostC", "hostD")
+    assert UnitSpec.from_json(spec.to_json()) == spec
+    assert loads(MINIMAL).standby.spares == ()
 
 
 def test_a_section_that_is_not_a_table() -> None:
