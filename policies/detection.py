@@ -40,6 +40,7 @@ __all__ = [
     "Verdict",
     "assess",
     "dampened",
+    "recheck_after_us",
     "record_dispute",
 ]
 
@@ -169,12 +170,19 @@ def _agent_state(policy: DetectionPolicy, facts: ProbeFacts) -> AgentCheck:
     # An answer to a question asked before the silence began says nothing about it.
     if facts.agent_asked_us < facts.last_reply_us:
         return AgentCheck.NOT_ASKED
-    if (
-        facts.agent is AgentCheck.ALIVE
-        and facts.now_us >= facts.agent_asked_us + policy.confirm_window_us
+    if facts.agent is AgentCheck.ALIVE and facts.now_us >= facts.agent_asked_us + recheck_after_us(
+        policy
     ):
         return AgentCheck.NOT_ASKED
     return facts.agent
+
+
+def recheck_after_us(policy: DetectionPolicy) -> int:
+    """How long after it was asked an alive answer stands: a peer still silent then is asked
+    again (``disputed_recheck_us``, at least the window). One window was too short: a check
+    that waited its whole window answered already expired, and the peer was asked again at
+    once, in a loop, until one answer failed."""
+    return max(policy.confirm_window_us, policy.disputed_recheck_us)
 
 
 def assess(policy: DetectionPolicy, facts: ProbeFacts) -> DetectionDecision:
@@ -196,7 +204,7 @@ def assess(policy: DetectionPolicy, facts: ProbeFacts) -> DetectionDecision:
         return DetectionDecision(
             Verdict.DISPUTED,
             f"{facts.consecutive_misses} probes missed but the agent's check answers",
-            wake_at_us=facts.agent_asked_us + policy.confirm_window_us,
+            wake_at_us=facts.agent_asked_us + recheck_after_us(policy),
         )
     confirm_deadline = facts.agent_asked_us + policy.confirm_window_us
     confirmed = agent is AgentCheck.DEAD or facts.now_us >= confirm_deadline
@@ -260,7 +268,7 @@ class StandbyWatch:
         if not alive:
             self.heard()
             return Verdict.FAILED
-        self.recheck_at_us = now_us + max(window_us, self.policy.disputed_recheck_us)
+        self.recheck_at_us = now_us + max(window_us, recheck_after_us(self.policy))
         if self.disputed:
             return Verdict.SUSPECT
         self.disputed = True

@@ -114,6 +114,7 @@ from policies.detection import (
     Verdict,
     assess,
     dampened,
+    recheck_after_us,
     record_dispute,
 )
 from policies.placement import HostFacts, StandbyNeed, choose_standby
@@ -713,11 +714,6 @@ class _Suspicion:
     alarmed: bool = False  # one alarm per suspicion, however often it is asked again
 
 
-def _recheck_after(policy: DetectionPolicy) -> int:
-    """How long after a disputed check a still silent peer is asked again."""
-    return max(policy.confirm_window_us, policy.disputed_recheck_us)
-
-
 class FailoverMachine:
     """The failover sequence for one unit on the node that would take it over."""
 
@@ -930,15 +926,6 @@ class FailoverMachine:
         s = self._suspicion
         assert s is not None
         policy = dampened(self.config.detection, self._damp, self._now)
-        if (
-            s.agent is AgentCheck.ALIVE
-            and s.asked_us is not None
-            and self._now >= s.asked_us + _recheck_after(policy)
-        ):
-            # Disputed a while ago and still silent (no PeerUp since): ask again. Without
-            # this, a peer that died right after answering was never failed over, since its
-            # data plane reports it down only once.
-            s.agent = AgentCheck.NOT_ASKED
         silent = max(0, self._now - s.last_rx_us)
         # The data plane already counted `misses` before it reported the peer down.
         misses = max(policy.misses, silent // policy.interval_us)
@@ -1220,6 +1207,8 @@ class FailoverMachine:
             if s.asked_us is not None:
                 wakes.append(s.asked_us + policy.confirm_window_us)
                 if s.agent is AgentCheck.ALIVE:
-                    wakes.append(s.asked_us + _recheck_after(policy))
+                    # A disputed silence is asked again then (`policies.detection`), even if
+                    # no event comes: its data plane reports a silence once.
+                    wakes.append(s.asked_us + recheck_after_us(policy))
             future = [w for w in wakes if w > self._now]
             self._wake_at = min(future) if future else None

@@ -201,8 +201,17 @@ class RemoteFailover:
                 ev = events.popleft()
                 for command in self.machine.handle(ev):
                     for result in self._execute(command):
-                        events.append(fo.Tick(self.clock()))
-                        events.append(result)
+                        if isinstance(result, fo.Confirmed):
+                            # The check's answer before the time it took: it bounds its own
+                            # waits by the window, and a Tick first would read an answer
+                            # that came at the window's end as no answer at all.
+                            events.append(result)
+                            events.append(fo.Tick(self.clock()))
+                        else:
+                            # A step's time first: one that overran its deadline fails
+                            # before its late completion counts.
+                            events.append(fo.Tick(self.clock()))
+                            events.append(result)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

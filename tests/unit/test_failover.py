@@ -296,7 +296,7 @@ def test_a_lost_probe_burst_on_a_live_peer_causes_no_failover() -> None:
     assert "split the unit's brain" in alarm.reason
 
 
-def test_a_disputed_peer_is_asked_again_after_the_window_and_can_then_fail() -> None:
+def test_a_disputed_peer_still_silent_is_asked_again_later_and_can_then_fail() -> None:
     m = remote()
     assert (
         Playbook(m)
@@ -304,12 +304,14 @@ def test_a_disputed_peer_is_asked_again_after_the_window_and_can_then_fail() -> 
         << Confirm(PEER, 5_000)
         >> Confirmed(PEER, alive=True, now_us=3_500)
         << Alarm
-        # The dispute dampens detection: the window is 10 ms now, and the alive answer
-        # counts for one such window from the question (asked at 3 ms).
-        >> Tick(12_999)
+        # The dispute dampens detection (the window is 10 ms now), and the alive answer
+        # stands for disputed_recheck_us (300 ms) from the question (asked at 3 ms): the peer,
+        # still silent, is asked again then, with the dampened window.
         >> Tick(13_000)
+        >> Tick(302_999)
+        >> Tick(303_000)
         << Confirm(PEER, 10_000)
-        >> Confirmed(PEER, alive=False, now_us=13_200)
+        >> Confirmed(PEER, alive=False, now_us=303_200)
         << Report
         << RaiseTerm(NEW, T.raise_term_us)
     )

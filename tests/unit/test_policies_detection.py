@@ -75,9 +75,13 @@ def test_an_agent_that_sees_the_peer_alive_vetoes_failover() -> None:
     facts = ProbeFacts(20_000, 0, 20, AgentCheck.ALIVE, agent_asked_us=18_000)
     decision = assess(POLICY, facts)
     assert decision.verdict is Verdict.DISPUTED
-    assert decision.wake_at_us == 22_000
-    # That answer expires: the agent is asked again.
-    later = assess(POLICY, ProbeFacts(22_000, 0, 22, AgentCheck.ALIVE, agent_asked_us=18_000))
+    # The answer stands for disputed_recheck_us (300 ms), not one window: a check that used
+    # its whole window would otherwise answer already expired, and be asked again at once.
+    assert decision.wake_at_us == 318_000
+    still = assess(POLICY, ProbeFacts(22_000, 0, 22, AgentCheck.ALIVE, agent_asked_us=18_000))
+    assert still.verdict is Verdict.DISPUTED
+    # Then it expires: the agent is asked again.
+    later = assess(POLICY, ProbeFacts(318_000, 0, 318, AgentCheck.ALIVE, agent_asked_us=18_000))
     assert later.verdict is Verdict.SUSPECT
     assert later.ask_agent
 

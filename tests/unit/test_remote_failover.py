@@ -179,6 +179,25 @@ def test_a_peer_that_answered_once_and_stays_silent_is_checked_again() -> None:
     d.close()
 
 
+def test_an_alive_answer_at_the_end_of_the_window_is_a_dispute() -> None:
+    # The check waits its whole window (a ping that timed out) and then finds the peer's host
+    # up (its kernel answered): alive, although the window's time has passed meanwhile.
+    clock = Clock()
+
+    class SlowAlive(FakeSteps):
+        def confirm(self, peer: str, timeout_s: float) -> bool:
+            clock.now += int(timeout_s * 1e6) + 500
+            return super().confirm(peer, timeout_s)
+
+    steps = SlowAlive(alive=True)
+    d = _suspect(steps, clock)
+    assert steps.calls == ["confirm"]
+    assert d.machine.term == 1
+    assert d.machine.state is fo.State.CONFIRMING
+    assert any("split" in a for a in d.alarms)
+    d.close()
+
+
 def test_a_check_our_starved_host_returns_late_is_no_verdict(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
