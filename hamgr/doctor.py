@@ -352,38 +352,6 @@ def check_conntrack() -> Check:
     return Check("conntrack", Status.OK, f"{buckets} hash buckets", required=False)
 
 
-CGROUP_DYNMODS_FIX = (
-    "mount -t cgroup2 -o favordynmods none /run/hamgr/cgroup2 (a host with a cgroup2 mount: "
-    "remount it with its options plus favordynmods), or " + SETUP_FIX
-)
-
-
-def classify_cgroup_dynmods(mounts: str) -> Check:
-    """From /proc/mounts: does a cgroup root favour dynamic modifications (favordynmods)?
-
-    Optional, like the conntrack size: without it, each move of a process between cgroups after
-    an idle moment waits for an RCU grace period (5-14 ms here), and runc moves every restored
-    NF into its cgroups inside a failover's restore step."""
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and fields[2] == "cgroup2" and "favordynmods" in fields[3].split(","):
-            return Check(
-                "cgroup_dynmods", Status.OK, f"favordynmods on {fields[1]}", required=False
-            )
-    return Check(
-        "cgroup_dynmods",
-        Status.WARN,
-        "no cgroup root favours dynamic modifications: each restore's cgroup moves wait for an "
-        "RCU grace period (5-14 ms)",
-        CGROUP_DYNMODS_FIX,
-        required=False,
-    )
-
-
-def check_cgroup_dynmods() -> Check:
-    return classify_cgroup_dynmods(Path("/proc/mounts").read_text())
-
-
 def check_dpdk() -> Check:
     if shutil.which("pkg-config") is None:
         return Check("dpdk", Status.FAIL, "pkg-config not found", "apt-get install pkg-config")
@@ -491,7 +459,6 @@ CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
     check_criu,
     check_nftables,
     check_conntrack,
-    check_cgroup_dynmods,
     check_dpdk,
     check_dataplane_built,
     check_runc,

@@ -72,7 +72,7 @@ class DetectionPolicy:
     dampen_max_us: int = attrs.field(default=60_000, validator=_not_negative)
     dampen_decay_us: int = attrs.field(default=10_000_000, validator=_positive)
     # A disputed silence (the peer's agent answered) is checked again this long after the
-    # answer while no probe came back: a peer that died right after answering is still failed
+    # question while no probe came back: a peer that died right after answering is still failed
     # over. Not one window: on a loaded 2-CPU testbed whole-host stalls of 100-200 ms followed
     # disputes, and a check every window turned them into takeovers of live primaries.
     disputed_recheck_us: int = attrs.field(default=300_000, validator=_positive)
@@ -229,8 +229,9 @@ def assess(policy: DetectionPolicy, facts: ProbeFacts) -> DetectionDecision:
 class StandbyWatch:
     """A primary's watch of its standby (pure: the agent runs the checks it asks for).
 
-    The data plane reports a silence once (`silent`), and says when probes come back (`heard`).
-    Each check asked for gets the dampened window. An alive answer disputes the silence
+    The data plane reports a silence once (the agent then checks the standby and calls
+    `answered`), and says when probes come back (`heard`). Each check gets the dampened window
+    (`window_us`). An alive answer disputes the silence
     (dampening the next ones, once per silence) and asks again ``disputed_recheck_us`` later,
     for as long as no probe came back (`due`): a standby that dies while a flap is disputed is
     then still found lost. A dead answer loses the standby.

@@ -15,7 +15,6 @@ HAMGR = [sys.executable, "-m", "hamgr"]
 EXPECTED = {
     "kernel_checkpoint_restore",
     "cgroup_freezer",
-    "cgroup_dynmods",
     "netns_veth_bridge",
     "hugepages",
     "criu_version",
@@ -59,8 +58,6 @@ def test_every_required_check_is_ok() -> None:
     assert report["ok"] is True
     assert code == 0
     assert checks["criu_tcp_dump"]["status"] == "ok"
-    # make setup (which the suite runs first) made a cgroup root favour dynamic modifications.
-    assert checks["cgroup_dynmods"]["status"] == "ok", checks["cgroup_dynmods"]
 
 
 @pytest.fixture

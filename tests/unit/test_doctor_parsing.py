@@ -8,7 +8,6 @@ from hamgr.doctor import (
     Check,
     Report,
     Status,
-    classify_cgroup_dynmods,
     classify_criu_version,
     classify_dpdk,
     classify_hugepages,
@@ -118,28 +117,3 @@ def test_report_ok_ignores_optional_warnings_only() -> None:
         {"name": "a", "status": "ok", "detail": "fine", "fix": "", "required": True},
         {"name": "kvm", "status": "warn", "detail": "PVM", "fix": "", "required": False},
     ]
-
-
-CGROUP_V1_MOUNTS = """\
-tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
-cgroup /sys/fs/cgroup/freezer cgroup rw,relatime,freezer 0 0
-cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
-"""
-
-
-def test_cgroup_dynmods_is_found_on_a_cgroup2_mount() -> None:
-    mounts = CGROUP_V1_MOUNTS + "none /run/hamgr/cgroup2 cgroup2 rw,relatime,favordynmods 0 0\n"
-    check = classify_cgroup_dynmods(mounts)
-    assert check.status is Status.OK
-    assert "/run/hamgr/cgroup2" in check.detail
-
-
-@pytest.mark.parametrize(
-    "extra",
-    ["", "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n"],
-)
-def test_no_cgroup_root_favouring_dynmods_warns_and_names_the_fix(extra: str) -> None:
-    check = classify_cgroup_dynmods(CGROUP_V1_MOUNTS + extra)
-    assert check.status is Status.WARN
-    assert not check.required
-    assert "favordynmods" in check.fix
