@@ -836,8 +836,10 @@ class RemoteAgent:
         names = UnitNames(self.host, spec.name)
         if not netns.netns_exists(names.nf_netns):
             prepare_nf_netns(spec, names)
-        # The image's rootfs is unpacked now, not by the takeover's restore (~35 ms).
+        # The image's rootfs is unpacked now, not by the takeover's restore (~35 ms), and so is
+        # the backend's one-time work (CRIU's version check, runc's base spec: ~16 ms).
         prepare_unit_images(self.backend, spec, nf_container_spec(spec, names, nf_image(spec)))
+        self.backend.warm_up()
         with self.dp_client() as dp:
             # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
             # costs tens of milliseconds. Until a unit owns it, the data plane drains it (it
