@@ -76,6 +76,27 @@ def _taken_over(fab: Fabric, letter: str, term: int) -> dict[str, Any]:
     return taken
 
 
+def _protected(
+    fab: Fabric, letter: str, *, peer: str | None = None, term: int | None = None
+) -> dict[str, Any]:
+    """The unit's primary role on `letter` once its standby (`peer`, if given) acked it, at
+    `term` if given."""
+    role: dict[str, Any] = _wait(
+        lambda: (
+            (p := _role(fab, letter, "primary"))
+            and p["protection"] == "protected"
+            and (peer is None or p["peer"] == peer)
+            and (term is None or p["term"] == term)
+            and p
+        ),
+        30,
+        f"host {letter} protected"
+        + (f" by {peer}" if peer else "")
+        + (f" at term {term}" if term else ""),
+    )
+    return role
+
+
 def _unprotect(fab: Fabric, letter: str) -> None:
     """`hamgr unprotect` on `letter` until it removed everything: a standby refuses to go while
     its machine checks a flapping probe (a loaded host), and the message says to run it again."""
@@ -155,17 +176,7 @@ def test_b_reprotects_onto_c_after_the_takeover_and_c_takes_over_when_b_dies(
         sink, sender, out = start_traffic(fab, tmp_path, seconds=9.0, pps=PPS)
         try:
             _kill_a_after_its_commits(fab)
-            moved = _wait(
-                lambda: (
-                    (p := _role(fab, "B", "primary"))
-                    and p["term"] == 2
-                    and p["peer"] == c
-                    and p["protection"] == "protected"
-                    and p
-                ),
-                30,
-                "B to take over and be protected by C",
-            )
+            moved = _protected(fab, "B", peer=c, term=2)
             standby = _wait(
                 lambda: (s := _role(fab, "C", "standby")) and (s.get("last_committed") or 0) and s,
                 10,
@@ -253,11 +264,7 @@ def test_restarted_agents_adopt_their_roles_and_unprotect_drops_the_standby_on_b
                 "commits on B after the restarts",
             )
             # A counts as protected again once B acks what it ships after B's restart.
-            again = _wait(
-                lambda: (p := _role(fab, "A", "primary")) and p["protection"] == "protected" and p,
-                30,
-                "A protected by B again",
-            )
+            again = _protected(fab, "A")
         except BaseException:
             finish_traffic(sink, sender)
             raise
@@ -309,11 +316,7 @@ def test_b_claims_its_term_at_the_spare_c_when_a_dies_and_c_becomes_its_standby(
                 30,
                 "C to become B's standby",
             )
-            protected = _wait(
-                lambda: (p := _role(fab, "B", "primary")) and p["protection"] == "protected" and p,
-                30,
-                "B protected by C",
-            )
+            protected = _protected(fab, "B")
         finally:
             finish_traffic(sink, sender)
         records = read_records(out)
@@ -378,16 +381,7 @@ def test_an_isolated_standby_stands_down_and_a_reprotects_onto_the_spare(tmp_pat
         try:
             isolated = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
             moved = fab.wait_event("A", "reprotected", timeout=30, after_us=cut_us)
-            on_c = _wait(
-                lambda: (
-                    (p := _role(fab, "A", "primary"))
-                    and p["peer"] == c
-                    and p["protection"] == "protected"
-                    and p
-                ),
-                30,
-                "A protected by C",
-            )
+            on_c = _protected(fab, "A", peer=c)
             c_standby = _wait(
                 lambda: (s := _role(fab, "C", "standby")) and s["peer"] == a and s,
                 30,
