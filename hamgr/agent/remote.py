@@ -511,7 +511,7 @@ def attach_unit(
     )
 
 
-def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
+def gratuitous_arp_frame(mac: str, ip: str) -> bytes:
     """A gratuitous ARP reply from `mac`: the fabric's bridge learns where `mac` lives now."""
     hw = bytes.fromhex(mac.replace(":", ""))
     addr = socket.inet_aton(ip.split("/", maxsplit=1)[0])
@@ -525,9 +525,40 @@ def gratuitous_arp(iface: str, mac: str, ip: str) -> None:
         + b"\xff" * 6
         + addr
     )
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
-        s.bind((iface, 0))
-        s.send(frame.ljust(60, b"\0"))
+    return frame.ljust(60, b"\0")
+
+
+class Announcer:
+    """Sends gratuitous ARPs on one interface through a packet socket opened once (`open`, when
+    a standby is prepared) and kept: closing a packet socket waits for an RCU grace period
+    (``synchronize_net``, 7.7-12.9 ms measured here), which a takeover must not wait for."""
+
+    def __init__(self, iface: str) -> None:
+        self.iface = iface
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        with self._lock:
+            if self._sock is None:
+                sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                try:
+                    sock.bind((self.iface, 0))
+                except OSError:
+                    sock.close()
+                    raise
+                self._sock = sock
+
+    def announce(self, mac: str, ip: str) -> None:
+        self.open()
+        assert self._sock is not None
+        self._sock.send(gratuitous_arp_frame(mac, ip))
+
+    def close(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 def remote_config(spec: UnitSpec) -> ep.PrimaryConfig:
@@ -685,6 +716,7 @@ class RemoteAgent:
         self._loop: threading.Thread | None = None
         # Peers whose host is up but whose agent did not answer: since when (`confirm_peer`).
         self._agent_silent_since: dict[str, float] = {}
+        self.announcer = Announcer(plan.data_iface)
 
     # -- bookkeeping for the testbed -----------------------------------------------------
 
@@ -840,6 +872,7 @@ class RemoteAgent:
         # the backend's one-time work (CRIU's version check, runc's base spec: ~16 ms).
         prepare_unit_images(self.backend, spec, nf_container_spec(spec, names, nf_image(spec)))
         self.backend.warm_up()
+        self.announcer.open()
         with self.dp_client() as dp:
             # The NF port joins the data plane now, not at the takeover: an af_packet hotplug
             # costs tens of milliseconds. Until a unit owns it, the data plane drains it (it
@@ -1776,6 +1809,7 @@ class RemoteAgent:
         if self.server is not None:
             self.server.stop()
         self.links.close()
+        self.announcer.close()
         self._events.close()
 
 
@@ -1917,7 +1951,7 @@ class StandbySteps:
                 raise
 
     def announce(self, term: int) -> None:
-        gratuitous_arp(self.agent.plan.data_iface, self.spec.nf.mac, self.spec.nf.address)
+        self.agent.announcer.announce(self.spec.nf.mac, self.spec.nf.address)
 
     def replay(self, term: int, after_seq: int) -> int:
         """Lossless mode: the logged inputs after the image's cut, into the paused unit, then
