@@ -33,7 +33,9 @@ inputs on its data link, so the data links get an MTU 26 bytes above any input (
 `kill_host` SIGKILLs every process of a host at once (agent and its children, data plane, NFs:
 the PIDs are in the agent's ``status.json``) and takes its two fabric links down. `partition`
 cuts two live hosts apart (every frame between their links is dropped in the bridge, by an
-nftables ``bridge`` table in the fabric netns) and `heal` joins them again. `close`
+nftables ``bridge`` table in the fabric netns) and `heal` joins them again; `mute_probes`
+drops only the data planes' liveness probes between two hosts (their agents still reach each
+other: a disputed silence) until `unmute_probes`. `close`
 removes everything, by PID and by name: processes, containers, namespaces, cgroups, hugepage
 files, tmpfs directories. Addresses are from 198.18.0.0/15 only.
 """
@@ -80,6 +82,7 @@ UNIT = "seq0"
 HOSTS = ("A", "B", "C")
 START_TIMEOUT_S = 60.0
 PARTITION_TABLE = "hamgr_partition"
+PROBE_ETHERTYPE = 0x88B5  # dpdk_vhost's liveness probes (dpdk_vhost/src/dp.h)
 # A lossless unit's primary mirrors each input with a 26-byte header (docs/dataplane.md, "Input
 # mirror"): the data links carry frames that much longer than the largest input.
 LOSSLESS_DATA_MTU = 1600
@@ -503,6 +506,9 @@ class Fabric(Testbed):
             roots.add(int((h.work / "agent.pid").read_text().strip()))
         if h.proc is not None and h.proc.poll() is None:
             roots.add(h.proc.pid)
+        # And whatever runs in its NFs' netns, recorded or not (a copy restored ahead).
+        for path in Path("/run/netns").glob(f"hamgr-{h.name}-*"):
+            roots |= _in_netns(path.name)
         return _children(roots)
 
     def kill_host(self, letter: str, pids: set[int] | None = None) -> int:
@@ -553,6 +559,11 @@ class Fabric(Testbed):
         """
         if a == b or a not in self.hosts or b not in self.hosts:
             raise ValueError(f"a partition is between two hosts of {sorted(self.hosts)}")
+        self._partition_setup()
+        self._nft(f"add element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
+        return time.monotonic_ns() // 1000
+
+    def _partition_setup(self) -> None:
         if not self._partition_table:
             self._nft(
                 f"add table bridge {PARTITION_TABLE}\n"
@@ -560,10 +571,31 @@ class Fabric(Testbed):
                 f"add chain bridge {PARTITION_TABLE} cut "
                 "{ type filter hook forward priority 0; policy accept; }\n"
                 f"add rule bridge {PARTITION_TABLE} cut iifname . oifname @pairs drop\n"
+                f"add set bridge {PARTITION_TABLE} probe_pairs {{ type ifname . ifname; }}\n"
+                f"add rule bridge {PARTITION_TABLE} cut iifname . oifname @probe_pairs "
+                f"ether type {PROBE_ETHERTYPE:#06x} drop\n"
             )
             self._partition_table = True
-        self._nft(f"add element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
+
+    def mute_probes(self, a: str, b: str) -> int:
+        """Drop the liveness probes between hosts `a` and `b`, both ways, and nothing else; returns
+        the CLOCK_MONOTONIC time of the cut, in µs."""
+        if a == b or a not in self.hosts or b not in self.hosts:
+            raise ValueError(f"probes are muted between two hosts of {sorted(self.hosts)}")
+        self._partition_setup()
+        self._nft(f"add element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}")
         return time.monotonic_ns() // 1000
+
+    def unmute_probes(self, a: str, b: str) -> int:
+        """Undo `mute_probes(a, b)`; returns the CLOCK_MONOTONIC time, in µs."""
+        if not self._partition_table:
+            raise ValueError("no probes are muted")
+        self._nft(f"delete element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}")
+        return time.monotonic_ns() // 1000
+
+    def _data_pairs(self, a: str, b: str) -> str:
+        x, y = self._bridge_ports(a)[0], self._bridge_ports(b)[0]
+        return f'{{ "{x}" . "{y}", "{y}" . "{x}" }}'
 
     def heal(self, a: str, b: str) -> int:
         """Undo `partition(a, b)`; returns the CLOCK_MONOTONIC time of the heal, in µs."""

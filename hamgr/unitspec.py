@@ -435,6 +435,9 @@ class ProtectionSpec:
     on_standby_loss: str = attrs.field(
         default="stall", validator=_one_of("stall", "run-unprotected")
     )
+    # Remote standby: restore the committed checkpoint while a silent primary is being
+    # confirmed (`shim.failover.Prestore`); false saves one restore per suspicion.
+    prestore: bool = attrs.field(default=True, validator=_bool)
 
     @property
     def memory_budget_bytes(self) -> int:

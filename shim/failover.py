@@ -21,6 +21,13 @@ Triggers and detection:
   within the window, and the hold-down has passed). An ALIVE answer is DISPUTED: the data-plane
   path is lost but the host is not, so a failover would split the unit's brain; the machine
   alarms once and keeps asking each window. `PeerUp` ends the suspicion.
+- Speculation (`FailoverConfig.prestore`, remote only): with a suspicion's first `Confirm` the
+  machine also commands `Prestore`: the committed checkpoint is restored into the prepared netns
+  while the check runs, unattached and unannounced, so a FAILED verdict finds its copy restored
+  (the restore and the confirmation window overlap instead of adding up). It decides nothing:
+  `Restore(prestored=True)` uses the copy only if it came from the image located at the new
+  term; an ALIVE verdict, a `PeerUp`, a stand-down or a failure before the restore commands
+  `DropPrestore`.
 - `FailoverRequested(reason, planned, term)` comes from an operator and needs no confirmation.
   `planned` first quiesces the running copy (`Quiesce`: a last checkpoint, committed, and the
   copy stopped), so a switchover loses no input; a quiesce that fails aborts the switchover and
@@ -138,6 +145,7 @@ __all__ = [
     "DestroyRestored",
     "DetachPorts",
     "DiscardOutput",
+    "DropPrestore",
     "Event",
     "FailoverConfig",
     "FailoverMachine",
@@ -152,6 +160,7 @@ __all__ = [
     "PeerDown",
     "PeerUp",
     "PortsAttached",
+    "Prestore",
     "ProtocolError",
     "Quiesce",
     "Quiesced",
@@ -408,8 +417,13 @@ class LocateImage(StepCommand):
 
 @attrs.frozen
 class Restore(StepCommand):
+    """Restore `image` into the prepared netns. `prestored`: a `Prestore` was commanded for this
+    term; the driver uses that copy if it was restored from this very image, and otherwise
+    destroys it and restores afresh."""
+
     step = Step.RESTORE
     image: str = attrs.field(kw_only=True)
+    prestored: bool = attrs.field(default=False, kw_only=True)
 
 
 @attrs.frozen
@@ -455,6 +469,32 @@ class Confirm(Command):
     """Run the agent's own check of `peer`; answer `Confirmed` (a late answer is harmless)."""
 
     peer: str
+    timeout_us: int
+
+
+@attrs.frozen
+class Prestore(Command):
+    """Speculative restore, while a suspect peer is being confirmed (`FailoverConfig.prestore`).
+
+    The driver starts, without waiting, a restore of the store's committed checkpoint as it is
+    now into the prepared netns, as the copy the attempt at `term` will need if the verdict is
+    FAILED. Nothing is decided by it: no term is raised, nothing is promoted or fenced, no port
+    is attached, so the copy receives nothing and nothing it sends leaves the host. The peer may
+    commit again meanwhile: `Restore(prestored=True)` uses the copy only if the image located
+    then is the one it was restored from. No completion event; a failure only loses the head
+    start.
+    """
+
+    term: int
+    timeout_us: int
+
+
+@attrs.frozen
+class DropPrestore(Command):
+    """Destroy the speculative copy of `term`, if any (the suspicion ended without a takeover,
+    or the attempt ended before its restore). Idempotent, bounded, no completion event."""
+
+    term: int
     timeout_us: int
 
 
@@ -580,6 +620,10 @@ class FailoverConfig:
     replay_failure: ReplayFailure = ReplayFailure.FAIL
     # Memory a new standby needs, for placement.
     standby_mem_bytes: int = 0
+    # Remote only: restore the committed checkpoint speculatively while a suspect peer is being
+    # confirmed (`Prestore`), so that a real failure finds the copy restored when the verdict
+    # comes. Costs one restore (CPU, the NF's memory) per suspicion, dropped if it was alive.
+    prestore: bool = False
 
 
 def judge_claims(claims: tuple[Claim, ...] | None) -> str | None:
@@ -712,6 +756,7 @@ class _Suspicion:
     asked_us: int | None = None
     disputed: bool = False
     alarmed: bool = False  # one alarm per suspicion, however often it is asked again
+    prestored: bool = False  # one speculative restore per suspicion, at its first check
 
 
 class FailoverMachine:
@@ -749,6 +794,8 @@ class FailoverMachine:
         self._damp = dampening or Dampening()
         self._failure: str | None = None
         self._wake_at: int | None = None
+        # The term of the speculative copy commanded (`Prestore`) and not yet used or dropped.
+        self._prestore: int | None = None
 
     # -- read-only views -----------------------------------------------------------------
 
@@ -821,6 +868,7 @@ class FailoverMachine:
                 if self._state is State.CONFIRMING and s is not None and s.peer == peer:
                     self._suspicion = None
                     self._state = State.WATCHING
+                    self._drop_prestore(out)
             case Confirmed():
                 self._on_confirmed(event, out)
             case StepTimedOut(step=step, term=term):
@@ -935,6 +983,8 @@ class FailoverMachine:
                 self._suspicion = None
                 self._start(f"peer {s.peer} failed: {decision.reason}", False, False, out)
             case Verdict.DISPUTED:
+                # Alive: the copy restored ahead is not needed, and the peer commits on.
+                self._drop_prestore(out)
                 if not s.disputed:
                     s.disputed = True
                     self._damp = record_dispute(self.config.detection, self._damp, self._now)
@@ -954,7 +1004,18 @@ class FailoverMachine:
                     s.agent = AgentCheck.PENDING
                     s.asked_us = self._now
                     s.disputed = False
+                    if self.config.prestore and not s.prestored and self._prestore is None:
+                        # Only at a suspicion's first check: a disputed peer is alive and
+                        # committing, and a copy per re-check would be stale every time.
+                        s.prestored = True
+                        self._prestore = self._highest + 1
+                        out.append(Prestore(self._prestore, self.config.timeouts.restore_us))
                     out.append(Confirm(s.peer, policy.confirm_window_us))
+
+    def _drop_prestore(self, out: list[Command]) -> None:
+        if self._prestore is not None:
+            out.append(DropPrestore(self._prestore, self.config.timeouts.cleanup_us))
+            self._prestore = None
 
     # -- the sequence --------------------------------------------------------------------
 
@@ -1009,7 +1070,12 @@ class FailoverMachine:
             case State.RESTORING:
                 assert a.image is not None
                 a.restore_started = True
-                out.append(Restore(a.term, timeout, image=a.image.path))
+                prestored = self._prestore == a.term
+                if prestored:
+                    self._prestore = None  # the restore step uses the copy or destroys it
+                else:
+                    self._drop_prestore(out)
+                out.append(Restore(a.term, timeout, image=a.image.path, prestored=prestored))
             case State.ATTACHING:
                 out.append(AttachPorts(a.term, timeout))
             case State.ANNOUNCING:
@@ -1113,6 +1179,7 @@ class FailoverMachine:
 
     def _fail(self, a: _Attempt, cause: str, out: list[Command]) -> None:
         elapsed = self._now - a.started_us
+        self._drop_prestore(out)  # an attempt that ends before its restore step
         if self._state is State.QUIESCING:
             out.append(Unquiesce(a.term, self.config.timeouts.cleanup_us))
             reason = f"unit {self.unit}: switchover aborted, term {self._term} runs on: {cause}"
@@ -1173,6 +1240,7 @@ class FailoverMachine:
             )
         )
         out.append(Report(self.unit, Status.ABORTED, a.term, reason, self._now - a.started_us))
+        self._drop_prestore(out)
         self._attempt = None
         self._suspicion = None
         self._state = State.WATCHING

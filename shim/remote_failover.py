@@ -16,7 +16,9 @@ bounded by the step's `timeout_us`:
   (a leftover unit of an earlier attempt is removed, its output dropped).
 - `LocateImage`: ``ReplicationServer.promote(unit, term)``: the store refuses the old primary from
   now on (I3) and answers the committed checkpoint with its ``cut_seq``.
-- `Restore`: ``RuncBackend.restore`` into the netns prepared when the standby was set up.
+- `Restore`: ``RuncBackend.restore`` into the netns prepared when the standby was set up; or,
+  with `prestored`, the copy `Prestore` restored while the peer was being confirmed, if it came
+  from the image located (the agent's steps keep it; `DropPrestore` destroys it).
 - `AttachPorts`: the prepared veth joins this data plane and the unit is added at the new term,
   ingress paused and without output commit: no standby holds an image of the unit until
   `Reprotect` has seeded the new one (docs/failover.md, "Unprotected window").
@@ -91,8 +93,19 @@ class RemoteSteps(Protocol):
         """Promote the store at `term`; returns (image path, epoch, cut_seq)."""
         ...
 
-    def restore(self, image: str, term: int) -> int:
-        """Restore into the prepared netns; returns the NF's pid."""
+    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
+        """Restore into the prepared netns; returns the NF's pid. `prestored`: use the copy
+        `prestore(term)` made if it came from `image`; destroy it otherwise."""
+        ...
+
+    def prestore(self, term: int) -> None:
+        """Start restoring the committed checkpoint as it is now, for the attempt at `term`
+        (`shim.failover.Prestore`). Returns at once; runs in the background, in order with
+        `drop_prestore` and the next `restore`."""
+        ...
+
+    def drop_prestore(self, term: int) -> None:
+        """Destroy the copy of `prestore(term)`, if any, once it is done. Returns at once."""
         ...
 
     def attach(self, term: int) -> None: ...
@@ -247,6 +260,10 @@ class RemoteFailover:
                 self._cleanup("destroy", lambda: self.steps.destroy_restored(term, pid), t)
             case fo.DiscardOutput(term=term, timeout_us=t):
                 self._cleanup("discard", lambda: self.steps.discard_output(term), t)
+            case fo.Prestore(term=term, timeout_us=t):
+                self._cleanup("prestore", lambda: self.steps.prestore(term), t)
+            case fo.DropPrestore(term=term, timeout_us=t):
+                self._cleanup("drop prestore", lambda: self.steps.drop_prestore(term), t)
             case fo.Alarm(reason=reason):
                 log.warning("unit %s: %s", self.unit, reason)
                 self.alarms.append(reason)
@@ -347,8 +364,8 @@ class RemoteFailover:
             case fo.LocateImage():
                 path, epoch, cut_seq = s.locate(term)
                 return fo.ImageLocated(term, path, epoch, cut_seq)
-            case fo.Restore(image=image):
-                return fo.Restored(term, s.restore(image, term))
+            case fo.Restore(image=image, prestored=prestored):
+                return fo.Restored(term, s.restore(image, term, prestored=prestored))
             case fo.AttachPorts():
                 s.attach(term)
                 return fo.PortsAttached(term)

@@ -70,6 +70,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -103,7 +104,7 @@ from shim.engine import PrimaryEngine
 from shim.local_failover import ProtectedNf, TermFile
 from shim.remote_failover import RemoteFailover
 from shim.replication import NackedError, ReplicationClient, ReplicationServer
-from shim.store import Checkpoint, Store
+from shim.store import Checkpoint, Store, link_copy
 
 __all__ = [
     "Detached",
@@ -129,6 +130,8 @@ ETH_P_ARP = 0x0806
 # up on it.
 CLAIM_TIMEOUT_S = 0.5
 CLAIM_MAXRT_MS = 600
+# How long closing a standby's steps waits for a copy restored ahead to be destroyed.
+PRESTORE_CLOSE_S = 10.0
 # The same bound on a primary's replication link: when a partition cuts it, what the kernel
 # still holds of a transfer (up to a whole checkpoint) is dropped with the connection instead
 # of reaching a standby that stood down after the partition heals. That standby would commit
@@ -907,6 +910,7 @@ class RemoteAgent:
             # A log that cannot replay (a gap, an overflow, a trim past the cut) costs the
             # inputs after the cut, as without lossless mode; the unit had better be up.
             replay_failure=fo.ReplayFailure.RESUME,
+            prestore=spec.protection.prestore,
         )
         claim_s = min(CLAIM_TIMEOUT_S, config.timeouts.raise_term_us / 2e6)
         steps = StandbySteps(self, spec, names, spares, claim_timeout_s=claim_s, primary=primary)
@@ -1813,6 +1817,16 @@ class RemoteAgent:
         self._events.close()
 
 
+@attrs.define
+class _Prestored:
+    """A copy restored ahead (`shim.failover.Prestore`): for the attempt at `term`, from the
+    committed image at `source`."""
+
+    term: int
+    source: str
+    nf: ProtectedNf
+
+
 class StandbySteps:
     """The failover steps on a standby host (`shim.remote_failover.RemoteSteps`)."""
 
@@ -1843,6 +1857,10 @@ class StandbySteps:
         # term -> the new primary's epoch machine, born standby-lost (output not committed)
         # until `reprotect` seeds the new standby.
         self.unprotected: dict[int, tuple[ep.PrimaryMachine, ep.Alarm]] = {}
+        # The speculative copy, and the one thread that makes, drops and hands it over, in the
+        # order commanded: a drop never overtakes the restore it drops.
+        self._prestored: _Prestored | None = None
+        self._prestorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prestore")
 
     def confirm(self, peer: str, timeout_s: float) -> bool:
         return self.agent.confirm_peer(peer, timeout_s)
@@ -1850,6 +1868,10 @@ class StandbySteps:
     def close(self) -> None:
         for link in self._claim_links.values():
             link.close()
+        # A copy restored ahead for a takeover that will not come from this watch.
+        with contextlib.suppress(Exception):
+            self._prestorer.submit(self._drop, None).result(timeout=PRESTORE_CLOSE_S)
+        self._prestorer.shutdown(wait=False)
 
     def raise_term(self, term: int) -> tuple[fo.Claim, ...]:
         """Write `term` durably, then claim it at every spare of the unit, in parallel.
@@ -1915,19 +1937,100 @@ class StandbySteps:
             raise RuntimeError(f"the store of {self.unit} holds no committed checkpoint")
         return str(cp.path), cp.epoch, int(cp.meta.get("cut_seq", 0))
 
-    def restore(self, image: str, term: int) -> int:
-        nf = restore_unit_nf(
-            self.agent.backend,
-            Path(image),
-            self.names.nf_netns,
-            name=f"{self.names.container}-t{term}",
-        )
-        # Its first cut (the seed of the next standby) needs a CRIU worker: start it now.
-        nf.prepare_checkpoint(wait=False)
+    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
+        # Always through the prestore thread: a copy still being restored ahead is finished
+        # and then used or destroyed, never left in the netns beside this one.
+        nf = self._prestorer.submit(self._take, image, term).result()
+        if nf is None:
+            nf = self._restore_copy(Path(image), term)
         self.restored[term] = nf
         self.agent.hooks.restored(self.unit, term, nf)
         self.agent.write_status()
         return nf.pid
+
+    def _restore_copy(self, image: Path, term: int) -> ProtectedNf:
+        nf = restore_unit_nf(
+            self.agent.backend, image, self.names.nf_netns, name=f"{self.names.container}-t{term}"
+        )
+        # Its first cut (the seed of the next standby) needs a CRIU worker: start it now.
+        nf.prepare_checkpoint(wait=False)
+        return nf
+
+    def prestore(self, term: int) -> None:
+        self._prestorer.submit(self._logged, self._prestore, term)
+
+    def drop_prestore(self, term: int) -> None:
+        self._prestorer.submit(self._logged, self._drop, term)
+
+    def _logged(self, fn: Callable[[int], None], term: int) -> None:
+        try:
+            fn(term)
+        except Exception as exc:
+            # A speculation that fails costs only its head start: the takeover restores.
+            log.warning("unit %s: %s at term %d failed: %s", self.unit, fn.__name__, term, exc)
+            self.agent.event(
+                "prestore_failed", unit=self.unit, term=term, reason=f"{type(exc).__name__}: {exc}"
+            )
+
+    def _prestore(self, term: int) -> None:
+        """Restore the committed checkpoint as it is now, from hard links of its files: the
+        primary may commit again meanwhile, and the store then deletes this one."""
+        self._drop(None)
+        server = self.agent.server
+        assert server is not None
+        cp = server.committed(self.unit)
+        if cp is None:
+            return
+        started = _now_us()
+        copy = self.agent.plan.runtime / "prestore" / self.unit
+        shutil.rmtree(copy, ignore_errors=True)
+        try:
+            link_copy(cp.path, copy)
+        except FileNotFoundError:
+            log.info("unit %s: epoch %d went while copied: no prestore", self.unit, cp.epoch)
+            return
+        try:
+            nf = self._restore_copy(copy, term)
+        finally:
+            # CRIU has read the images; the copy's files are needed no more.
+            shutil.rmtree(copy, ignore_errors=True)
+        self._prestored = _Prestored(term, str(cp.path), nf)
+        self.agent.event(
+            "prestored",
+            unit=self.unit,
+            term=term,
+            image=[cp.term, cp.epoch],
+            pid=nf.pid,
+            elapsed_us=_now_us() - started,
+        )
+
+    def _drop(self, term: int | None) -> None:
+        """Destroy the copy restored ahead (of `term`; None: whichever)."""
+        p = self._prestored
+        if p is None or (term is not None and p.term != term):
+            return
+        self._prestored = None
+        self._destroy_copy(p.nf)
+        self.agent.event("prestore_dropped", unit=self.unit, term=p.term, pid=p.nf.pid)
+
+    def _destroy_copy(self, nf: ProtectedNf) -> None:
+        nf.destroy()
+        # Its connections linger in the netns (closing) with the very addresses and ports a
+        # later restore of the unit binds again.
+        netns.destroy_tcp_sockets(self.names.nf_netns)
+
+    def _take(self, image: str, term: int) -> ProtectedNf | None:
+        """The copy restored ahead if it is the one `image` at `term` needs; else destroy it."""
+        p, self._prestored = self._prestored, None
+        if p is None:
+            return None
+        if p.term == term and p.source == image and not p.nf.exited(timeout=0):
+            self.agent.event("prestore_used", unit=self.unit, term=term, pid=p.nf.pid)
+            return p.nf
+        self._destroy_copy(p.nf)
+        why = "it exited" if p.source == image and p.term == term else f"the image is {image}"
+        self.agent.event("prestore_dropped", unit=self.unit, term=p.term, pid=p.nf.pid, why=why)
+        return None
 
     def attach(self, term: int) -> None:
         # No standby holds an image of the unit now: it is attached without output commit

@@ -172,6 +172,43 @@ def test_two_failures_in_a_row_the_spare_takes_over_from_the_new_primary(tmp_pat
         assert check.reordered == 0
 
 
+def test_a_copy_restored_ahead_goes_when_the_primary_answers_and_serves_when_it_dies(
+    tmp_path: Path,
+) -> None:
+    """B restores the committed image while it confirms a silent A (`Prestore`). Probes muted
+    but A's agent answering: the copy is destroyed and nothing moves. A killed later: the new
+    suspicion's copy is the one that takes over, and the sink sees no duplicate and no gap."""
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(0.5)
+            muted = fab.mute_probes("A", "B")
+            dropped = fab.wait_event("B", "prestore_dropped", timeout=10, after_us=muted)
+            unmuted = fab.unmute_probes("A", "B")
+            fab.wait_event("B", "peer_up", timeout=5, after_us=unmuted)
+            time.sleep(0.5)
+            kill_us = fab.kill_host("A")
+            rec = fab.wait_event("B", "failover_record", timeout=30, after_us=kill_us)
+            used = fab.wait_event("B", "prestore_used", timeout=5, after_us=kill_us)
+        finally:
+            finish_traffic(sink, sender)
+        check = check_sequence(read_records(out))
+        made = [e for e in fab.hosts["B"].events("prestored") if e["mono_us"] >= muted]
+        assert made[0]["pid"] == dropped["pid"]
+        assert not Path(f"/proc/{dropped['pid']}").exists(), "the dropped copy still runs"
+        early = [e for e in fab.hosts["B"].events("failover") if e["mono_us"] < kill_us]
+        assert early == [], "B took a live A over"
+        # The takeover's NF is the copy of the second suspicion, restored before the verdict.
+        assert made[-1]["pid"] == used["pid"] == rec["new_pid"]
+        assert made[-1]["mono_us"] > kill_us
+        assert made[-1]["image"][1] == rec["image_epoch"]
+        assert rec["status"] == "finished"
+        assert check.duplicates == 0
+        assert check.gaps == 0
+
+
 def test_a_chain_fails_over_to_the_standby_with_every_member(tmp_path: Path) -> None:
     """A chain of two sequencers on A (`Fabric(chain=2)`): B restores both members from the
     committed chain image, and neither member's counter repeats or skips at the sink."""

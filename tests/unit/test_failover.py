@@ -16,6 +16,8 @@ from shim.failover import (
     Announce,
     Announced,
     AttachPorts,
+    Claim,
+    ClaimVerdict,
     Command,
     Completion,
     Confirm,
@@ -24,6 +26,7 @@ from shim.failover import (
     DestroyRestored,
     DetachPorts,
     DiscardOutput,
+    DropPrestore,
     Event,
     FailoverConfig,
     FailoverMachine,
@@ -38,6 +41,7 @@ from shim.failover import (
     PeerDown,
     PeerUp,
     PortsAttached,
+    Prestore,
     ProtocolError,
     Quiesce,
     Quiesced,
@@ -97,8 +101,10 @@ def local(*, lossless: bool = False, standby: str | None = STANDBY) -> FailoverM
     return FailoverMachine(UNIT, TERM, config, pid=PID, standby=standby)
 
 
-def remote(*, lossless: bool = False) -> FailoverMachine:
-    config = FailoverConfig(detection=DETECT, lossless=lossless, standby_mem_bytes=1 << 29)
+def remote(*, lossless: bool = False, prestore: bool = False) -> FailoverMachine:
+    config = FailoverConfig(
+        detection=DETECT, lossless=lossless, standby_mem_bytes=1 << 29, prestore=prestore
+    )
     return FailoverMachine(UNIT, TERM, config, peer=PEER)
 
 
@@ -271,6 +277,119 @@ def test_after_a_remote_failover_the_same_machine_covers_a_local_one() -> None:
         << Report
         << RaiseTerm(NEW + 1, T.raise_term_us)
     )
+
+
+# --- speculation: the restore overlaps the confirmation -------------------------------------
+
+
+def suspected(m: FailoverMachine) -> Playbook:
+    """A silent peer's first check, with the copy restored ahead for the attempt at NEW."""
+    return (
+        Playbook(m)
+        >> PeerDown(PEER, last_rx_us=10_000, now_us=13_000, term=TERM)
+        << Prestore(NEW, T.restore_us)
+        << Confirm(PEER, DETECT.confirm_window_us)
+    )
+
+
+def judged_dead(m: FailoverMachine) -> Playbook:
+    """`suspected`, then the check finds the peer dead: the attempt at NEW begins."""
+    return (
+        suspected(m)
+        >> Confirmed(PEER, alive=False, now_us=18_000)
+        << Report
+        << RaiseTerm(NEW, T.raise_term_us)
+    )
+
+
+def test_a_dead_peer_is_restored_from_the_copy_made_while_it_was_confirmed() -> None:
+    m = remote(prestore=True)
+    pb = (
+        judged_dead(m)
+        >> TermRecorded(NEW)
+        << FenceDataPlane(NEW, T.fence_us)
+        >> DataPlaneFenced(NEW, 0, 9)
+        << LocateImage(NEW, T.locate_us)
+        >> located()
+        << Restore(NEW, T.restore_us, image=IMAGE, prestored=True)
+        >> Restored(NEW, NEW_PID)
+        << AttachPorts(NEW, T.attach_us)
+    )
+    assert pb
+    assert not any(isinstance(c, DropPrestore) for c in pb.commands)
+
+
+def test_without_prestore_nothing_is_restored_before_the_verdict() -> None:
+    m = remote()
+    pb = (
+        Playbook(m)
+        >> PeerDown(PEER, last_rx_us=10_000, now_us=13_000, term=TERM)
+        << Confirm(PEER, DETECT.confirm_window_us)
+        >> Confirmed(PEER, alive=False, now_us=18_000)
+        << Report
+        << RaiseTerm(NEW, T.raise_term_us)
+    )
+    assert pb
+    assert not any(isinstance(c, Prestore | DropPrestore) for c in pb.commands)
+
+
+def test_a_live_peer_drops_the_copy_and_its_rechecks_make_no_other() -> None:
+    m = remote(prestore=True)
+    pb = (
+        suspected(m)
+        >> Confirmed(PEER, alive=True, now_us=14_000)
+        << DropPrestore(NEW, T.cleanup_us)
+        << Alarm
+        # Still silent when the alive answer expires: asked again, nothing restored again (a
+        # disputed peer commits on, so a copy per re-check would be stale every time).
+        >> Tick(313_000)
+        << Confirm(PEER, 2 * DETECT.confirm_window_us)
+        >> Confirmed(PEER, alive=True, now_us=313_500)
+        >> PeerUp(PEER, now_us=320_000)
+    )
+    assert pb
+    assert m.state is State.WATCHING
+
+
+def test_a_peer_heard_again_drops_the_copy() -> None:
+    m = remote(prestore=True)
+    assert suspected(m) >> PeerUp(PEER, now_us=14_000) << DropPrestore(NEW, T.cleanup_us)
+    assert m.state is State.WATCHING
+    # The next suspicion restores ahead again, for the same term: none was spent.
+    assert (
+        Playbook(m)
+        >> PeerDown(PEER, last_rx_us=50_000, now_us=53_000, term=TERM)
+        << Prestore(NEW, T.restore_us)
+        << Confirm
+    )
+
+
+def test_a_refused_claim_drops_the_copy() -> None:
+    m = remote(prestore=True)
+    refused = Claim("hostC", ClaimVerdict.REFUSED, "newer", (TERM, 9))
+    assert (
+        judged_dead(m)
+        >> TermRecorded(NEW, (refused,))
+        << Alarm
+        << Report
+        << DropPrestore(NEW, T.cleanup_us)
+    )
+    assert m.state is State.WATCHING
+
+
+def test_an_attempt_that_fails_before_its_restore_drops_the_copy() -> None:
+    m = remote(prestore=True)
+    pb = (
+        judged_dead(m)
+        >> TermRecorded(NEW)
+        << FenceDataPlane(NEW, T.fence_us)
+        >> StepFailed(Step.FENCE, NEW, "data plane gone")
+        << DropPrestore(NEW, T.cleanup_us)
+        << Alarm
+        << Report
+    )
+    assert pb
+    assert m.state is State.FAILED
 
 
 # --- detection: confirmation before acting --------------------------------------------------

@@ -56,11 +56,17 @@ class FakeSteps:
         self._call("locate")
         return "/img", 7, 123
 
-    def restore(self, image: str, term: int) -> int:
-        self._call("restore")
+    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
+        self._call("restore:prestored" if prestored else "restore")
         if self.restore_s:
             time.sleep(self.restore_s)
         return 4242
+
+    def prestore(self, term: int) -> None:
+        self._call(f"prestore:{term}")
+
+    def drop_prestore(self, term: int) -> None:
+        self._call(f"drop_prestore:{term}")
 
     def attach(self, term: int) -> None:
         self._call("attach")
@@ -98,11 +104,16 @@ class Clock:
 
 
 def _driver(
-    steps: FakeSteps, clock: Clock, timeouts: fo.StepTimeouts | None = None
+    steps: FakeSteps,
+    clock: Clock,
+    timeouts: fo.StepTimeouts | None = None,
+    *,
+    prestore: bool = False,
 ) -> RemoteFailover:
     config = fo.FailoverConfig(
         detection=DetectionPolicy(confirm_window_us=30_000, hold_down_us=5_000),
         timeouts=timeouts or fo.StepTimeouts(),
+        prestore=prestore,
     )
     machine = fo.FailoverMachine("seq0", 1, config, peer="hostA", now_us=clock.now)
     return RemoteFailover(machine, steps, clock=clock)
@@ -131,6 +142,35 @@ def test_dead_peer_is_taken_over_in_order() -> None:
     assert rec.status == "finished"
     assert (rec.image_epoch, rec.cut_seq, rec.new_pid) == (7, 123, 4242)
     assert rec.detect_us == 3_000
+    d.close()
+
+
+def test_the_restore_starts_before_the_check_and_its_copy_is_taken_over() -> None:
+    steps, clock = FakeSteps(), Clock()
+    d = _driver(steps, clock, prestore=True)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)
+    assert steps.calls[:6] == [
+        "prestore:2",
+        "confirm",
+        "raise_term:2",
+        "fence",
+        "locate",
+        "restore:prestored",
+    ]
+    assert d.machine.state is fo.State.WATCHING
+    assert d.records[-1].status == "finished"
+    d.close()
+
+
+def test_a_copy_restored_for_a_live_peer_is_dropped() -> None:
+    steps, clock = FakeSteps(alive=True), Clock()
+    d = _driver(steps, clock, prestore=True)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)
+    assert steps.calls == ["prestore:2", "confirm", "drop_prestore:2"]
+    assert d.machine.state is fo.State.CONFIRMING  # disputed, still silent
+    assert not d.records
     d.close()
 
 

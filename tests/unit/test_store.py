@@ -22,6 +22,7 @@ from shim.store import (
     StaleTermError,
     Store,
     StoreError,
+    link_copy,
 )
 
 
@@ -115,6 +116,28 @@ def test_commit_then_delta_commit(root: Path, src1: Path, src2: Path) -> None:
     reopened = Store(root)
     assert reopened.committed() == c2
     reopened.verify_committed()
+
+
+def test_a_link_copy_of_a_commit_outlives_its_collection(
+    root: Path, tmp_path: Path, src1: Path, src2: Path
+) -> None:
+    store = committed_store(root, src1)
+    c1 = store.committed()
+    assert c1 is not None
+    (c1.path / "sub").mkdir(exist_ok=True)  # a nested directory is linked too
+    (c1.path / "sub" / "f.img").write_bytes(b"nested")
+    want = digests_of(c1.path)
+    copy = tmp_path / "copies" / "seq0"
+    link_copy(c1.path, copy)
+    ship(store, src2, 2, 1)
+    store.commit()
+    store.collect()
+    assert not c1.path.exists()
+    assert digests_of(copy) == want
+    # A checkpoint already gone: the error says so and no partial copy is left.
+    with pytest.raises(FileNotFoundError):
+        link_copy(c1.path, tmp_path / "copies" / "gone")
+    assert not (tmp_path / "copies" / "gone").exists()
 
 
 def test_meta_is_kept_with_the_checkpoint(root: Path, src1: Path) -> None:
