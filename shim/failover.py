@@ -483,10 +483,18 @@ class Prestore(Command):
     commit again meanwhile: `Restore(prestored=True)` uses the copy only if the image located
     then is the one it was restored from. No completion event; a failure only loses the head
     start.
+
+    The restore begins no earlier than `not_before_us` (the silence then is
+    `FailoverConfig.prestore_after_us` long) and only if `peer` is still silent in this node's
+    data plane then: most silences of a live peer end within a few milliseconds, and a restore
+    per such blip would load the very host whose probes it starves. A newer `Prestore`
+    supersedes one not yet begun, and `DropPrestore` cancels it.
     """
 
     term: int
     timeout_us: int
+    peer: str = attrs.field(kw_only=True)
+    not_before_us: int = attrs.field(kw_only=True)
 
 
 @attrs.frozen
@@ -624,6 +632,8 @@ class FailoverConfig:
     # confirmed (`Prestore`), so that a real failure finds the copy restored when the verdict
     # comes. Costs one restore (CPU, the NF's memory) per suspicion, dropped if it was alive.
     prestore: bool = False
+    # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe).
+    prestore_after_us: int = 15_000
 
 
 def judge_claims(claims: tuple[Claim, ...] | None) -> str | None:
@@ -1009,7 +1019,14 @@ class FailoverMachine:
                         # committing, and a copy per re-check would be stale every time.
                         s.prestored = True
                         self._prestore = self._highest + 1
-                        out.append(Prestore(self._prestore, self.config.timeouts.restore_us))
+                        out.append(
+                            Prestore(
+                                self._prestore,
+                                self.config.timeouts.restore_us,
+                                peer=s.peer,
+                                not_before_us=s.last_rx_us + self.config.prestore_after_us,
+                            )
+                        )
                     out.append(Confirm(s.peer, policy.confirm_window_us))
 
     def _drop_prestore(self, out: list[Command]) -> None:

@@ -98,10 +98,10 @@ class RemoteSteps(Protocol):
         `prestore(term)` made if it came from `image`; destroy it otherwise."""
         ...
 
-    def prestore(self, term: int) -> None:
-        """Start restoring the committed checkpoint as it is now, for the attempt at `term`
-        (`shim.failover.Prestore`). Returns at once; runs in the background, in order with
-        `drop_prestore` and the next `restore`."""
+    def prestore(self, term: int, peer: str, not_before_us: int) -> None:
+        """Restore the committed checkpoint, for the attempt at `term`, at `not_before_us` if
+        `peer` is still silent then (`shim.failover.Prestore`). Returns at once; runs in the
+        background, in order with `drop_prestore` and the next `restore`."""
         ...
 
     def drop_prestore(self, term: int) -> None:
@@ -260,8 +260,8 @@ class RemoteFailover:
                 self._cleanup("destroy", lambda: self.steps.destroy_restored(term, pid), t)
             case fo.DiscardOutput(term=term, timeout_us=t):
                 self._cleanup("discard", lambda: self.steps.discard_output(term), t)
-            case fo.Prestore(term=term, timeout_us=t):
-                self._cleanup("prestore", lambda: self.steps.prestore(term), t)
+            case fo.Prestore(term=term, timeout_us=t, peer=peer, not_before_us=at):
+                self._cleanup("prestore", lambda: self.steps.prestore(term, peer, at), t)
             case fo.DropPrestore(term=term, timeout_us=t):
                 self._cleanup("drop prestore", lambda: self.steps.drop_prestore(term), t)
             case fo.Alarm(reason=reason):

@@ -132,6 +132,8 @@ CLAIM_TIMEOUT_S = 0.5
 CLAIM_MAXRT_MS = 600
 # How long closing a standby's steps waits for a copy restored ahead to be destroyed.
 PRESTORE_CLOSE_S = 10.0
+# The longest a restore ahead waits for its `not_before_us` (a bound against a bad clock).
+PRESTORE_WAIT_MAX_S = 1.0
 # The same bound on a primary's replication link: when a partition cuts it, what the kernel
 # still holds of a transfer (up to a whole checkpoint) is dropped with the connection instead
 # of reaching a standby that stood down after the partition heals. That standby would commit
@@ -1858,9 +1860,14 @@ class StandbySteps:
         # until `reprotect` seeds the new standby.
         self.unprotected: dict[int, tuple[ep.PrimaryMachine, ep.Alarm]] = {}
         # The speculative copy, and the one thread that makes, drops and hands it over, in the
-        # order commanded: a drop never overtakes the restore it drops.
+        # order commanded: a drop never overtakes the restore it drops. Each `prestore` is a
+        # generation; one not begun yet is skipped once a newer one or a drop was commanded,
+        # so a flapping peer leaves no backlog of restores in front of a takeover's.
         self._prestored: _Prestored | None = None
         self._prestorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prestore")
+        self._prestore_gen = 0
+        self._dropped_gen = 0
+        self._gen_lock = threading.Lock()
 
     def confirm(self, peer: str, timeout_s: float) -> bool:
         return self.agent.confirm_peer(peer, timeout_s)
@@ -1943,28 +1950,32 @@ class StandbySteps:
         nf = self._prestorer.submit(self._take, image, term).result()
         if nf is None:
             nf = self._restore_copy(Path(image), term)
+        # Its first cut (the seed of the next standby) needs a CRIU worker: start it now.
+        nf.prepare_checkpoint(wait=False)
         self.restored[term] = nf
         self.agent.hooks.restored(self.unit, term, nf)
         self.agent.write_status()
         return nf.pid
 
     def _restore_copy(self, image: Path, term: int) -> ProtectedNf:
-        nf = restore_unit_nf(
+        return restore_unit_nf(
             self.agent.backend, image, self.names.nf_netns, name=f"{self.names.container}-t{term}"
         )
-        # Its first cut (the seed of the next standby) needs a CRIU worker: start it now.
-        nf.prepare_checkpoint(wait=False)
-        return nf
 
-    def prestore(self, term: int) -> None:
-        self._prestorer.submit(self._logged, self._prestore, term)
+    def prestore(self, term: int, peer: str, not_before_us: int) -> None:
+        with self._gen_lock:
+            self._prestore_gen += 1
+            gen = self._prestore_gen
+        self._prestorer.submit(self._logged, term, self._prestore, gen, term, peer, not_before_us)
 
     def drop_prestore(self, term: int) -> None:
-        self._prestorer.submit(self._logged, self._drop, term)
+        with self._gen_lock:
+            self._dropped_gen = self._prestore_gen
+        self._prestorer.submit(self._logged, term, self._drop, term)
 
-    def _logged(self, fn: Callable[[int], None], term: int) -> None:
+    def _logged(self, term: int, fn: Callable[..., None], *args: Any) -> None:
         try:
-            fn(term)
+            fn(*args)
         except Exception as exc:
             # A speculation that fails costs only its head start: the takeover restores.
             log.warning("unit %s: %s at term %d failed: %s", self.unit, fn.__name__, term, exc)
@@ -1972,9 +1983,25 @@ class StandbySteps:
                 "prestore_failed", unit=self.unit, term=term, reason=f"{type(exc).__name__}: {exc}"
             )
 
-    def _prestore(self, term: int) -> None:
+    def _superseded(self, gen: int) -> bool:
+        with self._gen_lock:
+            return gen != self._prestore_gen or gen <= self._dropped_gen
+
+    def _peer_silent(self, peer: str) -> bool:
+        with self.agent.dp_client() as dp:
+            probe = dp.stats().probes.get(peer)
+        return probe is None or probe.state != "up"
+
+    def _prestore(self, gen: int, term: int, peer: str, not_before_us: int) -> None:
         """Restore the committed checkpoint as it is now, from hard links of its files: the
         primary may commit again meanwhile, and the store then deletes this one."""
+        if self._superseded(gen):
+            return
+        wait_s = (not_before_us - _now_us()) / 1e6
+        if wait_s > 0:
+            time.sleep(min(wait_s, PRESTORE_WAIT_MAX_S))
+        if self._superseded(gen) or not self._peer_silent(peer):
+            return
         self._drop(None)
         server = self.agent.server
         assert server is not None

@@ -79,6 +79,7 @@ STANDBY = "hostC"
 IMAGE = "/dev/shm/img/seq0/epoch-00000006"
 CUT = 55
 T = StepTimeouts()
+AFTER = FailoverConfig().prestore_after_us
 DETECT = DetectionPolicy(interval_us=1_000, misses=3, hold_down_us=5_000, confirm_window_us=5_000)
 HOSTS = (
     HostFacts(
@@ -287,7 +288,7 @@ def suspected(m: FailoverMachine) -> Playbook:
     return (
         Playbook(m)
         >> PeerDown(PEER, last_rx_us=10_000, now_us=13_000, term=TERM)
-        << Prestore(NEW, T.restore_us)
+        << Prestore(NEW, T.restore_us, peer=PEER, not_before_us=10_000 + AFTER)
         << Confirm(PEER, DETECT.confirm_window_us)
     )
 
@@ -359,7 +360,7 @@ def test_a_peer_heard_again_drops_the_copy() -> None:
     assert (
         Playbook(m)
         >> PeerDown(PEER, last_rx_us=50_000, now_us=53_000, term=TERM)
-        << Prestore(NEW, T.restore_us)
+        << Prestore(NEW, T.restore_us, peer=PEER, not_before_us=50_000 + AFTER)
         << Confirm
     )
 

@@ -33,6 +33,7 @@ class FakeSteps:
         self.fail = fail
         self.destroyed: list[int | None] = []
         self.release = threading.Event()
+        self.prestore_at: tuple[str, int] | None = None
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -62,8 +63,9 @@ class FakeSteps:
             time.sleep(self.restore_s)
         return 4242
 
-    def prestore(self, term: int) -> None:
+    def prestore(self, term: int, peer: str, not_before_us: int) -> None:
         self._call(f"prestore:{term}")
+        self.prestore_at = (peer, not_before_us)
 
     def drop_prestore(self, term: int) -> None:
         self._call(f"drop_prestore:{term}")
@@ -150,6 +152,8 @@ def test_the_restore_starts_before_the_check_and_its_copy_is_taken_over() -> Non
     d = _driver(steps, clock, prestore=True)
     clock.now += 10_000
     d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)
+    # Not before the silence is prestore_after_us long (the last probe came 10 ms ago).
+    assert steps.prestore_at == ("hostA", clock.now - 10_000 + 15_000)
     assert steps.calls[:6] == [
         "prestore:2",
         "confirm",
