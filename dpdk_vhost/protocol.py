@@ -243,6 +243,12 @@ class UnitStats:
     replayed_pkts: int = 0
     # The tag the unit's mirror frames carry; None when the data plane does not report it.
     mirror_tag: int | None = None
+    # The wire stash: wire frames read while ingress was stopped (paused or back-pressure),
+    # so probes on the port are still heard; frames held now, frames it took, and times it
+    # filled up and left the rest in the port's queue. 0 when not reported.
+    stash_wire: int = 0
+    stash_wire_pkts: int = 0
+    stash_wire_full: int = 0
 
     @property
     def dropped(self) -> int:

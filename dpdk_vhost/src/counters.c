@@ -113,7 +113,8 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  " unit.%s.hwm_bytes=%lu unit.%s.hwm_pkts=%lu unit.%s.mirror_pkts=%lu"
 		  " unit.%s.stash_to_nf=%u unit.%s.stash_to_egress=%u"
 		  " unit.%s.retired_pkts=%lu unit.%s.retired_bytes=%lu unit.%s.epochs_retired=%lu"
-		  " unit.%s.replayed_pkts=%lu",
+		  " unit.%s.replayed_pkts=%lu unit.%s.stash_wire=%u unit.%s.stash_wire_pkts=%lu"
+		  " unit.%s.stash_wire_full=%lu",
 		  n, U64(u->rx_wire), n, U64(u->in_seq), n, U64(u->nf_rx), n, U64(u->nf_rx_bytes),
 		  n, U64(u->tx), n, U64(u->tx_bytes), n, U64(unit_buffered_pkts(u)), n,
 		  U64(unit_buffered_bytes(u)), n, U64(u->release_limit - u->deq_cnt), n,
@@ -123,7 +124,8 @@ static void unit_stats(struct sbuf *b, const struct dp_unit *u)
 		  U64(u->bp_ring), n, U64(u->nf_stalls), n, U64(u->refused_stale), n,
 		  U64(u->hwm_bytes), n, U64(u->hwm_pkts), n, U64(u->mirror_pkts), n, u->to_nf.n,
 		  n, u->to_egress.n, n, U64(u->retired_pkts), n, U64(u->retired_bytes), n,
-		  U64(u->epochs_retired), n, U64(u->replayed_pkts));
+		  U64(u->epochs_retired), n, U64(u->replayed_pkts), n, u->ws_n, n, U64(u->ws_pkts),
+		  n, U64(u->ws_full));
 	for (d = 0; d < DROP__COUNT; d++)
 		sb_printf(b, " unit.%s.drop_%s=%lu", n, drop_names[d], U64(u->drops[d]));
 }

@@ -23,6 +23,9 @@
 #define DP_BURST 32
 #define DP_RELEASE_BURSTS 2
 #define DP_CATCH_UP 8192 /* releasable packets beyond which release stages faster */
+/* Wire frames a unit keeps while its ingress is stopped (a power of two): a
+ * 15-20 ms cut at about 25 kpps, in at most this many of the pool's mbufs. */
+#define DP_WIRE_STASH 512
 
 #define DP_ETHERTYPE_PROBE 0x88B5
 #define DP_ETHERTYPE_MIRROR 0x88B6
@@ -139,6 +142,15 @@ struct dp_unit {
 	/* Last, so the fields above keep the layout the fast path was tuned with. */
 	uint32_t mirror_tag;    /* the tag its mirror frames carry; the unit's tag by default */
 	uint64_t replayed_pkts; /* delivered to the NF by replay_input_log */
+
+	/* The wire stash: frames read from the wire ports while ingress is
+	 * stopped (paused, or back-pressure), so that the probes and mirror
+	 * frames on those ports are still received. A FIFO of ws_n frames from
+	 * the running count ws_head, delivered before the wire is read again.
+	 * Full, it stops the reading, and the rest waits in the ports' queues. */
+	uint32_t ws_head, ws_n;
+	uint64_t ws_pkts, ws_full; /* frames it took; times it filled up */
+	struct rte_mbuf *ws[DP_WIRE_STASH];
 };
 
 struct dp_probe {

@@ -141,6 +141,65 @@ uint16_t rx_filter(struct dp_port *p, struct rte_mbuf **pkts, uint16_t n, uint64
 	return k;
 }
 
+/* While ingress is stopped (paused, or back-pressure) the wire ports are still
+ * read, because the probes of peer data planes and the mirror frames of input
+ * logs arrive there too: a primary that stopped reading its wire port for a cut
+ * would report its standby down at every epoch. What rx_filter leaves is unit
+ * input; it goes into the wire stash, in arrival order, untouched until ingress
+ * takes it. Each burst asks for no more than the stash has room for, so nothing
+ * read is dropped; once it is full the ports are left alone and the backlog
+ * waits in their queues, as it did before the stash. */
+static void wire_stash_fill(struct dp_unit *u, uint64_t now, int *work)
+{
+	int w;
+
+	for (w = 0; w < u->n_wire && u->ws_n < DP_WIRE_STASH; w++) {
+		struct rte_mbuf *pkts[DP_BURST];
+		struct dp_port *p = &g.ports[u->wire[w]];
+		uint32_t room = DP_WIRE_STASH - u->ws_n;
+		uint16_t n, i;
+
+		n = rte_eth_rx_burst(p->port_id, 0, pkts, room < DP_BURST ? (uint16_t)room : DP_BURST);
+		if (n && p->rx_filters)
+			n = rx_filter(p, pkts, n, now, work);
+		if (n == 0)
+			continue;
+		*work = 1;
+		for (i = 0; i < n; i++)
+			u->ws[(u->ws_head + u->ws_n + i) & (DP_WIRE_STASH - 1)] = pkts[i];
+		u->ws_n += n;
+		u->ws_pkts += n;
+		if (u->ws_n == DP_WIRE_STASH)
+			u->ws_full++;
+	}
+}
+
+/* Delivers the wire stash, oldest first, through the same nf_send as live
+ * input, so the sequence numbers, the cut and the mirror see the frames exactly
+ * as if they had been read from the wire now. They count as wire RX when the NF
+ * port takes them. Returns nonzero while frames are left, which keeps the wire
+ * unread: its queue holds only later frames. */
+static int wire_stash_to_nf(struct dp_unit *u, int *work)
+{
+	while (u->ws_n) {
+		uint32_t pos = u->ws_head & (DP_WIRE_STASH - 1);
+		uint32_t n = u->ws_n < DP_BURST ? u->ws_n : DP_BURST;
+		uint16_t sent;
+
+		if (n > DP_WIRE_STASH - pos)
+			n = DP_WIRE_STASH - pos;
+		sent = nf_send(u, u->ws + pos, (uint16_t)n);
+		u->ws_head += sent;
+		u->ws_n -= sent;
+		u->rx_wire += sent;
+		if (sent)
+			*work = 1;
+		if (sent < n)
+			return 1;
+	}
+	return 0;
+}
+
 static void wire_to_nf(struct dp_unit *u, uint64_t now, int *work)
 {
 	struct rte_mbuf *pkts[DP_BURST];
@@ -157,6 +216,8 @@ static void wire_to_nf(struct dp_unit *u, uint64_t now, int *work)
 			return;
 	}
 	if (u->bp)
+		return;
+	if (unlikely(u->ws_n) && wire_stash_to_nf(u, work))
 		return;
 	for (w = 0; w < u->n_wire; w++) {
 		struct dp_port *p = &g.ports[u->wire[w]];
@@ -375,6 +436,8 @@ void unit_poll(struct dp_unit *u, uint64_t now, int *work)
 {
 	if (!u->paused)
 		wire_to_nf(u, now, work);
+	if (unlikely(u->paused || u->bp))
+		wire_stash_fill(u, now, work);
 
 	if (u->mode == MODE_PLAIN) {
 		struct rte_mbuf *pkts[DP_BURST];
@@ -611,6 +674,11 @@ void unit_free_all(struct dp_unit *u, enum dp_drop reason)
 		rte_pktmbuf_free_bulk(u->to_nf.m + u->to_nf.off, u->to_nf.n);
 		u->drops[reason] += u->to_nf.n;
 		u->to_nf.n = 0;
+	}
+	while (u->ws_n) {
+		rte_pktmbuf_free(u->ws[u->ws_head++ & (DP_WIRE_STASH - 1)]);
+		u->ws_n--;
+		u->drops[reason]++;
 	}
 	if (u->to_egress.n) {
 		rte_pktmbuf_free_bulk(u->to_egress.m + u->to_egress.off, u->to_egress.n);

@@ -156,6 +156,18 @@ def test_parse_stats_types_every_section() -> None:
     assert s.probes["hb"].downs == 1
 
 
+def test_parse_stats_types_the_wire_stash_and_defaults_it_to_zero() -> None:
+    new = " unit.u1.stash_wire=7 unit.u1.stash_wire_pkts=900 unit.u1.stash_wire_full=2"
+    msg = decode_message(f"1 ok {STATS}{new}\n".encode())
+    assert isinstance(msg, Reply)
+    u = parse_stats(msg.fields).units["u1"]
+    assert (u.stash_wire, u.stash_wire_pkts, u.stash_wire_full) == (7, 900, 2)
+    msg = decode_message(f"1 ok {STATS}\n".encode())
+    assert isinstance(msg, Reply)
+    u = parse_stats(msg.fields).units["u1"]
+    assert (u.stash_wire, u.stash_wire_pkts, u.stash_wire_full) == (0, 0, 0)
+
+
 def test_parse_stats_names_the_missing_field() -> None:
     with pytest.raises(ProtocolError, match="mode"):
         parse_stats({"name": "dp", "unit.u1.tag": "1"})
