@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from hamgr import trafgen
-from hamgr.bench.failover import TCP_PORT, sink_gap_ms, summarize
+from hamgr.bench.failover import TCP_PORT, silence_ms, sink_gap_ms, summarize
 from hamgr.fabric import sequencer_spec
 from hamgr.trafgen import Record, TcpLedger, TcpSummary, run_tcp_client, tcp_survived
 from hamgr.unitspec import loads
@@ -306,6 +306,26 @@ def test_the_sink_gap_spans_the_split() -> None:
     records = [Record(c, c, 0, t * MS) for c, t in ((1, 10), (2, 20), (3, 320), (4, 330))]
     assert sink_gap_ms(records, 100 * MS) == 300.0
     assert sink_gap_ms(records, 400 * MS) is None
+
+
+def test_the_silence_counts_a_late_release_of_the_old_primarys_last_epoch() -> None:
+    # Arrivals every 50 ms until 100, the kill at 110, the old primary's last committed epoch
+    # released at the standby's promotion (190), the new primary's first output at 195.
+    times = (50, 100, 190, 191, 195, 200, 250)
+    records = [Record(i, i, 0, t * MS) for i, t in enumerate(times)]
+    assert sink_gap_ms(records, 193 * MS) == 4.0
+    assert silence_ms(records, 110 * MS, 193 * MS) == 90.0
+    # Without the late release the two are the same gap.
+    plain = [r for r in records if r.recv_ns not in (190 * MS, 191 * MS)]
+    assert silence_ms(plain, 110 * MS, 193 * MS) == sink_gap_ms(plain, 193 * MS) == 95.0
+    # A silence that ended before the kill is not the takeover's.
+    assert silence_ms(records, 260 * MS, 260 * MS) is None
+
+
+def test_the_summary_gives_the_silence_beside_the_failover_time() -> None:
+    runs = [{**run(4.0), "silence_ms": 90.0}, {**run(80.0), "silence_ms": 80.0}, run(70.0)]
+    summary = summarize("remote", runs)
+    assert (summary["silence_ms_p50"], summary["silence_ms_max"]) == (85.0, 90.0)
 
 
 def test_the_fabrics_spec_gets_the_sequencers_tcp_listener() -> None:
