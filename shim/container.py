@@ -1491,6 +1491,19 @@ class RuncBackend:
             fix=f"kill its processes and run `runc --root {runner.root} delete --force {name}`",
         )
 
+    def remove_stale(self, name: str) -> bool:
+        """Remove the container under `name`, running or not, if runc has one: what an agent
+        that died left behind (a copy it restored ahead and never dropped). True if there was
+        one. Costs nothing when runc has no state for `name`."""
+        runner = self._runner()
+        state = runner.state(name)
+        if state is None:
+            return False
+        self._runc_delete(runner, name, self.state_dir / "work")
+        if state.get("bundle"):
+            remove_bundle(Path(state["bundle"]))
+        return True
+
     def _delete(self, c: Container) -> None:
         try:
             self._runc_delete(c._runc, c.name, c.work_dir, bundle=c.bundle.path)

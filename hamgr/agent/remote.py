@@ -1958,9 +1958,15 @@ class StandbySteps:
         return nf.pid
 
     def _restore_copy(self, image: Path, term: int) -> ProtectedNf:
-        return restore_unit_nf(
-            self.agent.backend, image, self.names.nf_netns, name=f"{self.names.container}-t{term}"
-        )
+        name = f"{self.names.container}-t{term}"
+        # A standby runs no copy of the unit, so one under this name is what an agent of this
+        # host restored ahead and could not drop before it died: it would hold the name, the
+        # netns' addresses and the NF's connections.
+        if self.agent.backend.remove_stale(name):
+            netns.destroy_tcp_sockets(self.names.nf_netns)
+            log.warning("unit %s: removed a copy %s that an earlier agent left", self.unit, name)
+            self.agent.event("prestore_swept", unit=self.unit, term=term, name=name)
+        return restore_unit_nf(self.agent.backend, image, self.names.nf_netns, name=name)
 
     def prestore(self, term: int, peer: str, not_before_us: int) -> None:
         with self._gen_lock:

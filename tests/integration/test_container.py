@@ -26,6 +26,7 @@ from shim.container import (
     CriuMode,
     Freezer,
     RestoreError,
+    RuncBackend,
 )
 from tests.integration.container_env import (
     CLIENT_IP,
@@ -260,6 +261,23 @@ def test_death_is_seen_on_the_pidfd_and_stop_cleans_up(
     again = _start(env, sequencer_image)  # the name is free again
     again.stop(timeout=5)
     assert again.exited()
+
+
+def test_a_container_an_agent_left_running_is_removed_by_name(
+    env: ContainerEnv, sequencer_image: Path
+) -> None:
+    """A new backend on the same state (an agent restarted) finds nothing of a name that runc
+    does not know, and removes a running container under a name it knows nothing else of."""
+    nf = _start(env, sequencer_image)
+    fresh = RuncBackend(state_dir=env.backend.state_dir)
+    assert fresh.remove_stale(f"{nf.name}-never-made") is False
+    assert fresh.remove_stale(nf.name) is True
+    assert nf.exited(timeout=5), "the left container still runs"
+    assert env.backend._runner().state(nf.name) is None
+    assert not nf.bundle.path.exists()
+    assert fresh.remove_stale(nf.name) is False
+    again = _start(env, sequencer_image)  # the name is free again
+    again.stop(timeout=5)
 
 
 def test_failed_start_leaves_nothing(env: ContainerEnv, sequencer_image: Path) -> None:
