@@ -507,9 +507,14 @@ class Fabric(Testbed):
         if h.proc is not None and h.proc.poll() is None:
             roots.add(h.proc.pid)
         # And whatever runs in its NFs' netns, recorded or not (a copy restored ahead).
-        for path in Path("/run/netns").glob(f"hamgr-{h.name}-*"):
-            roots |= _in_netns(path.name)
-        return _children(roots)
+        return _children(roots | self.nf_netns_pids(letter))
+
+    def nf_netns_pids(self, letter: str) -> set[int]:
+        """The processes in host `letter`'s NF network namespaces: its NFs, and nothing else."""
+        pids: set[int] = set()
+        for path in Path("/run/netns").glob(f"hamgr-{self.hosts[letter].name}-*"):
+            pids |= _in_netns(path.name)
+        return pids
 
     def kill_host(self, letter: str, pids: set[int] | None = None) -> int:
         """Take the host's fabric links down, then SIGKILL everything of it at once.

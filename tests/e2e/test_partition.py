@@ -219,6 +219,12 @@ def test_isolated_standby_stands_down_and_a_newer_commit_refuses_its_claim(
         assert refused["new_pid"] is None
         # B stayed A's standby in its own eyes and runs nothing; A stays primary at term 1.
         assert fab.hosts["B"].status()["nf_pids"] == {}
+        # The copy B restored while it confirmed A's silence went with the stand-down.
+        made = [e for e in fab.hosts["B"].events("prestored") if e["mono_us"] >= cut_us]
+        dropped = [e for e in fab.hosts["B"].events("prestore_dropped") if e["mono_us"] >= cut_us]
+        assert made, "B restored nothing ahead while A was silent"
+        assert {e["pid"] for e in made} == {e["pid"] for e in dropped}
+        assert fab.nf_netns_pids("B") == set(), "a copy restored ahead still runs on B"
         assert status_b["standby"]["seq0"] == {"state": "watching", "term": 1}
         assert status_b["primary"] == {}
         assert moved["standby"] == c
