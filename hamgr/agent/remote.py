@@ -1946,7 +1946,8 @@ class StandbySteps:
 
     def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
         # Always through the prestore thread: a copy still being restored ahead is finished
-        # and then used or destroyed, never left in the netns beside this one.
+        # and then used or destroyed, never left in the netns beside this one. `prestored`
+        # only says that one was commanded; `_take` judges the copy by what it came from.
         nf = self._prestorer.submit(self._take, image, term).result()
         if nf is None:
             nf = self._restore_copy(Path(image), term)
