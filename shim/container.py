@@ -56,7 +56,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -643,7 +643,9 @@ class Container:
         self.dump_facts()
         self._spawn_worker(None)
 
-    def wait_rx_drained(self, timeout: float = 0.02, *, settle: float = 0.0002) -> RxDrain:
+    def wait_rx_drained(
+        self, timeout: float = 0.02, *, settle: float = 0.0002, own: bool = False
+    ) -> RxDrain:
         """Wait, at most `timeout` seconds, until the NF has read every datagram given to it.
 
         Call it after the data plane paused the unit's ingress and before `freeze`: CRIU does
@@ -659,13 +661,17 @@ class Container:
 
         Bounded: after `timeout` it returns ``drained=False`` with what is still queued; the
         engine then checkpoints anyway (those datagrams are lost on a failover, as before).
+
+        `own`: only the sockets this container's processes hold, not every socket of the netns
+        (a chain's members share one; each waits for what was sent to it).
         """
         start = time.monotonic()
         empty_since: float | None = None
         delay = 0.00005
+        inodes = socket_inodes(self._pids()) if own else None
         while True:
             try:
-                pending, sockets = _rx_pending(self.pid)
+                pending, sockets = _rx_pending(self.pid, inodes)
             except OSError as exc:
                 raise ContainerError(
                     f"cannot read the sockets of container {self.name} (pid {self.pid}): "
@@ -682,6 +688,14 @@ class Container:
                 return RxDrain(False, now - start, pending, sockets)
             time.sleep(delay)
             delay = min(0.0005, delay * 2)
+
+    def _pids(self) -> list[int]:
+        """The container's processes: its cgroup's, or its init alone if that cannot be read."""
+        try:
+            text = (self.freezer.path / "cgroup.procs").read_text()
+        except (OSError, ContainerError):
+            return [self.pid]
+        return [int(line) for line in text.split()] or [self.pid]
 
     def _helper(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._helper_pool is None:
@@ -1587,26 +1601,44 @@ def _write_descriptors(pid: int, images: Path) -> None:
     (images / RUNC_DESCRIPTORS).write_text(json.dumps(descriptors))
 
 
-def parse_rx_queues(table: str, text: str) -> tuple[int, int]:
-    """(bytes, sockets) of received data still queued, from one ``/proc/net/<table>`` listing.
+def parse_rx_queues(table: str, text: str, inodes: frozenset[int] | None = None) -> tuple[int, int]:
+    """(bytes, sockets) of received data still queued, from one ``/proc/net/<table>`` listing;
+    with `inodes`, of those sockets only.
 
-    The inet tables (udp, raw, ...) have a ``tx_queue:rx_queue`` hex column; ``packet`` has a
-    decimal ``Rmem`` column.
+    The inet tables (udp, raw, ...) have a ``tx_queue:rx_queue`` hex column and the inode in
+    the tenth; ``packet`` has decimal ``Rmem`` and ``Inode`` columns.
     """
     lines = text.splitlines()
     if len(lines) < 2:
         return 0, 0
-    queued: list[int] = []
+    rows = [line.split() for line in lines[1:] if line.strip()]
     if table == "packet":
-        column = lines[0].split().index("Rmem")
-        queued = [int(line.split()[column]) for line in lines[1:] if line.strip()]
+        header = lines[0].split()
+        column, inode_at = header.index("Rmem"), header.index("Inode")
+        queued = [(int(r[column]), int(r[inode_at])) for r in rows]
     else:
-        queued = [int(line.split()[4].split(":")[1], 16) for line in lines[1:] if line.strip()]
-    busy = [q for q in queued if q > 0]
+        queued = [(int(r[4].split(":")[1], 16), int(r[9])) for r in rows]
+    busy = [q for q, ino in queued if q > 0 and (inodes is None or ino in inodes)]
     return sum(busy), len(busy)
 
 
-def _rx_pending(pid: int) -> tuple[int, int]:
+def socket_inodes(pids: Iterable[int]) -> frozenset[int]:
+    """The inodes of the sockets the processes `pids` hold open (gone processes: none)."""
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return frozenset(found)
+
+
+def _rx_pending(pid: int, inodes: frozenset[int] | None = None) -> tuple[int, int]:
     total = sockets = 0
     for table in RX_TABLES:
         try:
@@ -1615,7 +1647,7 @@ def _rx_pending(pid: int) -> tuple[int, int]:
             if not os.path.exists(f"/proc/{pid}"):
                 raise
             continue  # that protocol is not built in or not enabled in this netns
-        queued, n = parse_rx_queues(table, text)
+        queued, n = parse_rx_queues(table, text, inodes)
         total += queued
         sockets += n
     return total, sockets

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from hamgr.nfs import images
+from shim import netns
 from shim.container import (
     MASKED_DIR_KEY,
     CheckpointError,
     Container,
     find_cgroup_yard,
     find_criu,
+    socket_inodes,
 )
 from shim.criu import ensure_kdat_cache, is_tmpfs
 from tests.integration.container_env import (
@@ -237,6 +240,39 @@ def test_wait_rx_drained_reports_what_a_frozen_nf_has_not_read(
     assert after.drained
     assert after.pending_bytes == 0
     assert [s for _, s, _ in sink.wait_count(20)] == list(sent)
+
+
+def test_an_own_drain_waits_for_the_containers_sockets_only(
+    env: ContainerEnv, sequencer_image: Path
+) -> None:
+    """A chain member's drain: data queued in another socket of the shared netns (here one the
+    test holds, never read) holds a drain of the whole netns, not one of the NF's own sockets;
+    data queued in the NF's own socket holds both."""
+    nf = _start(env, sequencer_image)
+    sink, sender = _udp_ends(env)
+    own = socket_inodes([nf.pid])
+    assert own, "the sequencer holds no socket"
+
+    def stranger() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.sendto(b"x" * 100, s.getsockname())
+        return s
+
+    other = netns.run_in_netns(env.topo.nf, stranger)
+    env.track(other.close)
+    assert not nf.wait_rx_drained(timeout=0.05).drained
+    assert nf.wait_rx_drained(timeout=0.05, own=True).drained
+    nf.freeze()
+    sender.send(5)
+    try:
+        drain = nf.wait_rx_drained(timeout=0.1, own=True)
+    finally:
+        nf.thaw()
+    assert not drain.drained
+    assert drain.pending_sockets == 1  # the NF's own, not the stranger's
+    assert nf.wait_rx_drained(timeout=2.0, own=True).drained
+    sink.wait_count(5, timeout=5.0)
 
 
 @pytest.mark.parametrize("drain_first", [True, False])

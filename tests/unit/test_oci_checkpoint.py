@@ -207,6 +207,14 @@ def test_rx_queues_are_read_from_proc_net_tables() -> None:
     assert parse_rx_queues("raw", "") == (0, 0)
 
 
+def test_rx_queues_can_be_read_for_some_sockets_only() -> None:
+    assert parse_rx_queues("udp", UDP, frozenset({82})) == (0xA80, 1)
+    assert parse_rx_queues("udp", UDP, frozenset({81})) == (0, 0)  # its own queue is empty
+    assert parse_rx_queues("udp", UDP, frozenset()) == (0, 0)
+    assert parse_rx_queues("packet", PACKET, frozenset({9002, 9001})) == (2304, 1)
+    assert parse_rx_queues("packet", PACKET, frozenset({9001})) == (0, 0)
+
+
 HYBRID_MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
