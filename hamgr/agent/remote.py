@@ -1814,6 +1814,7 @@ class RemoteAgent:
                         "standby": r.standby,
                         "nf_pid": r.nf.pid,
                         "protection": r.protection,
+                        "handoff": None if r.handoff is None else dict(r.handoff),
                     }
                     for u, r in list(self.primaries.items())
                 }
