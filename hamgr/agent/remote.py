@@ -1710,8 +1710,9 @@ class RemoteAgent:
         "stop": stop the epoch loop; set the data plane's term to the new one, which drops
         everything it holds for the unit and refuses the old term's commands from then on
         (I3: nothing held may leave, because the new primary restores from a commit that does
-        not include it); stop the NF; remove the unit and its port from the data plane. The
-        event ``fenced`` carries the term and the data plane's last counters of the unit.
+        not include it); stop the NF; remove the unit and its port from the data plane, and
+        (plan agent) the NF's netns and veth. The event ``fenced`` carries the term and the
+        data plane's last counters of the unit.
         """
         unit = role.spec.name
         if role.runner is not None:
@@ -1747,6 +1748,11 @@ class RemoteAgent:
                 with contextlib.suppress(DataPlaneError):
                     dp.remove_probe(peer)
                 self._watching.pop(peer, None)
+        if not self.embedded:
+            # Nothing else of the unit stays here: the plan agent keeps no record a later
+            # `unprotect` would remove it by (the main agent does: `hamgr unprotect`).
+            with contextlib.suppress(netns.NetnsError):
+                netns.delete_netns(role.names.nf_netns)
         del self.primaries[unit]
         self.write_status()
         try:

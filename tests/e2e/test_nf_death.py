@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from dpdk_vhost.client import DataPlaneClient
+from hamgr.agent.unitnet import UnitNames
 from hamgr.bench.failover import TCP_PORT, finish_traffic, start_tcp, start_traffic
 from hamgr.fabric import Fabric
 from hamgr.trafgen import check_sequence, read_records
+from shim import netns
 from tests.e2e.test_remote_protect import _protected, _role, _spec, _taken_over, _wait
 
 pytestmark = [pytest.mark.root]
@@ -110,6 +112,7 @@ def test_nf_killed_on_a_b_takes_over_at_once_and_a_is_fenced(tmp_path: Path) -> 
         assert UNIT not in fab.hosts["A"].status()["nf_pids"]
         assert UNIT not in _units_in_dp(fab, "A")
         assert not Path(f"/proc/{pid}").exists()
+        assert not netns.netns_exists(UnitNames(fab.hosts["A"].name, UNIT).nf_netns)
         # What the outside saw: output after the takeover, no duplicate, no gap, TCP alive.
         after = [r for r in records if r.recv_ns > rec["resumed_us"] * 1000]
         assert after, "no output at the sink after the takeover"
