@@ -293,8 +293,9 @@ class Observed:
 
     `on_nf_died(unit, pid)` is called once, from the runner's thread, when the NF's pidfd polls
     readable (or a step failed because the NF died). The runner has stopped stepping the engine
-    by then: no cut of the dead NF, no ship, no confirm; what it holds stays held. The agent
-    decides what happens next (hamgr.agent.remote: the standby is asked to take the unit over).
+    by then: no cut of the dead NF, no new ship; what it holds stays held (a ship already in
+    flight may finish until the runner is stopped). The agent decides what happens next
+    (hamgr.agent.remote: the standby is asked to take the unit over).
     """
 
     on_commit: Callable[[str, int, float], None]
