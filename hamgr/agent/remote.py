@@ -1518,6 +1518,11 @@ class RemoteAgent:
         }
 
         def on_answer(attempt: int, answer: Answer, detail: str) -> None:
+            if role.handoff is not None and role.handoff.get("status") == "requesting":
+                role.handoff["detail"] = (
+                    f"the NF (pid {pid}) died; {standby} was asked to take the unit over "
+                    f"(request {attempt}: {detail})"
+                )
             self.event(
                 "failover_asked",
                 unit=unit,
