@@ -566,6 +566,10 @@ def failover(  # noqa: PLR0917 - one parameter per click option
     Exits 0 when the failover finished; 1 when the agent refused it (unknown unit, a failover
     already running, a stale --term, --lossless) or the attempt failed or was aborted (the
     record says why; an aborted switchover leaves the running copy as it was).
+
+    On the host of a unit's remote standby, --now asks that standby to take the unit over, as
+    when its primary dies: the takeover runs in the background, and the command exits 0 once
+    it is queued (`hamgr status` and `hamgr events` show the outcome).
     """
     result = _call(
         state_dir.absolute(),
@@ -575,6 +579,15 @@ def failover(  # noqa: PLR0917 - one parameter per click option
         ),
         timeout=timeout,
     )
+    if result.get("queued"):
+        # This host is the unit's remote standby: the takeover runs on its own (events
+        # `failover`, `failover_record`; `hamgr status` shows the result).
+        _say(f"{unit}: takeover requested at term {result.get('term')}; it runs in the background")
+        if as_json:
+            click.echo(json.dumps({"ok": True, **result}))
+        else:
+            click.echo(f"{unit} term {result.get('term')} queued")
+        sys.exit(EXIT_OK)
     ok = result.get("status") == "finished"
     kind = "switchover" if result.get("planned") else "failover"
     steps = ", ".join(f"{k} {v:g}" for k, v in (result.get("steps_ms") or {}).items())

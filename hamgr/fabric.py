@@ -633,12 +633,24 @@ class Fabric(Testbed):
     # -- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
+        host_pids = {h.letter: self.host_pids(h.letter) for h in self.hosts.values()}
+        # Every agent stops before any host's data plane and NFs go: an agent that outlived
+        # its peer's teardown took the unit over from it (C from B after a test that left C
+        # B's standby), and that takeover, cut short by its own host's teardown, left CRIU's
+        # mounts in the work dir behind.
         for h in self.hosts.values():
-            pids = self.host_pids(h.letter)
             if h.proc is not None and h.proc.poll() is None:
                 h.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(OSError, ValueError):  # a main agent's own pid file
+                agent = int((h.work / "agent.pid").read_text().strip())
+                if agent in _in_netns(h.ns):  # still that agent, not a recycled pid
+                    os.kill(agent, signal.SIGKILL)
+        for h in self.hosts.values():
+            if h.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     h.proc.wait(5)
+        for h in self.hosts.values():
+            pids = host_pids[h.letter]
             # Also what no known process is the parent of any more: a helper (a CRIU worker)
             # orphaned when a killed host's agent died still runs in the host's netns.
             for pid in pids | _in_netns(h.ns):

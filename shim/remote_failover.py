@@ -209,6 +209,13 @@ class RemoteFailover:
     def feed(self, event: fo.Event) -> None:
         """Hand `event` to the machine and carry out everything that follows from it."""
         with self._lock:
+            if (isinstance(event, fo.PeerUp) and event.peer == self.machine.peer) or (
+                isinstance(event, fo.FailoverRequested)
+                and self.machine.state is not fo.State.CONFIRMING
+            ):
+                # A silence that ended (or that the peer's agent disputed) is not what a later
+                # request is about: its record would show that old silence as its detection.
+                self._peer_down = None
             events: deque[fo.Event] = deque([event])
             while events:
                 ev = events.popleft()

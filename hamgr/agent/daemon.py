@@ -470,8 +470,10 @@ class Agent:
         if self.remote is not None:
             runners += [r.runner for r in list(self.remote.primaries.values()) if r.runner]
         for runner in runners:
-            if runner.failed:
-                continue  # reported as an error in status; restarting the agent cannot fix it
+            if runner.failed or getattr(runner, "nf_died", False):
+                # Reported as an error in status (a remote primary's dead NF is handed to its
+                # standby: hamgr.agent.handoff); restarting the agent cannot fix it.
+                continue
             if not runner.alive():
                 return f"the epoch loop of {runner.unit} died"
             failing_over = getattr(runner, "failing_over", None)
@@ -1406,11 +1408,23 @@ class Agent:
             rt = self.units.get(unit)
         runner = rt.runner if rt is not None else None
         if runner is None and self.remote is not None and self.remote.holds(unit):
+            if not request.planned and unit in self.remote.drivers:
+                # This host is the unit's standby: an unplanned takeover, as when its primary
+                # dies (the primary itself asks for it when its NF dies: hamgr.agent.handoff).
+                reply = self.remote.request_failover(
+                    unit, request.term, request.reason or "operator"
+                )
+                if "error" in reply:
+                    responder.error(str(reply.get("code", "failed")), str(reply["error"]))
+                else:
+                    responder.result(reply)
+                return
             responder.error(
                 "unsupported",
                 f"unit {unit} has a remote role here: its standby takes it over when its "
-                "primary's host fails; an operator's failover of a remote unit is not "
-                "implemented yet",
+                "primary's host fails, or at an unplanned request (`hamgr failover --now`) on "
+                "the standby's host; a planned switchover of a remote unit is not implemented "
+                "yet",
             )
             return
         if runner is None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import threading
 import time
@@ -276,6 +277,10 @@ def _not_watched(_unit: str) -> None:
     return None
 
 
+def _death_not_watched(_unit: str, _pid: int) -> None:
+    return None
+
+
 @attrs.define
 class Observed:
     """What a runner reports to the agent, beyond its snapshot.
@@ -285,12 +290,19 @@ class Observed:
     Discard of everything unreleased by then and ignores everything from now on; the agent
     decides what happens to the unit (hamgr.agent.remote: ``on_fenced``). The callback runs on
     the runner's thread, so it must not stop the runner itself.
+
+    `on_nf_died(unit, pid)` is called once, from the runner's thread, when the NF's pidfd polls
+    readable (or a step failed because the NF died). The runner has stopped stepping the engine
+    by then: no cut of the dead NF, no new ship; what it holds stays held (a ship already in
+    flight may finish until the runner is stopped). The agent decides what happens next
+    (hamgr.agent.remote: the standby is asked to take the unit over).
     """
 
     on_commit: Callable[[str, int, float], None]
     on_alarm: Callable[[str, str], None]
     on_pause: Callable[[str, float], None]
     on_fenced: Callable[[str], None] = _not_watched
+    on_nf_died: Callable[[str, int], None] = _death_not_watched
 
 
 def poll_seconds(m: ep.PrimaryMachine) -> float:
@@ -328,7 +340,12 @@ def report_engine(
 
 
 class UnitRunner:
-    """One primary unit's epoch loop on its own thread (bounded by `stop`)."""
+    """One primary unit's epoch loop on its own thread (bounded by `stop`).
+
+    Between steps the loop waits on the NF's pidfd (`poll`), not on a timer: an NF that dies is
+    seen within the wait, a few milliseconds, and the loop then ends (`Observed.on_nf_died`)
+    instead of cutting a dead NF until its recoveries run out.
+    """
 
     def __init__(
         self,
@@ -365,6 +382,11 @@ class UnitRunner:
         self._last_committed = engine.last_committed
         self._unit_stats: Any = None
         self._drain_s = 0.0
+        self._death: select.poll | None = select.poll()
+        try:
+            self._death.register(nf.pidfd, select.POLLIN)
+        except Exception:  # no pidfd (a handle already destroyed): `exited` says it is dead
+            self._death = None
 
     def start(self) -> None:
         self._publish()
@@ -400,6 +422,9 @@ class UnitRunner:
         failures = 0
         good_steps = 0
         while not self._stop.is_set():
+            if self._nf_exited(0.0):
+                self._on_death()
+                break
             try:
                 self.engine.step()
                 self.last_step = time.monotonic()
@@ -411,8 +436,14 @@ class UnitRunner:
                 good_steps = 0
                 self.errors += 1
                 self.error = f"epoch step failed: {type(exc).__name__}: {exc}"
-                log.exception("unit %s: epoch step failed", self.unit, extra={"unit": self.unit})
                 self.last_step = time.monotonic()
+                if self._nf_exited(0.0):
+                    # A cut that meets a dead NF fails in the freezer or in CRIU: a death,
+                    # not an engine error to recover from.
+                    log.info("unit %s: epoch step failed because the NF died", self.unit)
+                    self._on_death()
+                    break
+                log.exception("unit %s: epoch step failed", self.unit, extra={"unit": self.unit})
                 if not self._recover(failures):
                     break
                 continue
@@ -426,14 +457,37 @@ class UnitRunner:
             if now - last_stats >= STATS_EVERY_S:
                 last_stats = now
                 self._refresh()
-            self._stop.wait(self._poll_seconds())
-        if self._drain_s > 0 and not self.failed:
+            if self._nf_exited(self._poll_seconds()):
+                self._on_death()
+                break
+        if self._drain_s > 0 and not self.failed and not self.nf_died:
             try:
                 self.engine.drain(self._drain_s)
                 self._observe()
             except Exception:
                 log.exception("unit %s: drain failed", self.unit)
         self._refresh()
+
+    def _nf_exited(self, wait: float) -> bool:
+        """Wait up to `wait` seconds on the NF's pidfd: True once it died."""
+        if self._death is None:
+            self._stop.wait(wait)
+            return self.nf.exited()
+        return bool(self._death.poll(wait * 1000))
+
+    def _on_death(self) -> None:
+        """The NF died: the loop ends here (nothing of the dead NF is cut, shipped or
+        confirmed any more), and the agent is told once."""
+        self.nf_died = True
+        self.error = f"the NF (pid {self.nf.pid}) died"
+        self.last_step = time.monotonic()
+        log.warning("unit %s: %s", self.unit, self.error, extra={"unit": self.unit})
+        self._refresh()
+        try:
+            self.observed.on_nf_died(self.unit, self.nf.pid)
+        except Exception:
+            log.exception("unit %s: reporting the NF's death failed", self.unit)
+        self.observed.on_alarm(self.unit, self.error)
 
     def _recover(self, failures: int) -> bool:
         """After a failed step: unwedge the unit, then start a fresh engine (`take_over`).

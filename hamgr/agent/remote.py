@@ -88,6 +88,7 @@ import zmq
 from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import PeerDown, PeerUp
 from hamgr.agent.dataplane import OwnedDataPlane
+from hamgr.agent.handoff import Answer, Fence, GiveUp, Handoff, HandoffDriver
 from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
@@ -646,6 +647,10 @@ class PrimaryRole:
     # The standby confirmed lost and not replaced yet: RECHECK_S retries its re-protection.
     lost_standby: str | None = None
     on_fenced: str = "stop"
+    # The NF died (its pidfd): the standby is asked to take the unit over (`_nf_died`), and no
+    # re-protection or recovery runs on the dead NF meanwhile. `handoff` is what status shows.
+    nf_died: bool = False
+    handoff: dict[str, Any] | None = None
 
 
 class RemoteAgent:
@@ -711,6 +716,9 @@ class RemoteAgent:
         self._standby_silence: dict[str, PeerDown] = {}
         # Units whose epoch machine a standby fenced (from the runners' threads).
         self._fenced: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # Units whose NF died, handed to their standby (`_nf_died`), and how each ended.
+        self._handoffs: dict[str, HandoffDriver] = {}
+        self._handed: queue.SimpleQueue[tuple[str, Fence | GiveUp]] = queue.SimpleQueue()
         self._recheck_at = 0.0
         # Peers whose probes arrived at least once: silence from a peer that never spoke is
         # a peer still starting, not a failure.
@@ -1153,6 +1161,9 @@ class RemoteAgent:
         runner: UnitRunner | None = None
         role = self.primaries.pop(unit, None)
         peers: set[str] = set()
+        handoff = self._handoffs.pop(unit, None)
+        if handoff is not None:
+            handoff.stop()
         if role is not None:
             runner, role.runner = role.runner, None
             nfs.append(role.nf)
@@ -1224,6 +1235,8 @@ class RemoteAgent:
                     "protection": protection,
                     "nf_pid": role.nf.pid,
                     "lost_standby": role.lost_standby,
+                    "handoff": None if role.handoff is None else dict(role.handoff),
+                    **({"error": role.handoff["detail"]} if role.handoff else {}),
                 }
             )
         for unit, steps in sorted(dict(self.steps).items()):
@@ -1466,7 +1479,93 @@ class RemoteAgent:
         def on_alarm(unit: str, reason: str) -> None:
             self.event("alarm", unit=unit, reason=reason)
 
-        return Observed(on_commit, on_alarm, lambda _u, _s: None, on_fenced=self._fenced.put)
+        def on_nf_died(_unit: str, pid: int) -> None:
+            self._nf_died(role, pid)
+
+        return Observed(
+            on_commit,
+            on_alarm,
+            lambda _u, _s: None,
+            on_fenced=self._fenced.put,
+            on_nf_died=on_nf_died,
+        )
+
+    # -- the NF died (a remote standby takes the unit over) ------------------------------
+
+    def _nf_died(self, role: PrimaryRole, pid: int) -> None:
+        """The NF of `role` died while this host lives (the runner's thread, which has stopped
+        stepping the engine): ask the standby to take the unit over (`hamgr.agent.handoff`).
+
+        Not restored here: output is released at the standby, so only the standby knows what of
+        this primary's output left, and its promotion sends what it committed and was never
+        confirmed exactly once (docs/failover.md, "NF death with a remote standby").
+        """
+        unit, term, standby = role.spec.name, role.term, role.standby
+        role.nf_died = True
+        self.event("nf_died", unit=unit, pid=pid, term=term, standby=standby)
+        if not standby:
+            reason = f"the NF (pid {pid}) died and no standby holds unit {unit}: it is down"
+            role.handoff = {"status": "failed", "pid": pid, "term": term, "detail": reason}
+            self.event("alarm", unit=unit, reason=reason)
+            return
+        detail = f"the NF (pid {pid}) died; {standby} was asked to take the unit over"
+        role.handoff = {
+            "status": "requesting",
+            "standby": standby,
+            "pid": pid,
+            "term": term,
+            "detail": detail,
+        }
+
+        def on_answer(attempt: int, answer: Answer, detail: str) -> None:
+            if role.handoff is not None and role.handoff.get("status") == "requesting":
+                role.handoff["detail"] = (
+                    f"the NF (pid {pid}) died; {standby} was asked to take the unit over "
+                    f"(request {attempt}: {detail})"
+                )
+            self.event(
+                "failover_asked",
+                unit=unit,
+                standby=standby,
+                term=term,
+                attempt=attempt,
+                answer=answer.value,
+                detail=detail,
+            )
+
+        driver = HandoffDriver(
+            Handoff(unit, term, standby),
+            request=lambda body, timeout_s: self.links.request(standby, body, timeout_s),
+            store=self._shipper(standby),
+            reason=f"the NF of {unit} (pid {pid}) died on {self.host}",
+            done=lambda command: self._handed.put((unit, command)),
+            on_answer=on_answer,
+        )
+        self._handoffs[unit] = driver
+        driver.start()
+
+    def _handed_over(self, unit: str, command: Fence | GiveUp) -> None:
+        """How the handoff of `unit` ended (loop thread)."""
+        driver = self._handoffs.pop(unit, None)
+        role = self.primaries.get(unit)
+        if driver is not None:
+            driver.stop()
+        if role is None or role.handoff is None:
+            return
+        pid = role.handoff.get("pid")
+        match command:
+            case Fence(term=term):
+                detail = (
+                    f"the NF (pid {pid}) died; {role.standby} took the unit over at term {term}"
+                )
+                role.handoff.update(status="taken_over", new_term=term, detail=detail)
+                self.event("handed_over", unit=unit, standby=role.standby, pid=pid, term=term)
+                self._fence(role, term, detail)
+            case GiveUp(reason=reason):
+                detail = f"the NF (pid {pid}) died and the unit is down here: {reason}"
+                role.handoff.update(status="failed", detail=detail)
+                self.event("handoff_failed", unit=unit, standby=role.standby, reason=reason)
+                self.event("alarm", unit=unit, reason=detail)
 
     def _standby_watch_of(self, peer: str) -> StandbyWatch:
         watch = self._standby_watch.get(peer)
@@ -1477,8 +1576,8 @@ class RemoteAgent:
     def _standby_lost(self, peer: str, down: PeerDown) -> None:
         unit = self._watching.get(peer)
         role = self.primaries.get(unit or "")
-        if role is None or role.standby != peer:
-            return
+        if role is None or role.standby != peer or role.nf_died:
+            return  # a dead NF's unit is being handed to its standby, not re-protected
         if self.embedded and role.lost_standby == peer:
             return  # lost already: `_recheck` retries it
         # Dampened as a standby's watch of its primary is (`policies.detection.dampened`): a
@@ -1581,6 +1680,8 @@ class RemoteAgent:
             runner = role.runner
             if runner is None or role.lost_standby is not None or not role.standby:
                 continue
+            if role.nf_died:
+                continue
             machine = runner.engine.machine
             if machine.protection is ep.Protection.STALLED and machine.state is not ep.State.FENCED:
                 unit = role.spec.name
@@ -1588,7 +1689,7 @@ class RemoteAgent:
                 role.lost_standby = role.standby
         for role in list(self.primaries.values()):
             lost = role.lost_standby
-            if lost is None:
+            if lost is None or role.nf_died:
                 continue
             self._reprotect(role, [s for s in role.spares if s != lost] + [lost])
 
@@ -1614,8 +1715,9 @@ class RemoteAgent:
         "stop": stop the epoch loop; set the data plane's term to the new one, which drops
         everything it holds for the unit and refuses the old term's commands from then on
         (I3: nothing held may leave, because the new primary restores from a commit that does
-        not include it); stop the NF; remove the unit and its port from the data plane. The
-        event ``fenced`` carries the term and the data plane's last counters of the unit.
+        not include it); stop the NF; remove the unit and its port from the data plane, and
+        (plan agent) the NF's netns and veth. The event ``fenced`` carries the term and the
+        data plane's last counters of the unit.
         """
         unit = role.spec.name
         if role.runner is not None:
@@ -1651,6 +1753,11 @@ class RemoteAgent:
                 with contextlib.suppress(DataPlaneError):
                     dp.remove_probe(peer)
                 self._watching.pop(peer, None)
+        if not self.embedded:
+            # Nothing else of the unit stays here: the plan agent keeps no record a later
+            # `unprotect` would remove it by (the main agent does: `hamgr unprotect`).
+            with contextlib.suppress(netns.NetnsError):
+                netns.delete_netns(role.names.nf_netns)
         del self.primaries[unit]
         self.write_status()
         try:
@@ -1694,7 +1801,17 @@ class RemoteAgent:
         match req.get("type"):
             case "ping":
                 return {"seq": seq, "host": self.host, "pid": os.getpid()}
-            case "failover" | "watch":
+            case "failover":
+                term = req.get("term")
+                return {
+                    "seq": seq,
+                    **self.request_failover(
+                        str(req.get("unit")),
+                        None if term is None else int(term),
+                        str(req.get("reason", "operator")),
+                    ),
+                }
+            case "watch":
                 self.requests.put(req)
                 return {"seq": seq, "queued": True}
             case "status":
@@ -1708,6 +1825,7 @@ class RemoteAgent:
                         "standby": r.standby,
                         "nf_pid": r.nf.pid,
                         "protection": r.protection,
+                        "handoff": None if r.handoff is None else dict(r.handoff),
                     }
                     for u, r in list(self.primaries.items())
                 }
@@ -1722,6 +1840,27 @@ class RemoteAgent:
                         }
                 return {"seq": seq, "host": self.host, "standby": units, "primary": prim}
         return {"seq": seq, "error": f"unknown type {req.get('type')!r}"}
+
+    def request_failover(self, unit: str, term: int | None, reason: str) -> dict[str, Any]:
+        """An unplanned failover of `unit`, whose standby this host is, at the primary's
+        `term` (None: the term this host watches): queued for the loop, whose failover machine
+        decides (a stale or repeated request is ignored there, event ``failover_ignored``).
+        Any thread; refused at once only when no takeover could come of it."""
+        driver = self.drivers.get(unit)
+        if driver is None:
+            return {"error": f"{self.host} is not a standby of unit {unit}", "code": "no_such_unit"}
+        machine = driver.machine
+        if term is None:
+            term = machine.term
+        if term >= machine.term and (self.server is None or self.server.committed(unit) is None):
+            # The peer_down rule: nothing committed, nothing to restore; an attempt would
+            # raise the term, fence the primary and then fail.
+            return {
+                "error": f"{self.host} holds no committed checkpoint of {unit} yet",
+                "code": "failed",
+            }
+        self.requests.put({"type": "failover", "unit": unit, "term": term, "reason": reason})
+        return {"queued": True, "term": term}
 
     def run(self) -> None:
         with self.dp_client() as events:
@@ -1771,13 +1910,15 @@ class RemoteAgent:
                             log.exception("watch request %s failed", req)
                             self.event("watch_failed", unit=req.get("unit"), error=str(exc))
                         continue
-                    wanted = self.drivers.get(str(req.get("unit")))
+                    unit = str(req.get("unit"))
+                    wanted = self.drivers.get(unit)
                     if wanted is not None:
-                        wanted.feed(
-                            fo.FailoverRequested(
-                                str(req.get("reason", "operator")), False, int(req["term"])
-                            )
-                        )
+                        reason = str(req.get("reason", "operator"))
+                        ignored = len(wanted.ignored)
+                        self.event("failover_requested", unit=unit, term=req["term"], reason=reason)
+                        wanted.feed(fo.FailoverRequested(reason, False, int(req["term"])))
+                        for why in wanted.ignored[ignored:]:
+                            self.event("failover_ignored", unit=unit, term=req["term"], why=why)
                 for driver in self.drivers.values():
                     driver.tick()
                 while True:
@@ -1786,6 +1927,12 @@ class RemoteAgent:
                     except queue.Empty:
                         break
                     self._deposed(fenced)
+                while True:
+                    try:
+                        unit, outcome = self._handed.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._handed_over(unit, outcome)
                 if time.monotonic() >= self._recheck_at:
                     self._recheck_at = time.monotonic() + RECHECK_S
                     self._recheck()
@@ -1802,6 +1949,8 @@ class RemoteAgent:
             if self._loop.is_alive():
                 log.error("the remote roles' loop did not stop within 10 s")
         self._run_calls()  # what was handed to the loop as it stopped runs here
+        for handoff in list(self._handoffs.values()):
+            handoff.stop()
         for role in self.primaries.values():
             if role.runner is not None:
                 role.runner.stop(drain_seconds=drain_seconds)

@@ -346,3 +346,35 @@ def test_a_taken_over_unit_runs_unprotected_until_its_new_standby_acks_a_full_im
     ships = [c for c in machine.handle(ep.IngressResumed()) if isinstance(c, ep.Ship)]
     assert ships == [ep.Ship(1, 2, None, 77)]  # the first image is a full one
     assert ep.Release(1) in machine.handle(ep.Acked("seq0", 1, 2))
+
+
+def test_a_primary_s_request_after_a_disputed_silence_is_one_takeover_its_own_record() -> None:
+    """An NF death on the primary (hamgr.agent.handoff): its request, then the same death seen
+    by the probes and asked by an operator, fail the unit over once; the record of the takeover
+    is the request's, not that of an earlier silence the primary's agent disputed."""
+    steps, clock = FakeSteps(alive=True), Clock()
+    d = _driver(steps, clock)
+    clock.now += 10_000
+    d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)  # a flap: A answers
+    assert d.machine.state is fo.State.CONFIRMING or d.machine.state is fo.State.WATCHING
+    assert not d.records
+    clock.now += 5_000
+    d.feed(fo.PeerUp("hostA", clock.now))
+    clock.now += 1_000_000
+    d.tick()
+    d.feed(fo.FailoverRequested("the NF of seq0 (pid 77) died on hostA", False, 1))
+    assert d.machine.term == 2
+    assert len(d.records) == 1
+    rec = d.records[0]
+    assert rec.status == "finished"
+    assert (rec.last_rx_us, rec.peer_down_us, rec.started_us) == (clock.now,) * 3
+    assert rec.detect_us == 0
+    # The same death again: a probe silence and an operator's request at term 1.
+    steps.alive = False
+    d.peer_down("hostA", clock.now - 10_000, clock.now)
+    d.feed(fo.FailoverRequested("operator", False, 1))
+    assert len(d.records) == 1
+    assert d.machine.term == 2
+    assert steps.calls.count("restore") == 1
+    assert any("stale term 1" in why for why in d.ignored), d.ignored
+    d.close()
