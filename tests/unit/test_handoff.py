@@ -118,9 +118,7 @@ class FakeStandby:
     def heartbeat(self, unit: str, term: int, *, timeout: float = 5.0) -> None:
         if term < self.term:
             raise NackedError(
-                Nack(
-                    unit=unit, epoch=0, term=self.term, seq=0, code=Code.STALE_TERM, reason="p"
-                )
+                Nack(unit=unit, epoch=0, term=self.term, seq=0, code=Code.STALE_TERM, reason="p")
             )
 
     def close(self) -> None:
