@@ -251,3 +251,41 @@ def test_a_lossless_units_dead_nf_loses_no_input(tmp_path: Path) -> None:
         assert check.received == sent
         assert len({r.seq for r in records}) == sent
         assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
+
+
+def test_two_nf_deaths_in_a_row_move_the_unit_from_a_to_b_to_c(tmp_path: Path) -> None:
+    """The NF dies on A: B takes over and re-protects onto C, and its epoch loop watches the
+    restored NF's pidfd. That NF dies too: C takes over from B's last commit. The sink's counter
+    never repeats and never skips."""
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=9.0, pps=PPS)
+        try:
+            _pid_a, kill_a = _kill_nf_after_commits(fab)
+            first = fab.wait_event("B", "failover_record", timeout=30, after_us=kill_a)
+            fab.wait_event("B", "protected", timeout=30, after_us=kill_a)
+            fab.wait_event("C", "watching", timeout=10, after_us=kill_a)
+            time.sleep(1.0)
+            pid_b = int(fab.hosts["B"].status()["nf_pids"][UNIT])
+            kill_b = _kill_nf(pid_b)
+            died_b = fab.wait_event("B", "nf_died", timeout=5, after_us=kill_b)
+            second = fab.wait_event("C", "failover_record", timeout=30, after_us=kill_b)
+            fenced_b = fab.wait_event("B", "fenced", timeout=10, after_us=kill_b)
+            c_status = fab.request("C", {"type": "status"}, timeout=5)
+        finally:
+            finish_traffic(sink, sender)
+        records = read_records(out)
+        check = check_sequence(records)
+        print(f"{check}; first {first}; second {second}")
+        assert first["status"] == "finished", first
+        assert first["term"] == 2
+        assert died_b["pid"] == pid_b
+        assert died_b["term"] == 2
+        assert second["status"] == "finished", second
+        assert second["term"] == 3
+        assert fenced_b["term"] == 3
+        assert c_status["primary"][UNIT]["term"] == 3
+        assert UNIT not in fab.hosts["B"].status()["nf_pids"]
+        assert not Path(f"/proc/{pid_b}").exists()
+        assert [r for r in records if r.recv_ns > second["resumed_us"] * 1000], "no output after C"
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
