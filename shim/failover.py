@@ -630,7 +630,8 @@ class FailoverConfig:
     standby_mem_bytes: int = 0
     # Remote only: restore the committed checkpoint speculatively while a suspect peer is being
     # confirmed (`Prestore`), so that a real failure finds the copy restored when the verdict
-    # comes. Costs one restore (CPU, the NF's memory) per suspicion, dropped if it was alive.
+    # comes. Costs one restore (CPU, the NF's memory) per suspicion whose silence outlasts
+    # `prestore_after_us` and is not disputed by then; dropped if the peer was alive.
     prestore: bool = False
     # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe).
     prestore_after_us: int = 15_000
