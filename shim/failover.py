@@ -25,8 +25,8 @@ Triggers and detection:
   machine also commands `Prestore`: the committed checkpoint is restored into the prepared netns
   while the check runs, unattached and unannounced, so a FAILED verdict finds its copy restored
   (the restore and the confirmation window overlap instead of adding up). It decides nothing:
-  `Restore(prestored=True)` uses the copy only if it came from the image located at the new
-  term; an ALIVE verdict, a `PeerUp`, a stand-down or a failure before the restore commands
+  the restore step uses the copy only if it came from the image located at the new term;
+  an ALIVE verdict, a `PeerUp`, a stand-down or a failure before the restore commands
   `DropPrestore`.
 - `FailoverRequested(reason, planned, term)` comes from an operator and needs no confirmation.
   `planned` first quiesces the running copy (`Quiesce`: a last checkpoint, committed, and the
@@ -417,13 +417,11 @@ class LocateImage(StepCommand):
 
 @attrs.frozen
 class Restore(StepCommand):
-    """Restore `image` into the prepared netns. `prestored`: a `Prestore` was commanded for this
-    term; the driver uses that copy if it was restored from this very image, and otherwise
-    destroys it and restores afresh."""
+    """Restore `image` into the prepared netns. A copy `Prestore` made for this term is used if
+    it was restored from this very image; the driver destroys it otherwise."""
 
     step = Step.RESTORE
     image: str = attrs.field(kw_only=True)
-    prestored: bool = attrs.field(default=False, kw_only=True)
 
 
 @attrs.frozen
@@ -480,8 +478,8 @@ class Prestore(Command):
     now into the prepared netns, as the copy the attempt at `term` will need if the verdict is
     FAILED. Nothing is decided by it: no term is raised, nothing is promoted or fenced, no port
     is attached, so the copy receives nothing and nothing it sends leaves the host. The peer may
-    commit again meanwhile: `Restore(prestored=True)` uses the copy only if the image located
-    then is the one it was restored from. No completion event; a failure only loses the head
+    commit again meanwhile: `Restore` uses the copy only if the image located then is the one
+    it was restored from. No completion event; a failure only loses the head
     start.
 
     The restore begins no earlier than `not_before_us` (the silence then is
@@ -1088,12 +1086,11 @@ class FailoverMachine:
             case State.RESTORING:
                 assert a.image is not None
                 a.restore_started = True
-                prestored = self._prestore == a.term
-                if prestored:
+                if self._prestore == a.term:
                     self._prestore = None  # the restore step uses the copy or destroys it
                 else:
                     self._drop_prestore(out)
-                out.append(Restore(a.term, timeout, image=a.image.path, prestored=prestored))
+                out.append(Restore(a.term, timeout, image=a.image.path))
             case State.ATTACHING:
                 out.append(AttachPorts(a.term, timeout))
             case State.ANNOUNCING:

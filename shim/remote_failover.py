@@ -16,9 +16,9 @@ bounded by the step's `timeout_us`:
   (a leftover unit of an earlier attempt is removed, its output dropped).
 - `LocateImage`: ``ReplicationServer.promote(unit, term)``: the store refuses the old primary from
   now on (I3) and answers the committed checkpoint with its ``cut_seq``.
-- `Restore`: ``RuncBackend.restore`` into the netns prepared when the standby was set up; or,
-  with `prestored`, the copy `Prestore` restored while the peer was being confirmed, if it came
-  from the image located (the agent's steps keep it; `DropPrestore` destroys it).
+- `Restore`: ``RuncBackend.restore`` into the netns prepared when the standby was set up; or the
+  copy `Prestore` restored while the peer was being confirmed, if it came from the image located
+  (the agent's steps keep it and judge it; `DropPrestore` destroys it).
 - `AttachPorts`: the prepared veth joins this data plane and the unit is added at the new term,
   ingress paused and without output commit: no standby holds an image of the unit until
   `Reprotect` has seeded the new one (docs/failover.md, "Unprotected window").
@@ -93,9 +93,9 @@ class RemoteSteps(Protocol):
         """Promote the store at `term`; returns (image path, epoch, cut_seq)."""
         ...
 
-    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
-        """Restore into the prepared netns; returns the NF's pid. `prestored`: use the copy
-        `prestore(term)` made if it came from `image`; destroy it otherwise."""
+    def restore(self, image: str, term: int) -> int:
+        """Restore into the prepared netns; returns the NF's pid. A copy `prestore(term)` made
+        is used if it came from `image`, and destroyed otherwise."""
         ...
 
     def prestore(self, term: int, peer: str, not_before_us: int) -> None:
@@ -371,8 +371,8 @@ class RemoteFailover:
             case fo.LocateImage():
                 path, epoch, cut_seq = s.locate(term)
                 return fo.ImageLocated(term, path, epoch, cut_seq)
-            case fo.Restore(image=image, prestored=prestored):
-                return fo.Restored(term, s.restore(image, term, prestored=prestored))
+            case fo.Restore(image=image):
+                return fo.Restored(term, s.restore(image, term))
             case fo.AttachPorts():
                 s.attach(term)
                 return fo.PortsAttached(term)

@@ -162,18 +162,12 @@ def link_copy(images: Path, dest: Path) -> None:
     (every commit assembles new files), so the links share nothing that changes. Raises
     `FileNotFoundError` if the checkpoint went away meanwhile (`dest` is then removed)."""
     try:
-        for root, _dirs, files in os.walk(images, onerror=_raise):
-            rel = Path(root).relative_to(images)
-            (dest / rel).mkdir(parents=rel == Path("."))
-            for name in files:
-                os.link(Path(root) / name, dest / rel / name)
-    except BaseException:
+        shutil.copytree(images, dest, copy_function=os.link)
+    except BaseException as exc:
         shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(exc, OSError) and not images.exists():  # shutil.Error is an OSError
+            raise FileNotFoundError(f"{images} went while it was linked") from exc
         raise
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
 
 
 class Store:

@@ -2093,10 +2093,10 @@ class StandbySteps:
             raise RuntimeError(f"the store of {self.unit} holds no committed checkpoint")
         return str(cp.path), cp.epoch, int(cp.meta.get("cut_seq", 0))
 
-    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
+    def restore(self, image: str, term: int) -> int:
         # Always through the prestore thread: a copy still being restored ahead is finished
-        # and then used or destroyed, never left in the netns beside this one. `prestored`
-        # only says that one was commanded; `_take` judges the copy by what it came from.
+        # and then used or destroyed (`_take` judges it by what it came from), never left in
+        # the netns beside this one.
         nf = self._prestorer.submit(self._take, image, term).result()
         if nf is None:
             nf = self._restore_copy(Path(image), term)

@@ -312,7 +312,7 @@ def test_a_dead_peer_is_restored_from_the_copy_made_while_it_was_confirmed() -> 
         >> DataPlaneFenced(NEW, 0, 9)
         << LocateImage(NEW, T.locate_us)
         >> located()
-        << Restore(NEW, T.restore_us, image=IMAGE, prestored=True)
+        << Restore(NEW, T.restore_us, image=IMAGE)
         >> Restored(NEW, NEW_PID)
         << AttachPorts(NEW, T.attach_us)
     )

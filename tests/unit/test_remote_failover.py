@@ -57,8 +57,8 @@ class FakeSteps:
         self._call("locate")
         return "/img", 7, 123
 
-    def restore(self, image: str, term: int, *, prestored: bool = False) -> int:
-        self._call("restore:prestored" if prestored else "restore")
+    def restore(self, image: str, term: int) -> int:
+        self._call("restore")
         if self.restore_s:
             time.sleep(self.restore_s)
         return 4242
@@ -160,7 +160,7 @@ def test_the_restore_starts_before_the_check_and_its_copy_is_taken_over() -> Non
         "raise_term:2",
         "fence",
         "locate",
-        "restore:prestored",
+        "restore",
     ]
     assert d.machine.state is fo.State.WATCHING
     assert d.records[-1].status == "finished"
