@@ -21,8 +21,9 @@ Why it is built this way (measurements and the alternatives are in docs/containe
   tasks, and freezes it again before returning, so the NF does not run between freeze() and thaw().
 - By default CRIU is driven directly with the options runc's checkpoint would pass (the dump time
   is the NF's pause). The image is one ``runc restore`` accepts, and restores always go through
-  runc, which owns the container's mounts, cgroups and state. ``engine="runc"`` uses
-  ``runc checkpoint`` instead.
+  runc, which owns the container's mounts, cgroups and state; the CRIU config runc hands on
+  tells their CRIU to open the host's cgroup hierarchies too (``cgroup-yard``).
+  ``engine="runc"`` uses ``runc checkpoint`` instead.
 - Everything CRIU can do before the freeze happens before it: a ``criu swrk`` worker is started
   after each dump for the next one (``criu_mode="swrk"``, the default; ``"exec"`` runs
   ``criu dump``), CRIU's kernel-feature cache is kept on a tmpfs (`shim.criu.ensure_kdat_cache`),
@@ -857,7 +858,8 @@ class RuncBackend:
 
     ``criu_mode`` (with ``engine="criu"``): ``swrk`` drives a CRIU service worker started ahead
     of each dump; ``exec`` runs ``criu dump``. ``cgroup_yard``: let CRIU open the hierarchies
-    under /sys/fs/cgroup instead of mounting them, when that directory holds all of them.
+    under /sys/fs/cgroup instead of mounting them, when that directory holds all of them, on
+    dumps and on restores.
     ``criu_nice``: the dump runs while the NF is frozen, so every millisecond CRIU waits for a
     CPU is pause; CRIU (and what it forks) runs at this nice value.
     """
@@ -875,6 +877,7 @@ class RuncBackend:
     criu_nice: int = -10
     carry_dev_mounts: bool = True
     _base: dict[str, Any] | None = None
+    _yard: Path | Literal[False] | None = None  # `_restore_yard`: None until found, False: none
     _criu_path: str | None = None
     _warned_no_rpc: bool = False
 
@@ -896,7 +899,9 @@ class RuncBackend:
         """CRIU options runc cannot pass on its command line; runc reads it per container.
 
         Besides the network lock, it tells a restore where the masked directories that dumps
-        declared external come from (`_masked_dirs`). A dump ignores that line.
+        declared external come from (`_masked_dirs`), which a dump ignores, and, with
+        ``cgroup_yard``, to open the host's cgroup hierarchies instead of mounting its own
+        (`_restore_yard`).
         """
         path = self.state_dir / f"criu-{self.network_lock}.conf"
         text = self._criu_config_text()
@@ -909,10 +914,22 @@ class RuncBackend:
         return path
 
     def _criu_config_text(self) -> str:
+        yard = self._restore_yard()
         return (
             f"network-lock {self.network_lock}\n"
             f"external mnt[{MASKED_DIR_KEY}]:{self.masked_empty_dir}\n"
+            + (f"cgroup-yard {yard}\n" if yard is not None else "")
         )
+
+    def _restore_yard(self) -> Path | None:
+        """The cgroup yard a restore's CRIU opens, if ``cgroup_yard`` and every hierarchy of
+        this host is mounted there (found once). Without it CRIU mounts each hierarchy in a
+        scratch directory before it restores: 11-16 ms of every restore on the testbed."""
+        if not self.cgroup_yard:
+            return None
+        if self._yard is None:
+            self._yard = find_cgroup_yard(os.getpid()) or False
+        return self._yard if isinstance(self._yard, Path) else None
 
     def _runner(self) -> _Runc:
         if self._criu_path is None:

@@ -22,6 +22,7 @@ from shim.container import (
     MASKED_DIR_KEY,
     CheckpointError,
     Container,
+    RuncBackend,
     find_cgroup_yard,
     find_criu,
     socket_inodes,
@@ -218,6 +219,39 @@ def test_cgroup_yard_is_the_hosts_hierarchies(env: ContainerEnv, sequencer_image
     assert yard is not None, "/sys/fs/cgroup does not hold every hierarchy of the container"
     assert nf.dump_facts().cgroup_yard == yard
     # The restore path with an image dumped through the yard is covered by test_container.
+
+
+def test_a_restore_opens_the_hosts_cgroups_instead_of_mounting_its_own(
+    env: ContainerEnv, sequencer_image: Path, tmp_path: Path
+) -> None:
+    nf = _start(env, sequencer_image)
+    sink, sender = _udp_ends(env)
+    sender.send(5)
+    assert [r[0] for r in sink.wait_count(5)] == [1, 2, 3, 4, 5]
+    nf.freeze()
+    image = nf.checkpoint(1, env.images / "e1")
+    nf.thaw()
+    env.topo.unplug_nf()
+    nf.kill()
+    # CRIU logs the scratch directory it mounts each hierarchy in (".criu.cgyard.XXXXXX").
+    mounted = []
+    for gen, yard in enumerate((True, False)):
+        env.topo.next_nf()
+        if not yard:
+            env.backend = RuncBackend(state_dir=tmp_path / "no-yard", cgroup_yard=False)
+        restored = env.restore(image.path, name=f"{env.topo.prefix}-r{gen}")
+        wait_port(restored.pid, NF_PORT)
+        log = (restored.work_dir / "restore.log").read_text()
+        mounted.append(".criu.cgyard." in log)
+        # Either way the NF is back in its own cgroups, and continues from the cut.
+        own = Path(f"/proc/{restored.pid}/cgroup").read_text()
+        assert f"{env.cgroup_parent}/{env.topo.prefix}-r{gen}" in own
+        before = len(sink.snapshot())
+        sender.send(1)
+        assert sink.wait_count(before + 1)[-1][0] == 6
+        restored.destroy()
+        env.containers.remove(restored)
+    assert mounted == [False, True], "with the yard CRIU mounted hierarchies, or without it not"
 
 
 def test_wait_rx_drained_reports_what_a_frozen_nf_has_not_read(
