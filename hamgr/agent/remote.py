@@ -1862,12 +1862,27 @@ class RemoteAgent:
         self.requests.put({"type": "failover", "unit": unit, "term": term, "reason": reason})
         return {"queued": True, "term": term}
 
+    def _spoke(self, peer: str) -> bool:
+        """Whether `peer`'s probes ever arrived: a `PeerUp` said so, or, failing that, the data
+        plane's count of its probes. The data plane reports a peer up once; one that came up
+        before this loop subscribed (a primary seeding its first standby, on a loaded host) was
+        never heard of here, and its death would have passed for a peer still starting: the
+        unit stalled for good instead of being re-protected."""
+        if peer in self._seen:
+            return True
+        with self.dp_client() as dp:
+            probe = dp.stats().probes.get(peer)
+        if probe is None or probe.rx == 0:
+            return False
+        self._seen.add(peer)
+        return True
+
     def run(self) -> None:
         with self.dp_client() as events:
             events.subscribe()
             while not self._stop.is_set():
                 ev = events.next_event(0.002)
-                if isinstance(ev, PeerDown) and ev.peer not in self._seen:
+                if isinstance(ev, PeerDown) and not self._spoke(ev.peer):
                     self.event("peer_silent", peer=ev.peer)
                 elif isinstance(ev, PeerDown):
                     self.event(

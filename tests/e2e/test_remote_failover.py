@@ -112,6 +112,28 @@ def test_kill_standby_host_primary_reprotects_onto_spare(tmp_path: Path) -> None
         assert (fab.hosts["C"].runtime / "standby" / "seq0").exists()
 
 
+def test_a_standby_killed_before_any_probe_flap_is_found_lost(tmp_path: Path) -> None:
+    # A's data plane reports B up once, while A's agent is still seeding B, before its loop
+    # listens: only a later flap told the loop that B had ever spoken, and a B killed before
+    # one was taken for a peer still starting (the unit stalled for good). Killed right after
+    # the first commit, B has rarely flapped yet.
+    with Fabric(tmp_path / "fab") as fab:
+        fab.start()
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=5.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            kill_us = fab.kill_host("B")
+            lost = fab.wait_event("A", "standby_lost", timeout=10, after_us=kill_us)
+            ev = fab.wait_event("A", "reprotected", timeout=30, after_us=kill_us)
+        finally:
+            finish_traffic(sink, sender)
+        check = check_sequence(read_records(out))
+        assert lost["standby"] == fab.hosts["B"].name
+        assert ev["standby"] == fab.hosts["C"].name
+        assert check.duplicates == 0
+        assert check.gaps == 0
+
+
 def test_failover_requested_while_one_runs_happens_once(tmp_path: Path) -> None:
     with Fabric(tmp_path / "fab") as fab:
         fab.start()
