@@ -631,8 +631,10 @@ class FailoverConfig:
     # comes. Costs one restore (CPU, the NF's memory) per suspicion whose silence outlasts
     # `prestore_after_us` and is not disputed by then; dropped if the peer was alive.
     prestore: bool = False
-    # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe).
-    prestore_after_us: int = 15_000
+    # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe). Short
+    # enough that the copy is ready about when a dampened window ends (restore ~40-50 ms);
+    # most live peers' blips are disputed before it (docs/failover.md, "Restored ahead").
+    prestore_after_us: int = 5_000
 
 
 def judge_claims(claims: tuple[Claim, ...] | None) -> str | None:

@@ -18,7 +18,7 @@
     replication = "tcp://198.18.1.1:7200"            # where this agent's standbys are shipped to
     probe_interval_us = 1000                         # data-plane probes of each peer
     probe_miss = 3                                   # missed probes before peer_down
-    confirm_window_us = 30000                        # the peer's agent must answer a ping within
+    confirm_window_us = 10000                        # the peer's agent or kernel must answer within
 
     [peers.hostB]                                    # one table per host that may hold a standby
     control = "tcp://198.18.1.2:7100"                # its agent's control endpoint
@@ -162,7 +162,7 @@ class RemoteConfig:
     replication: str = attrs.field(validator=_tcp)
     probe_interval_us: int = attrs.field(default=1000, validator=_positive(100, 1_000_000))
     probe_miss: int = attrs.field(default=3, validator=_positive(1, 100))
-    confirm_window_us: int = attrs.field(default=30_000, validator=_positive(1000, 10_000_000))
+    confirm_window_us: int = attrs.field(default=10_000, validator=_positive(1000, 10_000_000))
 
 
 _REMOTE_KEYS: Final = {f.name for f in attrs.fields(RemoteConfig)}

@@ -35,12 +35,16 @@ Measured per run (all times CLOCK_MONOTONIC, which every namespace shares):
   release not yet confirmed when A died): ``failover_ms`` then spans only the few ms from that
   release to B's first output. The summary gives its p50 and max beside the issue's fields.
 - ``detect_ms``: remote, B's data plane, from the last probe it got from A to its ``peer_down``
-  (the agent's confirmation window, 30 ms, follows and is not included). Local, from the
+  (the agent's confirmation window follows and is not included). Local, from the
   ``kill()`` call to the driver beginning the failover (``FailoverRecord.exited_us``, taken when
   the driver acts on the pidfd: the wait for the process to exit, the pidfd's poll, and the engine
   step the driver may be in at that moment).
 - ``restore_ms``: the ``restore`` step (`RuncBackend.restore`, a ``runc restore`` of the committed
-  image), from the failover record's step timings.
+  image), from the failover record's step timings. Remote, where the outage went, from the kill:
+  ``verdict_ms`` (B's failover machine decided: detection plus the confirmation window),
+  ``copy_ready_ms`` (B's copy restored ahead was up, None if it restored none) and
+  ``outage_ms`` (B attached the unit); ``copy_restore_ms`` is that copy's restore alone, and
+  ``copies_dropped_before_kill`` counts the copies B restored ahead for a live A and dropped.
 - ``duplicates``/``gaps``: in the NF's UDP counter as the sink saw it (`trafgen.check_sequence`);
   ``lost_packets``: UDP inputs sent but never reflected in any output.
 - ``tcp_survived``: runs whose TCP connection kept working across the failover
@@ -440,6 +444,12 @@ class FailoverRun:
     attached_us: int | None = None
     # A chain: the counters of every member but the last, as the sink saw them.
     upstream: list[list[Record]] = attrs.Factory(list)
+    # When B's copy restored ahead was ready (its ``prestored`` event after the kill), and
+    # how long that restore took; None: B restored none after the kill.
+    prestored_us: int | None = None
+    prestore_elapsed_us: int | None = None
+    # Copies B restored ahead for a live A before the kill, and dropped: the restore ahead's cost.
+    dropped_before_kill: int = 0
 
 
 def run_remote_failover(
@@ -487,6 +497,8 @@ def run_remote_failover(
         records = read_records(out)
         upstream = [read_records(member_records(out, i)) for i in range(chain - 1)]
         attached = [e for e in fab.hosts["B"].events("attached") if e["mono_us"] >= kill_us]
+        ahead = [e for e in fab.hosts["B"].events("prestored") if e["mono_us"] >= kill_us]
+        wasted = [e for e in fab.hosts["B"].events("prestore_dropped") if e["mono_us"] < kill_us]
     return FailoverRun(
         records,
         kill_us,
@@ -495,6 +507,9 @@ def run_remote_failover(
         summary,
         attached[0]["mono_us"] if attached else None,
         upstream,
+        ahead[0]["mono_us"] if ahead else None,
+        ahead[0]["elapsed_us"] if ahead else None,
+        len(wasted),
     )
 
 
@@ -524,6 +539,14 @@ def remote_measures(run: FailoverRun, *, pps: int, lossless: bool) -> dict[str, 
         "lost_in_outage": loss.in_outage,
         "lost_after_attach": loss.after_attach,
         "outage_ms": (None if run.attached_us is None else (run.attached_us - run.kill_us) / 1000),
+        # Where the outage went: B's verdict, and its copy restored ahead ready (both from
+        # the kill), and that restore's own length.
+        "verdict_ms": (done["started_us"] - run.kill_us) / 1000 if done["started_us"] else None,
+        "copy_ready_ms": _since_ms(run.prestored_us, run.kill_us),
+        "copy_restore_ms": (
+            None if run.prestore_elapsed_us is None else run.prestore_elapsed_us / 1000
+        ),
+        "copies_dropped_before_kill": run.dropped_before_kill,
         **run_measures(
             run.records,
             # A failover that never resumed has no second side: the gap stays unmeasured.
@@ -534,6 +557,10 @@ def remote_measures(run: FailoverRun, *, pps: int, lossless: bool) -> dict[str, 
             takeover_ns=None if resumed_us is None else int(resumed_us) * 1000,
         ),
     }
+
+
+def _since_ms(at_us: int | None, kill_us: int) -> float | None:
+    return None if at_us is None else (at_us - kill_us) / 1000
 
 
 # -- local -------------------------------------------------------------------------------

@@ -153,7 +153,10 @@ def test_the_restore_starts_before_the_check_and_its_copy_is_taken_over() -> Non
     clock.now += 10_000
     d.peer_down("hostA", clock.now - 10_000, clock.now - 7_000)
     # Not before the silence is prestore_after_us long (the last probe came 10 ms ago).
-    assert steps.prestore_at == ("hostA", clock.now - 10_000 + 15_000)
+    assert steps.prestore_at == (
+        "hostA",
+        clock.now - 10_000 + fo.FailoverConfig().prestore_after_us,
+    )
     assert steps.calls[:6] == [
         "prestore:2",
         "confirm",
