@@ -39,7 +39,7 @@ import os
 import secrets
 import select
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from shim.container import (
     Container,
     ContainerError,
     FreezeError,
+    RestoreAbortedError,
     RestoreError,
     RuncBackend,
     RxDrain,
@@ -410,18 +411,33 @@ class ChainBackend:
             raise
         return Chain(name, tuple(started[i] for i in range(len(named))))
 
-    def restore(self, image_dir: Path, netns: str, *, name: str | None = None) -> Chain:
+    def restore(
+        self,
+        image_dir: Path,
+        netns: str,
+        *,
+        name: str | None = None,
+        abort: Callable[[], bool] | None = None,
+    ) -> Chain:
         """Restore every member of the chain checkpoint at `image_dir` into `netns`,
         downstream-first.
 
         The members are named `member_name(name, i)`. If any member fails to restore, the ones
-        already restored are destroyed and the error names the member.
+        already restored are destroyed and the error names the member. `abort` is asked before
+        each member after the first: True gives the restore up (`RestoreAbortedError`), the members
+        already restored destroyed. A copy restored ahead for a peer that proved alive stops
+        there instead of holding its thread for every member's restore.
         """
         image = ChainImage.load(image_dir)
         chain = name or image.name
         restored: dict[int, Container] = {}
         try:
             for i in reversed(range(len(image.members))):
+                if restored and abort is not None and abort():
+                    raise RestoreAbortedError(
+                        f"restore of chain {chain} given up before member {i}; the members "
+                        "already restored were destroyed"
+                    )
                 try:
                     restored[i] = self.runc.restore(
                         image.members[i].path, netns, name=member_name(chain, i)

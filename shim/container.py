@@ -147,6 +147,11 @@ class RestoreError(ContainerError):
     pass
 
 
+class RestoreAbortedError(RestoreError):
+    """A restore given up on its caller's word (`ChainBackend.restore`'s ``abort``); nothing
+    of it is left."""
+
+
 # --------------------------------------------------------------------------- backend-neutral shape
 
 

@@ -8,6 +8,7 @@ same netns and cgroup parent, their own image, args and env.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -69,9 +70,16 @@ def prepare_unit_images(backend: RuncBackend, spec: UnitSpec, first: ContainerSp
         backend.prepare_image(cspec)
 
 
-def restore_unit_nf(backend: RuncBackend, image: Path, netns: str, *, name: str) -> ProtectedNf:
+def restore_unit_nf(
+    backend: RuncBackend,
+    image: Path,
+    netns: str,
+    *,
+    name: str,
+    abort: Callable[[], bool] | None = None,
+) -> ProtectedNf:
     """Restore the checkpoint at `image` into `netns`: every member of a chain image, or the
-    one container of a plain image."""
+    one container of a plain image. `abort`: see `ChainBackend.restore` (a chain's only)."""
     if (image / CHAIN_META).exists():
-        return ChainBackend(backend).restore(image, netns, name=name)
+        return ChainBackend(backend).restore(image, netns, name=name, abort=abort)
     return backend.restore(image, netns, name=name)

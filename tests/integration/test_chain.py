@@ -21,8 +21,13 @@ import pytest
 
 from hamgr.testbed import NF_PORT, UNIT, UnitBed, chain_args, wait_udp_bound
 from shim import failover as fo
-from shim.chain import CHAIN_META, Chain, ChainBackend, ChainImage, member_dir
-from shim.container import CheckpointError, mount_image_tmpfs, remove_cgroup_parent
+from shim.chain import CHAIN_META, Chain, ChainBackend, ChainImage, member_dir, member_name
+from shim.container import (
+    CheckpointError,
+    RestoreAbortedError,
+    mount_image_tmpfs,
+    remove_cgroup_parent,
+)
 from shim.criu import is_tmpfs
 from shim.local_failover import FailoverRecord
 from tests.integration.test_local_failover import Rig, protected_rig
@@ -160,6 +165,37 @@ def test_a_failed_dump_of_one_member_fails_the_whole_cut(bed: UnitBed) -> None:
     assert not is_tmpfs(images)
     image = chain.checkpoint(2, bed.work / "big" / "epoch-00000002")
     assert ChainImage.load(image.path).epoch == 2
+
+
+def test_a_chain_restore_given_up_midway_leaves_nothing(bed: UnitBed) -> None:
+    # A copy restored ahead for a peer that proved alive stops between members
+    # (hamgr.agent.remote, StandbySteps._prestore); what it had restored must not hold the
+    # members' names or the NF's ports against the restore that follows.
+    chain = bed.start_chain(chain_args(MEMBERS))
+    wait_chain_bound(chain)
+    chain.freeze()
+    image = chain.checkpoint(1, bed.work / "images" / "epoch-00000001")
+    chain.destroy()
+    assert bed.backend is not None
+    backend = ChainBackend(bed.backend)
+    asked = []
+
+    def abort() -> bool:
+        asked.append(True)
+        return True
+
+    name = f"{bed.prefix}-copy"
+    with pytest.raises(RestoreAbortedError, match="before member 0"):
+        backend.restore(image.path, bed.nfns, name=name, abort=abort)
+    assert asked == [True], "abort was asked other than once, between the two members"
+    runc = bed.backend._runner()
+    assert [runc.state(member_name(name, i)) for i in range(MEMBERS)] == [None, None]
+    restored = backend.restore(image.path, bed.nfns, name=name, abort=lambda: False)
+    try:
+        wait_chain_bound(restored)
+        assert not restored.exited()
+    finally:
+        restored.destroy()
 
 
 def test_a_planned_switchover_of_a_chain_loses_no_input(rig: Rig) -> None:
