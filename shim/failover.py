@@ -631,9 +631,10 @@ class FailoverConfig:
     # comes. Costs one restore (CPU, the NF's memory) per suspicion whose silence outlasts
     # `prestore_after_us` and is not disputed by then; dropped if the peer was alive.
     prestore: bool = False
-    # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe). Short
-    # enough that the copy is ready about when a dampened window ends (restore ~40-50 ms);
-    # most live peers' blips are disputed before it (docs/failover.md, "Restored ahead").
+    # ...begun once the silence is this long (CLOCK_MONOTONIC us after the last probe). With
+    # a 10-20 ms confirmation window the copy (a restore, ~45-60 ms under load), not the
+    # verdict, ends a dead peer's outage, so it begins early; most live peers' blips are
+    # disputed before it (docs/failover.md, "Restored ahead").
     prestore_after_us: int = 5_000
 
 
