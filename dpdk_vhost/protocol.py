@@ -20,6 +20,10 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")
 _KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 _ID = re.compile(r"[\x21-\x29\x2b-\x7e]{1,32}")  # printable, no '*'
 MAX_REQUEST = 4096
+# Ethertypes of the frames data planes send each other on their wire ports (dpdk_vhost/src/dp.h,
+# DP_ETHERTYPE_PROBE and DP_ETHERTYPE_MIRROR): liveness probes, and mirrored inputs.
+ETHERTYPE_PROBE = 0x88B5
+ETHERTYPE_MIRROR = 0x88B6
 
 
 class ProtocolError(ValueError):

@@ -57,7 +57,9 @@ from typing import Any
 import attrs
 import zmq
 
+from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.process import remove_dpdk_files
+from dpdk_vhost.protocol import ETHERTYPE_PROBE, Stats
 from hamgr import keys
 from hamgr.agent.config import AgentConfig, PeerConfig, RemoteConfig
 from hamgr.agent.remote import HostPlan, PeerPlan, UnitPlan
@@ -82,7 +84,6 @@ UNIT = "seq0"
 HOSTS = ("A", "B", "C")
 START_TIMEOUT_S = 60.0
 PARTITION_TABLE = "hamgr_partition"
-PROBE_ETHERTYPE = 0x88B5  # dpdk_vhost's liveness probes (dpdk_vhost/src/dp.h)
 # A lossless unit's primary mirrors each input with a 26-byte header (docs/dataplane.md, "Input
 # mirror"): the data links carry frames that much longer than the largest input.
 LOSSLESS_DATA_MTU = 1600
@@ -578,18 +579,40 @@ class Fabric(Testbed):
                 f"add rule bridge {PARTITION_TABLE} cut iifname . oifname @pairs drop\n"
                 f"add set bridge {PARTITION_TABLE} probe_pairs {{ type ifname . ifname; }}\n"
                 f"add rule bridge {PARTITION_TABLE} cut iifname . oifname @probe_pairs "
-                f"ether type {PROBE_ETHERTYPE:#06x} drop\n"
+                f"ether type {ETHERTYPE_PROBE:#06x} drop\n"
             )
             self._partition_table = True
 
-    def mute_probes(self, a: str, b: str) -> int:
+    def mute_probes(self, a: str, b: str, *, timeout: float = 5.0) -> int:
         """Drop the liveness probes between hosts `a` and `b`, both ways, and nothing else; returns
-        the CLOCK_MONOTONIC time of the cut, in µs."""
+        the CLOCK_MONOTONIC time of the cut, in µs.
+
+        The cut waits (up to `timeout`) until each data plane has the other up: one that had it
+        down already, in a flap of its own, would report no ``peer_down`` for this silence."""
         if a == b or a not in self.hosts or b not in self.hosts:
             raise ValueError(f"probes are muted between two hosts of {sorted(self.hosts)}")
+        deadline = time.monotonic() + timeout
+        while not (self._probe_up(a, b) and self._probe_up(b, a)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the probes between {a} and {b} were not up within {timeout} s")
+            time.sleep(0.002)
         self._partition_setup()
         self._nft(f"add element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}")
         return time.monotonic_ns() // 1000
+
+    def dp_client(self, letter: str) -> DataPlaneClient:
+        """A client of host `letter`'s data plane (either kind of agent keeps it there)."""
+        return DataPlaneClient(str(self.hosts[letter].work / "dataplane" / "dp.sock"))
+
+    def dp_stats(self, letter: str) -> Stats:
+        """Host `letter`'s data plane's counters."""
+        with self.dp_client(letter) as dp:
+            return dp.stats()
+
+    def _probe_up(self, letter: str, peer: str) -> bool:
+        """Whether host `letter`'s data plane has its probe of host `peer` up."""
+        probe = self.dp_stats(letter).probes.get(self.hosts[peer].name)
+        return probe is not None and probe.state == "up"
 
     def unmute_probes(self, a: str, b: str) -> int:
         """Undo `mute_probes(a, b)`; returns the CLOCK_MONOTONIC time, in µs."""

@@ -479,8 +479,7 @@ class Prestore(Command):
     FAILED. Nothing is decided by it: no term is raised, nothing is promoted or fenced, no port
     is attached, so the copy receives nothing and nothing it sends leaves the host. The peer may
     commit again meanwhile: `Restore` uses the copy only if the image located then is the one
-    it was restored from. No completion event; a failure only loses the head
-    start.
+    it was restored from. No completion event; a failure only loses the head start.
 
     The restore begins no earlier than `not_before_us` (the silence then is
     `FailoverConfig.prestore_after_us` long) and only if `peer` is still silent in this node's

@@ -86,7 +86,7 @@ import click
 import zmq
 
 from dpdk_vhost.client import DataPlaneClient, DataPlaneError
-from dpdk_vhost.protocol import PeerDown, PeerUp
+from dpdk_vhost.protocol import PeerDown, PeerUp, ProbeStats
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.handoff import Answer, Fence, GiveUp, Handoff, HandoffDriver
 from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
@@ -1512,21 +1512,18 @@ class RemoteAgent:
             role.handoff = {"status": "failed", "pid": pid, "term": term, "detail": reason}
             self.event("alarm", unit=unit, reason=reason)
             return
-        detail = f"the NF (pid {pid}) died; {standby} was asked to take the unit over"
+        asked = f"the NF (pid {pid}) died; {standby} was asked to take the unit over"
         role.handoff = {
             "status": "requesting",
             "standby": standby,
             "pid": pid,
             "term": term,
-            "detail": detail,
+            "detail": asked,
         }
 
         def on_answer(attempt: int, answer: Answer, detail: str) -> None:
             if role.handoff is not None and role.handoff.get("status") == "requesting":
-                role.handoff["detail"] = (
-                    f"the NF (pid {pid}) died; {standby} was asked to take the unit over "
-                    f"(request {attempt}: {detail})"
-                )
+                role.handoff["detail"] = f"{asked} (request {attempt}: {detail})"
             self.event(
                 "failover_asked",
                 unit=unit,
@@ -1874,12 +1871,16 @@ class RemoteAgent:
         unit stalled for good instead of being re-protected."""
         if peer in self._seen:
             return True
-        with self.dp_client() as dp:
-            probe = dp.stats().probes.get(peer)
+        probe = self.probe(peer)
         if probe is None or probe.rx == 0:
             return False
         self._seen.add(peer)
         return True
+
+    def probe(self, peer: str) -> ProbeStats | None:
+        """The data plane's probe of `peer` as it is now (None: no such probe)."""
+        with self.dp_client() as dp:
+            return dp.stats().probes.get(peer)
 
     def run(self) -> None:
         with self.dp_client() as events:
@@ -2167,8 +2168,7 @@ class StandbySteps:
             return gen != self._prestore_gen or gen <= self._dropped_gen
 
     def _peer_silent(self, peer: str) -> bool:
-        with self.agent.dp_client() as dp:
-            probe = dp.stats().probes.get(peer)
+        probe = self.agent.probe(peer)
         return probe is None or probe.state != "up"
 
     def _prestore(self, gen: int, term: int, peer: str, not_before_us: int) -> None:

@@ -31,7 +31,6 @@ from typing import Any
 
 import pytest
 
-from dpdk_vhost.client import DataPlaneClient
 from hamgr.agent.lossless import mirror_tag
 from hamgr.bench.failover import InputLoss, classify_lost, finish_traffic, start_traffic
 from hamgr.fabric import UNIT, Fabric
@@ -51,17 +50,13 @@ PPS = 500
 MARGIN_MS = 50
 
 
-def _dp(fab: Fabric, letter: str) -> DataPlaneClient:
-    return DataPlaneClient(str(fab.hosts[letter].work / "dataplane" / "dp.sock"))
-
-
 def _kill_after_a_cut(fab: Fabric, timeout: float = 5.0) -> int:
     """Kill host A right after one of its cuts resumed the unit's ingress; the kill's time (µs).
 
     The inputs of the epoch that cut closed, and of the one it opened, are then uncommitted:
     the cut's own ship has barely started, so B holds the image of the cut before."""
     pids = fab.host_pids("A")
-    with _dp(fab, "A") as dp:
+    with fab.dp_client("A") as dp:
         start = dp.stats(UNIT).units[UNIT].epoch
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -115,9 +110,9 @@ def test_lossless_replays_the_inputs_after_the_cut_at_the_standby(tmp_path: Path
     with Fabric(tmp_path / "fab", lossless=True) as fab:
         fab.start()
         kill_us, rec, sent = _fail_over(fab, tmp_path)
-        with _dp(fab, "B") as dp:
+        with fab.dp_client("B") as dp:
             b = dp.stats()
-        with _dp(fab, "C") as dp:
+        with fab.dp_client("C") as dp:
             c = dp.stats()
         records = read_records(tmp_path / "sink.rec")
         check = check_sequence(records)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from dpdk_vhost.client import DataPlaneClient
 from hamgr.agent.unitnet import UnitNames
 from hamgr.bench.failover import TCP_PORT, finish_traffic, start_tcp, start_traffic
 from hamgr.fabric import Fabric
@@ -50,11 +49,6 @@ def _kill_nf_after_commits(fab: Fabric) -> tuple[int, int]:
     time.sleep(1.0)
     pid = int(fab.hosts["A"].status()["nf_pids"][UNIT])
     return pid, _kill_nf(pid)
-
-
-def _units_in_dp(fab: Fabric, letter: str) -> set[str]:
-    with DataPlaneClient(str(fab.hosts[letter].work / "dataplane" / "dp.sock")) as dp:
-        return set(dp.stats().units)
 
 
 def test_nf_killed_on_a_b_takes_over_at_once_and_a_is_fenced(tmp_path: Path) -> None:
@@ -110,7 +104,7 @@ def test_nf_killed_on_a_b_takes_over_at_once_and_a_is_fenced(tmp_path: Path) -> 
         assert fenced["released_pkts"] == 0
         assert UNIT not in a_status["primary"]
         assert UNIT not in fab.hosts["A"].status()["nf_pids"]
-        assert UNIT not in _units_in_dp(fab, "A")
+        assert UNIT not in set(fab.dp_stats("A").units)
         assert not Path(f"/proc/{pid}").exists()
         assert not netns.netns_exists(UnitNames(fab.hosts["A"].name, UNIT).nf_netns)
         # What the outside saw: output after the takeover, no duplicate, no gap, TCP alive.
@@ -171,7 +165,7 @@ def test_main_agents_nf_killed_on_a_b_takes_over_and_a_records_it(tmp_path: Path
         assert fenced["term"] == 2
         assert fenced["released_pkts"] == 0
         assert not Path(f"/proc/{pid}").exists()
-        assert UNIT not in _units_in_dp(fab, "A")
+        assert UNIT not in set(fab.dp_stats("A").units)
         assert a_role is not None
         assert a_role["state"] == "error", a_role
         assert f"the NF (pid {pid}) died; {b} took the unit over at term 2" in a_role["error"]

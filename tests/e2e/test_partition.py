@@ -24,8 +24,6 @@ from typing import Any
 
 import pytest
 
-from dpdk_vhost.client import DataPlaneClient
-from dpdk_vhost.protocol import Stats
 from hamgr.bench.failover import finish_traffic, start_traffic
 from hamgr.fabric import Fabric
 from hamgr.trafgen import check_sequence, read_records
@@ -35,11 +33,6 @@ pytestmark = [
 ]
 
 PPS = 500
-
-
-def _dp_stats(fab: Fabric, letter: str) -> Stats:
-    with DataPlaneClient(str(fab.hosts[letter].work / "dataplane" / "dp.sock")) as dp:
-        return dp.stats()
 
 
 _CONNECT = """
@@ -124,14 +117,14 @@ def test_partition_primary_standby_takes_over_old_primary_is_fenced(tmp_path: Pa
             rec = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
             fenced = fab.wait_event("A", "fenced", timeout=30, after_us=cut_us)
             protected = fab.wait_event("B", "protected", timeout=30, after_us=cut_us)
-            a_during = _dp_stats(fab, "A")
+            a_during = fab.dp_stats("A")
             cut_off = (_reaches(fab, "B", "A"), _reaches(fab, "A", "B"))
             around = (_reaches(fab, "A", "C"), _reaches(fab, "B", "C"))
             heal_us = fab.heal("A", "B")
             assert fab.partitioned() == set()
             healed = _reaches(fab, "B", "A")
             time.sleep(1.0)
-            a_after = _dp_stats(fab, "A")
+            a_after = fab.dp_stats("A")
             status_a = fab.request("A", {"type": "status"})
             status_b = fab.request("B", {"type": "status"})
         finally:
@@ -259,7 +252,7 @@ def test_a_takeover_of_a_live_primary_fences_it_through_its_own_engine(tmp_path:
             rec = fab.wait_event("B", "failover_record", timeout=30, after_us=asked_us)
             fenced = fab.wait_event("A", "fenced", timeout=30, after_us=asked_us)
             fab.wait_event("B", "protected", timeout=30, after_us=asked_us)
-            a_after = _dp_stats(fab, "A")
+            a_after = fab.dp_stats("A")
         finally:
             finish_traffic(sink, sender)
         check = check_sequence(read_records(out))

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-from dpdk_vhost.client import DataPlaneClient
-from dpdk_vhost.protocol import Stats
 from hamgr.bench.failover import finish_traffic, outage_ms, start_traffic, start_udp
 from hamgr.fabric import Fabric
 from hamgr.trafgen import check_sequence, member_records, read_records
@@ -27,11 +25,6 @@ pytestmark = [
 ]
 
 PPS = 500
-
-
-def _dp_stats(fab: Fabric, letter: str) -> Stats:
-    with DataPlaneClient(str(fab.hosts[letter].work / "dataplane" / "dp.sock")) as dp:
-        return dp.stats()
 
 
 def _term_events(fab: Fabric, letter: str, kind: str) -> list[dict[str, object]]:
@@ -45,7 +38,7 @@ def test_kill_primary_host_standby_takes_over_without_duplicates(tmp_path: Path)
         try:
             fab.wait_event("A", "first_commit", timeout=10)
             time.sleep(1.0)
-            a_unit, b_link = _dp_stats(fab, "A").units["seq0"], _dp_stats(fab, "B").ports["fab"]
+            a_unit, b_link = fab.dp_stats("A").units["seq0"], fab.dp_stats("B").ports["fab"]
             kill_us = fab.kill_host("A")
             rec = fab.wait_event("B", "failover_record", timeout=30, after_us=kill_us)
             first = fab.wait_event("B", "first_commit", timeout=30, after_us=kill_us)

@@ -24,21 +24,14 @@ from tests.integration.container_env import (
     ContainerEnv,
     UdpSender,
     UdpSink,
-    have_container_stack,
     p50,
     wait_port,
 )
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.usefixtures("container_stack"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _container_stack() -> None:
-    problem = have_container_stack()
-    if problem is not None:
-        pytest.fail(f"the container stack is not ready: {problem}; run `make setup`")
 
 
 MEM_MB = 64

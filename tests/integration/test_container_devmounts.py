@@ -32,11 +32,10 @@ from tests.integration.container_env import (
     ContainerEnv,
     UdpSender,
     UdpSink,
-    have_container_stack,
     wait_port,
 )
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("container_stack")]
 
 NF_PORT = 7000
 SINK_PORT = 9000
@@ -67,13 +66,6 @@ echo shm-write > /dev/shm/probe && test "$(cat /dev/shm/probe)" = shm-write
 busybox rm /dev/shm/probe
 cat /proc/self/mountinfo
 """
-
-
-@pytest.fixture(autouse=True)
-def _container_stack() -> None:
-    problem = have_container_stack()
-    if problem is not None:
-        pytest.fail(f"the container stack is not ready: {problem}; run `make setup`")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from dpdk_vhost.client import DataPlaneClient, DataPlaneError
-from dpdk_vhost.protocol import PeerDown, PeerUp
+from dpdk_vhost.protocol import ETHERTYPE_MIRROR, ETHERTYPE_PROBE, PeerDown, PeerUp
 from tests.integration.dp_env import (
     DataPlaneHandle,
     Netns,
     RawPort,
     cpu_seconds,
     frame,
-    have_root_stack,
     parse,
     realtime,
     sh,
@@ -33,15 +32,8 @@ from tests.integration.dp_env import (
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.usefixtures("dataplane_stack"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _root_stack() -> None:
-    # make test sets the stack up first, so a missing piece is a setup bug, not a skip.
-    problem = have_root_stack()
-    if problem is not None:
-        pytest.fail(f"the data-plane stack is not ready: {problem}; run `make setup`")
 
 
 class Env:
@@ -353,8 +345,8 @@ def test_nf_cannot_emit_probes_or_mirror_frames(env: Env, mode: str) -> None:
     for s in range(1, 11):
         env.nf.send(frame(s))
         if s % 3 == 0:
-            env.nf.send(_reserved(0x88B5, 1000 + s))
-            env.nf.send(_reserved(0x88B6, 2000 + s))
+            env.nf.send(_reserved(ETHERTYPE_PROBE, 1000 + s))
+            env.nf.send(_reserved(ETHERTYPE_MIRROR, 2000 + s))
     assert wait_for(lambda: dp.stats().units["u1"].nf_rx == 16)
     if mode == "ha":
         assert dp.close_epoch("u1", 1).pkts == 10

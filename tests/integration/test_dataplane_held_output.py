@@ -27,19 +27,11 @@ from tests.integration import test_dataplane as dataplane_env
 from tests.integration.dp_env import (
     SRC_MAC,
     frame,
-    have_root_stack,
     wait_for,
 )
 from tests.integration.test_dataplane import ha_unit
 
-pytestmark = [pytest.mark.root]
-
-
-@pytest.fixture(autouse=True)
-def _root_stack() -> None:
-    problem = have_root_stack()
-    if problem is not None:
-        pytest.fail(f"the data-plane stack is not ready: {problem}; run `make setup`")
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane_stack")]
 
 
 class Env(dataplane_env.Env):

@@ -27,31 +27,23 @@ import pytest
 
 from dpdk_vhost.client import DataPlaneClient, DataPlaneError, Replayed
 from dpdk_vhost.heldout import read_frames
+from dpdk_vhost.protocol import ETHERTYPE_MIRROR
 from tests.integration import test_dataplane as dataplane_env
 from tests.integration.dp_env import (
     DataPlaneHandle,
     Netns,
     RawPort,
     frame,
-    have_root_stack,
     parse,
     sh,
     wait_for,
 )
 from tests.integration.test_dataplane import ha_unit
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane_stack")]
 
 TAG = 0xA5A50001
-ETH_P_MIRROR = 0x88B6
 INJECT_SRC = bytes.fromhex("020000000009")
-
-
-@pytest.fixture(autouse=True)
-def _root_stack() -> None:
-    problem = have_root_stack()
-    if problem is not None:
-        pytest.fail(f"the data-plane stack is not ready: {problem}; run `make setup`")
 
 
 class Env(dataplane_env.Env):
@@ -111,7 +103,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 def mirror_frame(tag: int, seq: int, inner: bytes) -> bytes:
     """A mirror frame as the primary's data plane builds it."""
-    return b"\xff" * 6 + INJECT_SRC + struct.pack("!HIQ", ETH_P_MIRROR, tag, seq) + inner
+    return b"\xff" * 6 + INJECT_SRC + struct.pack("!HIQ", ETHERTYPE_MIRROR, tag, seq) + inner
 
 
 def inner_frames(seqs: range, size: int | None = None) -> dict[int, bytes]:
@@ -316,7 +308,7 @@ def test_duplicates_unknown_tags_and_runts_are_counted_and_freed(env: Env) -> No
     for seq in (1, 2, 3):
         env.inject.send(mirror_frame(99, seq, frame(seq, stream=7)))
     env.inject.send(mirror_frame(TAG, 6, b""))  # header only
-    env.inject.send(b"\xff" * 6 + INJECT_SRC + struct.pack("!HI", ETH_P_MIRROR, TAG))
+    env.inject.send(b"\xff" * 6 + INJECT_SRC + struct.pack("!HI", ETHERTYPE_MIRROR, TAG))
     assert wait_for(lambda: dp.stats().ports["i0"].mirror_bad == 2)
     assert wait_for(lambda: dp.stats().ports["i0"].mirror_unknown == 3)
     s = dp.stats()

@@ -13,19 +13,12 @@ import pytest
 
 from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.process import default_binary, eal_args, remove_dpdk_files
-from tests.integration.dp_env import DataPlaneHandle, have_root_stack
+from tests.integration.dp_env import DataPlaneHandle
 
 pytestmark = [
     pytest.mark.root,
+    pytest.mark.usefixtures("dataplane_stack"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _root_stack() -> None:
-    # make test sets the stack up first, so a missing piece is a setup bug, not a skip.
-    problem = have_root_stack()
-    if problem is not None:
-        pytest.fail(f"the data-plane stack is not ready: {problem}; run `make setup`")
 
 
 def gen_argv(tmp: Path, prefix: str, seconds: float, rate: int, server: bool = False) -> list[str]:

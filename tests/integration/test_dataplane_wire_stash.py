@@ -24,7 +24,7 @@ from dpdk_vhost.client import DataPlaneClient
 from dpdk_vhost.protocol import UnitStats
 from tests.integration import test_dataplane as dataplane_env
 from tests.integration import test_dataplane_input_log as input_log_env
-from tests.integration.dp_env import RawPort, have_root_stack, parse, wait_for
+from tests.integration.dp_env import RawPort, parse, wait_for
 from tests.integration.test_dataplane import ha_unit
 from tests.integration.test_dataplane_input_log import (
     TAG,
@@ -34,16 +34,9 @@ from tests.integration.test_dataplane_input_log import (
     standby_unit,
 )
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("dataplane_stack")]
 
 STASH = 512  # DP_WIRE_STASH in dpdk_vhost/src/dp.h
-
-
-@pytest.fixture(autouse=True)
-def _root_stack() -> None:
-    problem = have_root_stack()
-    if problem is not None:
-        pytest.fail(f"the data-plane stack is not ready: {problem}; run `make setup`")
 
 
 class Env(dataplane_env.Env):

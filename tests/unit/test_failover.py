@@ -113,13 +113,14 @@ def located(term: int = NEW) -> ImageLocated:
     return ImageLocated(term, IMAGE, 6, CUT)
 
 
-def local_through_restore(pb: Playbook, term: int = NEW) -> Playbook:
-    """From RaiseTerm (already asserted) up to the AttachPorts command."""
+def through_restore(pb: Playbook, term: int = NEW, fenced: tuple[int, int] = (12, 7)) -> Playbook:
+    """From RaiseTerm (already asserted) up to the AttachPorts command; the fence discards
+    and resumes at `fenced`."""
     return (
         pb
         >> TermRecorded(term)
         << FenceDataPlane(term, T.fence_us)
-        >> DataPlaneFenced(term, 12, 7)
+        >> DataPlaneFenced(term, *fenced)
         << LocateImage(term, T.locate_us)
         >> located(term)
         << Restore(term, T.restore_us, image=IMAGE)
@@ -139,7 +140,7 @@ def failed_over_locally(m: FailoverMachine) -> Playbook:
 def failed_over_locally_from(pb: Playbook) -> Playbook:
     """From RaiseTerm (already asserted) up to the FINISHED report."""
     return (
-        local_through_restore(pb)
+        through_restore(pb)
         >> PortsAttached(NEW)
         << Resume(NEW, T.resume_us)
         >> Resumed(NEW)
@@ -238,7 +239,7 @@ def test_remote_failover_confirms_then_runs_every_step_and_chooses_a_new_standby
 
 def test_lossless_mode_replays_the_inputs_after_the_cut_before_resuming() -> None:
     m = local(lossless=True)
-    pb = local_through_restore(died(m))
+    pb = through_restore(died(m))
     assert (
         pb
         >> PortsAttached(NEW)
@@ -305,17 +306,7 @@ def judged_dead(m: FailoverMachine) -> Playbook:
 
 def test_a_dead_peer_is_restored_from_the_copy_made_while_it_was_confirmed() -> None:
     m = remote(prestore=True)
-    pb = (
-        judged_dead(m)
-        >> TermRecorded(NEW)
-        << FenceDataPlane(NEW, T.fence_us)
-        >> DataPlaneFenced(NEW, 0, 9)
-        << LocateImage(NEW, T.locate_us)
-        >> located()
-        << Restore(NEW, T.restore_us, image=IMAGE)
-        >> Restored(NEW, NEW_PID)
-        << AttachPorts(NEW, T.attach_us)
-    )
+    pb = through_restore(judged_dead(m), fenced=(0, 9))
     assert pb
     assert not any(isinstance(c, DropPrestore) for c in pb.commands)
 
@@ -771,7 +762,7 @@ def test_no_standby_or_a_failed_reprotection_leaves_the_unit_running_unprotected
 
     m2 = local()
     pb2 = (
-        local_through_restore(died(m2))
+        through_restore(died(m2))
         >> PortsAttached(NEW)
         << Resume
         >> Resumed(NEW)
