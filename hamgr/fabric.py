@@ -256,6 +256,8 @@ class Fabric(Testbed):
     chain: int = 1
     # "plan": each host runs `hamgr.agent.remote` from a plan; "main": `hamgr up` (module doc).
     agents: str = attrs.field(default="plan", validator=attrs.validators.in_(("plan", "main")))
+    # Every host's `UnitPlan.on_fenced` (plan agents): what a deposed primary does.
+    on_fenced: str = "stop"
     made: list[str] = attrs.Factory(list)
     hosts: dict[str, HostHandle] = attrs.Factory(dict)
     _partition_table: bool = False
@@ -338,10 +340,11 @@ class Fabric(Testbed):
             tcp_port=self.tcp_port,
             chain=self.chain,
         )
+        fenced = self.on_fenced
         role = {
-            "A": UnitPlan(spec, "primary", standby=b, spares=(c,)),
-            "B": UnitPlan(spec, "standby", primary=a, spares=(c,)),
-            "C": UnitPlan(spec, "spare"),
+            "A": UnitPlan(spec, "primary", standby=b, spares=(c,), on_fenced=fenced),
+            "B": UnitPlan(spec, "standby", primary=a, spares=(c,), on_fenced=fenced),
+            "C": UnitPlan(spec, "spare", on_fenced=fenced),
         }[letter]
         return HostPlan(
             host=h.name,

@@ -91,6 +91,7 @@ from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.handoff import Answer, Fence, GiveUp, Handoff, HandoffDriver
 from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
+from hamgr.agent.rejoin import Joined, Refused, Rejoin, RejoinDriver, spare_join_answer
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
 from hamgr.agent.unitnf import prepare_unit_images, restore_unit_nf, start_unit_nf
 from hamgr.unitspec import UnitSpec, loads
@@ -150,6 +151,8 @@ CALL_TIMEOUT_S = 60.0
 # How long a peer whose host is up but whose agent does not answer (it restarts, or is busy)
 # counts as alive for the main agent's check of a suspect peer (`RemoteAgent.confirm_peer`).
 AGENT_GRACE_S = 15.0
+# What a deposed primary may do (`UnitPlan.on_fenced`).
+ON_FENCED = ("stop", "standby")
 
 _T = TypeVar("_T")
 
@@ -245,13 +248,10 @@ def _check_spec(_inst: object, _attr: object, value: str) -> None:
 
 
 def _check_on_fenced(_inst: object, _attr: object, value: str) -> None:
-    if value == "standby":
+    if value not in ON_FENCED:
         raise PlanError(
-            'on_fenced = "standby" (a deposed primary becomes a spare for the new primary) is '
-            'not implemented; use "stop"'
+            f"on_fenced must be one of {', '.join(map(repr, ON_FENCED))}, not {value!r}"
         )
-    if value != "stop":
-        raise PlanError(f'on_fenced must be "stop", not {value!r}')
 
 
 @attrs.frozen
@@ -262,7 +262,10 @@ class UnitPlan:
     standby: str = ""
     spares: tuple[str, ...] = attrs.field(default=())
     # What a primary does once it learns of a higher term (it was deposed): "stop" discards its
-    # held output, stops the NF and removes the unit from its data plane.
+    # held output, stops the NF and removes the unit from its data plane; "standby" does the
+    # same, then keeps an empty store of the unit and offers itself to the new primary as a
+    # spare (`hamgr.agent.rejoin`), so that its next re-protection may choose this host. The
+    # policy of the host a role is on: a standby that takes the unit over keeps it.
     on_fenced: str = attrs.field(default="stop", validator=_check_on_fenced)
 
 
@@ -723,6 +726,12 @@ class RemoteAgent:
         # Units whose NF died, handed to their standby (`_nf_died`), and how each ended.
         self._handoffs: dict[str, HandoffDriver] = {}
         self._handed: queue.SimpleQueue[tuple[str, Fence | GiveUp]] = queue.SimpleQueue()
+        # Deposed primaries' offers to be a spare of the new primary (on_fenced = "standby"),
+        # and how each ended (`_become_spare`).
+        self._rejoins: dict[str, RejoinDriver] = {}
+        self._rejoined: queue.SimpleQueue[tuple[str, Joined | Refused]] = queue.SimpleQueue()
+        # The plan's on_fenced per unit: a primary this host becomes by a takeover keeps it.
+        self._on_fenced = {loads(u.spec).name: u.on_fenced for u in plan.units}
         self._recheck_at = 0.0
         # Peers whose probes arrived at least once: silence from a peer that never spoke is
         # a peer still starting, not a failure.
@@ -813,7 +822,8 @@ class RemoteAgent:
                 if spec.protection.lossless:
                     self.lossless.add(spec.name)
                     self.inputs.shadow(spec.name, spec.nf.mac)
-        if stores or self.embedded:
+        # A deposed primary with on_fenced = "standby" keeps a store then (`_become_spare`).
+        if stores or self.embedded or "standby" in self._on_fenced.values():
             self.stores = stores
             allowed: Callable[[], frozenset[bytes]] | list[bytes] = (
                 self._allowed
@@ -875,6 +885,9 @@ class RemoteAgent:
             self.event("watch_refused", unit=unit, primary=primary, reason="primary here")
             return
         spares = [str(x) for x in req.get("spares", []) if str(x) in self.plan.peers]
+        rejoin = self._rejoins.pop(unit, None)
+        if rejoin is not None:  # a deposed primary's offer: taken up, whatever it was told
+            rejoin.stop()
         self._watch(spec, primary, int(req["term"]), spares, busy=True)
         self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
 
@@ -1775,6 +1788,79 @@ class RemoteAgent:
             nf_pid=role.nf.pid,
             **counters,
         )
+        if role.on_fenced == "standby":
+            self._become_spare(role, term)
+
+    def _become_spare(self, role: PrimaryRole, term: int | None) -> None:
+        """on_fenced = "standby": keep an empty store of the deposed unit, as a spare does, and
+        offer this host to the new primary (`hamgr.agent.rejoin`; loop thread, after `_fence`).
+
+        The new primary is the standby that watched this host (or the one it had lost): only a
+        standby takes a unit over. Whatever store an earlier role of this host left is removed
+        first: a re-protection onto this host ships a full image, and an old promoted store
+        would refuse it.
+        """
+        unit = role.spec.name
+        primary = role.lost_standby or role.standby
+        deposed_at = role.term + 1 if term is None else term
+        if not primary or self.server is None:
+            why = "no standby watched it" if not primary else "this host serves no store"
+            self.event("alarm", unit=unit, reason=f"deposed, and cannot become a spare: {why}")
+            return
+        shutil.rmtree(self.plan.runtime / "standby" / unit, ignore_errors=True)
+        store = self._open_store(role.spec)
+        store.observe_term(deposed_at)
+        self.event("spare", unit=unit, primary=primary, term=deposed_at, cause="deposed")
+        driver = RejoinDriver(
+            Rejoin(unit, self.host, primary, deposed_at),
+            request=lambda body, timeout_s: self.links.request(primary, body, timeout_s),
+            done=lambda outcome: self._rejoined.put((unit, outcome)),
+        )
+        self._rejoins[unit] = driver
+        driver.start()
+
+    def _rejoin_ended(self, unit: str, outcome: Joined | Refused) -> None:
+        """How this host's offer to be a spare of `unit` ended (loop thread)."""
+        driver = self._rejoins.pop(unit, None)
+        if driver is None:
+            return
+        driver.stop()
+        r = driver.rejoin
+        match outcome:
+            case Joined(term=term):
+                self.event("rejoined", unit=unit, primary=r.primary, term=term, offers=r.offers)
+            case Refused(code=code, detail=detail):
+                self.event("rejoin_refused", unit=unit, primary=r.primary, code=code, detail=detail)
+
+    def spare_join(self, unit: str, host: str, term: int) -> dict[str, Any]:
+        """`host`, deposed as the primary of `unit` at `term`, offers itself as a spare (any
+        thread): this host, the unit's primary, takes it on its loop (`_spare_joined`)."""
+        role = self.primaries.get(unit)
+        driver = self.drivers.get(unit)
+        answer = spare_join_answer(
+            unit=unit,
+            here=self.host,
+            host=host,
+            term=term,
+            peers=set(self.plan.peers),
+            primary_term=None if role is None else role.term,
+            taking_over=driver is not None
+            and driver.machine.state not in (fo.State.WATCHING, fo.State.FAILED),
+        )
+        if answer.get("joined"):
+            self.requests.put({"type": "spare_join", "unit": unit, "host": host, "term": term})
+        return answer
+
+    def _spare_joined(self, req: dict[str, Any]) -> None:
+        unit, host = str(req["unit"]), str(req["host"])
+        role = self.primaries.get(unit)
+        if role is None or host in (role.standby, self.host):
+            return
+        if host not in role.spares:
+            role.spares.append(host)
+        self.event("spare_joined", unit=unit, spare=host, term=role.term, spares=role.spares)
+        if role.lost_standby is not None:
+            self._recheck_at = 0.0  # a unit without a standby: re-protect onto it now
 
     # -- events --------------------------------------------------------------------------
 
@@ -1815,6 +1901,12 @@ class RemoteAgent:
             case "watch":
                 self.requests.put(req)
                 return {"seq": seq, "queued": True}
+            case "spare_join":
+                try:
+                    unit, host, term = str(req["unit"]), str(req["host"]), int(req["term"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    return {"seq": seq, "error": f"bad spare_join: {exc}", "code": "bad_request"}
+                return {"seq": seq, **self.spare_join(unit, host, term)}
             case "status":
                 units = {
                     u: {"state": d.machine.state.value, "term": d.machine.term}
@@ -1839,7 +1931,14 @@ class RemoteAgent:
                             "nf_pid": st.restored[term].pid if term in st.restored else None,
                             "protection": "unprotected",
                         }
-                return {"seq": seq, "host": self.host, "standby": units, "primary": prim}
+                spare = {u: d.rejoin.status() for u, d in list(self._rejoins.items())}
+                return {
+                    "seq": seq,
+                    "host": self.host,
+                    "standby": units,
+                    "primary": prim,
+                    "rejoining": spare,
+                }
         return {"seq": seq, "error": f"unknown type {req.get('type')!r}"}
 
     def request_failover(self, unit: str, term: int | None, reason: str) -> dict[str, Any]:
@@ -1930,6 +2029,9 @@ class RemoteAgent:
                             log.exception("watch request %s failed", req)
                             self.event("watch_failed", unit=req.get("unit"), error=str(exc))
                         continue
+                    if req.get("type") == "spare_join":
+                        self._spare_joined(req)
+                        continue
                     unit = str(req.get("unit"))
                     wanted = self.drivers.get(unit)
                     if wanted is not None:
@@ -1953,6 +2055,12 @@ class RemoteAgent:
                     except queue.Empty:
                         break
                     self._handed_over(unit, outcome)
+                while True:
+                    try:
+                        unit, joined = self._rejoined.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._rejoin_ended(unit, joined)
                 if time.monotonic() >= self._recheck_at:
                     self._recheck_at = time.monotonic() + RECHECK_S
                     self._recheck()
@@ -1971,6 +2079,8 @@ class RemoteAgent:
         self._run_calls()  # what was handed to the loop as it stopped runs here
         for handoff in list(self._handoffs.values()):
             handoff.stop()
+        for rejoin in list(self._rejoins.values()):
+            rejoin.stop()
         for role in self.primaries.values():
             if role.runner is not None:
                 role.runner.stop(drain_seconds=drain_seconds)
@@ -2355,7 +2465,19 @@ class StandbySteps:
             # term), as at `hamgr protect`: a spare with the store it holds (it recorded this
             # term at the claim), another peer with a new one.
             self.agent.hooks.add_standby(self.spec, standby, term)
-        role = PrimaryRole(self.spec, self.names, nf, term, standby, [], protection="unprotected")
+        # The spares it claimed its term at, but the new standby: where the unit goes if that
+        # one is lost (a deposed primary with on_fenced = "standby" joins them later).
+        spares = [s for s in self.spares if s not in (standby, self.agent.host)]
+        role = PrimaryRole(
+            self.spec,
+            self.names,
+            nf,
+            term,
+            standby,
+            spares,
+            protection="unprotected",
+            on_fenced=self.agent._on_fenced.get(self.unit, "stop"),
+        )
         self.agent.primaries[self.unit] = role
         # A failed re-protection leaves the unit running unprotected (plain), not stalled.
         self.agent.protect(role, standby, first=True, unprotected=machine)

@@ -270,3 +270,78 @@ def test_a_takeover_of_a_live_primary_fences_it_through_its_own_engine(tmp_path:
         assert check.duplicates == 0
         assert check.gaps == 0
         assert check.reordered == 0
+
+
+def test_a_deposed_primary_rejoins_as_a_spare_and_takes_the_unit_back(tmp_path: Path) -> None:
+    """on_fenced = "standby": A, deposed by a partition, keeps an empty store of the unit and
+    offers itself to B once the link heals. B lists it among its spares; when B's standby C
+    dies, B re-protects onto A, and when B dies in turn, A takes the unit over at term 3. The
+    sink hears one execution in each stream: every output once, the NF's counter without a
+    gap across the partition, and across both deaths."""
+    with Fabric(tmp_path / "fab", on_fenced="standby") as fab:
+        fab.start()
+        a, b, c = (fab.hosts[x].name for x in "ABC")
+        first = tmp_path / "first"
+        first.mkdir()
+        sink, sender, out1 = start_traffic(fab, first, seconds=8.0, pps=PPS)
+        try:
+            fab.wait_event("A", "first_commit", timeout=10)
+            time.sleep(1.0)
+            cut_us = fab.partition("A", "B")
+            taken = fab.wait_event("B", "failover_record", timeout=30, after_us=cut_us)
+            fenced = fab.wait_event("A", "fenced", timeout=30, after_us=cut_us)
+            spare = fab.wait_event("A", "spare", timeout=10, after_us=cut_us)
+            fab.wait_event("B", "protected", timeout=30, after_us=cut_us)
+            time.sleep(1.5)  # A's offers go unanswered while the link is cut
+            offering = fab.request("A", {"type": "status"})["rejoining"]
+            heal_us = fab.heal("A", "B")
+            rejoined = fab.wait_event("A", "rejoined", timeout=15, after_us=heal_us)
+            joined = fab.wait_event("B", "spare_joined", timeout=10, after_us=heal_us)
+        finally:
+            finish_traffic(sink, sender)
+        second = tmp_path / "second"
+        second.mkdir()
+        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
+        try:
+            time.sleep(1.0)
+            c_killed = fab.kill_host("C")
+            lost = fab.wait_event("B", "standby_lost", timeout=15, after_us=c_killed)
+            moved = fab.wait_event("B", "reprotected", timeout=15, after_us=c_killed)
+            watching = fab.wait_event("A", "watching", timeout=15, after_us=c_killed)
+            time.sleep(1.0)
+            b_killed = fab.kill_host("B")
+            back = fab.wait_event("A", "failover_record", timeout=30, after_us=b_killed)
+            time.sleep(1.0)
+            status_a = fab.request("A", {"type": "status"})
+        finally:
+            finish_traffic(sink, sender)
+        # The NF counts per flow, and each stream is a flow of its own.
+        checks = [check_sequence(read_records(out)) for out in (out1, out2)]
+        print(f"{checks}; fenced {fenced}; rejoined {rejoined}; back {back}")
+        # The partition: B took over at term 2 and A was deposed; A became a spare at term 2.
+        assert (taken["status"], taken["term"]) == ("finished", 2), taken
+        assert (fenced["term"], fenced["policy"]) == (2, "standby")
+        assert not _alive(fenced["nf_pid"])
+        assert (spare["primary"], spare["term"], spare["cause"]) == (b, 2, "deposed")
+        # Cut off, A kept offering; healed, B took it on its spares.
+        assert offering["seq0"]["state"] == "offering", offering
+        assert offering["seq0"]["offers"] >= 1
+        assert offering["seq0"]["last"] == "no answer"
+        assert (rejoined["primary"], rejoined["term"]) == (b, 2)
+        assert (joined["spare"], joined["term"]) == (a, 2)
+        assert a in joined["spares"]
+        # C died: B re-protected onto A, which watches B now...
+        assert lost["standby"] == c
+        assert (moved["standby"], moved["term"]) == (a, 2)
+        assert (watching["primary"], watching["term"]) == (b, 2)
+        # ...and B died: A took the unit back at term 3 and runs it.
+        assert back["status"] == "finished", back
+        assert back["term"] == 3
+        assert status_a["primary"]["seq0"]["term"] == 3
+        assert _alive(status_a["primary"]["seq0"]["nf_pid"])
+        assert [r for r in read_records(out2) if r.recv_ns > b_killed * 1000], "no output from A"
+        for check in checks:
+            assert check.received > 0
+            assert check.duplicates == 0
+            assert check.gaps == 0
+            assert check.reordered == 0

@@ -606,12 +606,13 @@ def test_inside_the_main_agent_a_takeover_surveys_the_spares_first(tmp_path: Pat
 # --- the plan -------------------------------------------------------------------------------
 
 
-def test_the_plan_refuses_what_partitions_make_unsafe_or_is_not_implemented() -> None:
+def test_the_plan_refuses_what_partitions_make_unsafe_and_unknown_policies() -> None:
     spec = sequencer_spec(UNIT)
     assert UnitPlan(spec, "primary").on_fenced == "stop"
-    with pytest.raises(PlanError, match="not implemented"):
-        UnitPlan(spec, "primary", on_fenced="standby")
-    with pytest.raises(PlanError, match="must be"):
+    assert UnitPlan(spec, "primary", on_fenced="standby").on_fenced == "standby"
+    with pytest.raises(
+        PlanError, match="on_fenced must be one of 'stop', 'standby', not 'restart'"
+    ):
         UnitPlan(spec, "primary", on_fenced="restart")
     unsafe = spec.replace('on_standby_loss = "stall"', 'on_standby_loss = "run-unprotected"')
     with pytest.raises(PlanError, match="duplicates"):
@@ -689,3 +690,30 @@ def test_a_runner_reports_its_fenced_machine_once() -> None:
     assert runner.snapshot()["machine"] == "fenced"
     # Stopping waits for the engine's dump thread (nothing else may checkpoint the NF meanwhile).
     assert engine.closed
+
+
+def test_the_new_primary_keeps_the_other_spares_and_the_planned_policy(tmp_path: Path) -> None:
+    """After a takeover, the unit's primary role lists the spares the standby claimed its term
+    at, but the one it re-protected onto: a later loss of that standby moves the unit on to
+    them. The plan's on_fenced of this host carries over to the role."""
+    steps = _steps(tmp_path, {}, (1, 12))
+    steps.spares = ["hostC", "hostD", "hostB"]
+    agent: Any = steps.agent
+    protected: list[tuple[str, bool]] = []
+    agent.host, agent.embedded, agent.primaries = "hostB", False, {}
+    agent._on_fenced = {UNIT: "standby"}
+    agent.protect = lambda role, standby, *, first, unprotected: protected.append((standby, first))
+    agent.write_status = lambda: None
+    steps.restored[2] = attrs.make_class("Nf", ["pid"])(4242)  # type: ignore[assignment]
+    steps.unprotected[2] = (object(), object())  # type: ignore[assignment]
+    steps.reprotect(2, "hostC")
+    role = agent.primaries[UNIT]
+    assert (role.standby, role.term, role.spares, role.on_fenced) == (
+        "hostC",
+        2,
+        ["hostD"],
+        "standby",
+    )
+    assert protected == [("hostC", True)]
+    assert 2 not in steps.unprotected
+    steps.close()
