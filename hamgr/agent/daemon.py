@@ -1600,7 +1600,25 @@ class Agent:
                 log.info("unit %s: removing replaced container %s", unit, stale.name)
                 unitnet.destroy_container(self.backend, stale, None)
                 self.db.remove_resource(unit, "container", stale.name)
-            nf = unitnet.adopt_container(self.backend, newest)
+            try:
+                nf = unitnet.adopt_container(self.backend, newest)
+            except unitnet.AdoptError as exc:
+                if not (exc.dead and primary.peer):
+                    raise
+                # The NF died while no agent watched it: its standby takes the unit over, as
+                # when the pidfd reports a death (docs/failover.md, "NF death with a remote
+                # standby"); how that ends replaces this state.
+                dead = unitnet.dead_container(self.backend, newest)
+                why = f"{exc} while the agent was down; {primary.peer} was asked to take it over"
+                self.db.set_unit_state(unit, "error", why)
+                remote.add_dead_primary(
+                    spec, dead, primary.peer, term=primary.term, spares=spares, cause=str(exc)
+                )
+                self.bus.publish(
+                    "adopt", unit=unit, role="primary", peer=primary.peer, term=primary.term
+                )
+                log.warning("unit %s: %s", unit, why, extra={"unit": unit})
+                return
             if primary.peer:
                 remote.add_primary(
                     spec, nf, primary.peer, term=primary.term, first=False, spares=spares

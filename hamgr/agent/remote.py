@@ -1128,12 +1128,7 @@ class RemoteAgent:
         recovery cut (`take_over`). `spares`: where the unit is re-protected if `standby` is
         lost."""
         unit = spec.name
-        if self.holds(unit):
-            raise ValueError(f"unit {unit} already has a role on {self.host}")
-        kept = [s for s in spares if s not in (standby, self.host)]
-        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, kept)
-        self.primaries[unit] = role
-        self.specs[unit] = spec
+        role = self._register_primary(spec, nf, standby, term, spares)
         try:
             self.protect(role, standby, first=first)
         except BaseException:
@@ -1144,6 +1139,40 @@ class RemoteAgent:
             self._watching.pop(standby, None)
             raise
         self.write_status()
+
+    def add_dead_primary(
+        self,
+        spec: UnitSpec,
+        nf: ProtectedNf,
+        standby: str,
+        *,
+        term: int,
+        spares: tuple[str, ...] = (),
+        cause: str,
+    ) -> None:
+        """A primary whose NF died while no agent watched it (an agent that restarts finds it
+        so): the unit is handed to `standby` as when the pidfd reports the death (`_nf_died`).
+        No engine runs: the NF is gone, and what it left held in the data plane is the
+        standby's to release or the fence's to discard. `nf` is a handle on what is left of it
+        (`hamgr.agent.unitnet.dead_container`)."""
+        unit = spec.name
+        role = self._register_primary(spec, nf, standby, term, spares)
+        self._watching[standby] = unit
+        self.event("nf_found_dead", unit=unit, pid=nf.pid, term=term, cause=cause)
+        self._nf_died(role, nf.pid)
+        self.write_status()
+
+    def _register_primary(
+        self, spec: UnitSpec, nf: ProtectedNf, standby: str, term: int, spares: tuple[str, ...]
+    ) -> PrimaryRole:
+        unit = spec.name
+        if self.holds(unit):
+            raise ValueError(f"unit {unit} already has a role on {self.host}")
+        kept = [s for s in spares if s not in (standby, self.host)]
+        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, kept)
+        self.primaries[unit] = role
+        self.specs[unit] = spec
+        return role
 
     def add_unprotected(self, spec: UnitSpec, nf: ProtectedNf, term: int) -> None:
         """A unit this host took over and runs without a standby, found again after a restart:

@@ -218,7 +218,12 @@ def container_detail(nf: Container) -> dict[str, Any]:
 
 
 class AdoptError(Exception):
-    pass
+    """A recorded container that cannot be adopted; `dead`: because its NF is gone (runc knows
+    no such container, or reports it stopped), not because something else replaced it."""
+
+    def __init__(self, message: str, *, dead: bool = False) -> None:
+        super().__init__(message)
+        self.dead = dead
 
 
 def adopt_container(backend: RuncBackend, res: Resource) -> Container:
@@ -228,13 +233,12 @@ def adopt_container(backend: RuncBackend, res: Resource) -> Container:
     """
     detail: dict[str, Any] = dict(res.detail)
     name = res.name
-    # shim.container has no public "adopt" yet; the handle is built the way `start` builds it.
     runner = backend._runner()
     state = runner.state(name)
     if state is None:
-        raise AdoptError(f"runc knows no container {name}: the NF is gone")
+        raise AdoptError(f"runc knows no container {name}: the NF is gone", dead=True)
     if state.get("status") not in ("running", "paused"):
-        raise AdoptError(f"container {name} is {state.get('status')}: the NF died")
+        raise AdoptError(f"container {name} is {state.get('status')}: the NF died", dead=True)
     pid = int(state.get("pid", 0))
     if pid != detail["pid"] or not procs.process_alive(pid, detail["ticks"]):
         raise AdoptError(
@@ -245,14 +249,27 @@ def adopt_container(backend: RuncBackend, res: Resource) -> Container:
         raise AdoptError(
             f"container {name} runs from {state.get('bundle')}, not {detail['bundle']}"
         )
+    return _handle(backend, res, pid)
+
+
+def dead_container(backend: RuncBackend, res: Resource) -> Container:
+    """A handle on a recorded container whose NF died while no agent watched it (`AdoptError`
+    with `dead`): built from the record alone, for what the agent still does with a dead NF
+    (its pid in events and status; `destroy`, which removes what runc left)."""
+    return _handle(backend, res, int(res.detail["pid"]))
+
+
+def _handle(backend: RuncBackend, res: Resource, pid: int) -> Container:
+    # shim.container has no public "adopt" yet; the handle is built the way `start` builds it.
+    detail = res.detail
     bundle = Bundle(Path(detail["bundle"]), Path(detail["rootfs"]), bool(detail["owns_rootfs"]))
     return Container(
-        name,
+        res.name,
         pid,
         ContainerSpec.from_json(detail["spec"]),
         bundle,
         Path(detail["work_dir"]),
-        runner,
+        backend._runner(),
         backend,
     )
 

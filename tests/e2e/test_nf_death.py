@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,20 @@ def _kill_nf_after_commits(fab: Fabric) -> tuple[int, int]:
     time.sleep(1.0)
     pid = int(fab.hosts["A"].status()["nf_pids"][UNIT])
     return pid, _kill_nf(pid)
+
+
+def _protected_and_committed(fab: Fabric, tmp_path: Path) -> dict[str, Any]:
+    """Main agents: the unit protected on A (standby B, spare C) and committed there once; A's
+    primary role as its status shows it."""
+    b, c = fab.hosts["B"].name, fab.hosts["C"].name
+    fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b, spares=(c,))))
+    primary = _protected(fab, "A", peer=b, term=1)
+    _wait(
+        lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
+        20,
+        "a first commit on A",
+    )
+    return primary
 
 
 def test_nf_killed_on_a_b_takes_over_at_once_and_a_is_fenced(tmp_path: Path) -> None:
@@ -123,15 +138,9 @@ def test_main_agents_nf_killed_on_a_b_takes_over_and_a_records_it(tmp_path: Path
     with Fabric(tmp_path / "fab", agents="main") as fab:
         fab.start()
         b, c = fab.hosts["B"].name, fab.hosts["C"].name
-        fab.cli_json("A", "protect", str(_spec(fab, tmp_path, b, spares=(c,))))
         sink, sender, out = start_traffic(fab, tmp_path, seconds=7.0, pps=PPS)
         try:
-            primary = _protected(fab, "A", peer=b, term=1)
-            _wait(
-                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
-                20,
-                "a first commit on A",
-            )
+            primary = _protected_and_committed(fab, tmp_path)
             time.sleep(1.0)
             pid = int(primary["nf_pid"])
             kill_us = _kill_nf(pid)
@@ -171,6 +180,50 @@ def test_main_agents_nf_killed_on_a_b_takes_over_and_a_records_it(tmp_path: Path
         assert f"the NF (pid {pid}) died; {b} took the unit over at term 2" in a_role["error"]
         assert "deposed" in a_role["error"], a_role
         after = [r for r in records if r.recv_ns > kill_us * 1000]
+        assert after, "no output at the sink after the takeover"
+        assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
+
+
+def test_an_nf_that_died_while_the_agent_was_down_is_handed_to_b_at_its_restart(
+    tmp_path: Path,
+) -> None:
+    """A's main agent stops (its data plane and NF run on), the NF is killed, and the agent
+    starts again: no pidfd saw the death, so the adoption finds the NF gone and hands the unit
+    to B as the pidfd would have. B takes over at term 2; A is deposed with nothing left of
+    the NF, and the sink heard no output twice and none skipped."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        b = fab.hosts["B"].name
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS)
+        try:
+            primary = _protected_and_committed(fab, tmp_path)
+            pid = int(primary["nf_pid"])
+            fab.cli("A", "down")
+            kill_us = _kill_nf(pid)
+            time.sleep(0.5)
+            quiet = fab.hosts["B"].events("failover")  # nothing watched the death
+            fab.cli("A", "up")
+            found = fab.wait_event("A", "nf_found_dead", timeout=20, after_us=kill_us)
+            taken = _taken_over(fab, "B", 2)
+            fenced = fab.wait_event("A", "fenced", timeout=15, after_us=kill_us)
+            a_role = _role(fab, "A", "primary")
+        finally:
+            finish_traffic(sink, sender)
+        records = read_records(out)
+        check = check_sequence(records)
+        print(f"{check}; found {found}; record {taken['last_failover']}")
+        assert quiet == []
+        assert found["pid"] == pid
+        assert "the NF died" in found["cause"] or "the NF is gone" in found["cause"], found
+        assert taken["last_failover"]["status"] == "finished"
+        assert taken["failovers"] == 1
+        assert fenced["term"] == 2
+        assert fenced["nf_pid"] == pid
+        assert UNIT not in set(fab.dp_stats("A").units)
+        assert a_role is not None
+        assert a_role["state"] == "error", a_role
+        assert f"the NF (pid {pid}) died; {b} took the unit over at term 2" in a_role["error"]
+        after = [r for r in records if r.recv_ns > found["mono_us"] * 1000]
         assert after, "no output at the sink after the takeover"
         assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
 
