@@ -38,11 +38,14 @@ spare_add      spec: unit spec, primary: host name (the        unit, role ("spar
                agent asking), term: int >= 1, source?: str     term
 spare_remove   unit: unit name, primary: host name (the        unit, removed: bool, detail
                agent asking)
+spare_join     unit: unit name, host: host name (the agent     unit, joined: true, term (the
+               asking, deposed at term), term: int >= 1        term this host runs the unit at)
 =============  ==============================================  ====================================
 
-``standby_add``, ``standby_remove``, ``spare_add`` and ``spare_remove`` are sent by one agent to
-another (docs/agent.md, "Remote standby"); the receiving agent also checks that the key the
-request came with is the configured key of `primary`.
+``standby_add``, ``standby_remove``, ``spare_add``, ``spare_remove`` and ``spare_join`` are sent
+by one agent to another (docs/agent.md, "Remote standby"); the receiving agent also checks that
+the key the request came with is the configured key of `primary` (of `host`, for
+``spare_join``).
 
 Replies (agent -> client), with the request's ``id`` (null when it could not be read):
 ``{"type": "result", "data": {...}}``, ``{"type": "error", "code": C, "message": M}``,
@@ -89,6 +92,7 @@ __all__ = [
     "SchemaError",
     "Shutdown",
     "SpareAdd",
+    "SpareJoin",
     "SpareRemove",
     "StandbyAdd",
     "StandbyRemove",
@@ -324,6 +328,16 @@ class SpareRemove(Request):
     primary: str = ""
 
 
+@attrs.frozen
+class SpareJoin(Request):
+    """Agent to agent: `host`, deposed as the primary of `unit` at `term`, offers itself to
+    this host (the unit's primary now) as a spare (`hamgr.agent.rejoin`)."""
+
+    unit: str = ""
+    host: str = ""
+    term: int = 1
+
+
 def _ping(f: _Fields, rid: str) -> Request:
     return Ping(rid)
 
@@ -408,6 +422,16 @@ def _spare_remove(f: _Fields, rid: str) -> Request:
     return SpareRemove(rid, *_unit_and_primary(f))
 
 
+def _spare_join(f: _Fields, rid: str) -> Request:
+    unit = f.string("unit", pattern=_UNIT)
+    host = f.string("host", pattern=_HOST, max_len=32)
+    term = f.integer("term", low=1, high=2**62, required=True)
+    assert unit is not None
+    assert host is not None
+    assert term is not None
+    return SpareJoin(rid, unit, host, term)
+
+
 REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "ping": _ping,
     "status": _status,
@@ -420,6 +444,7 @@ REQUEST_TYPES: Final[Mapping[str, Callable[[_Fields, str], Request]]] = {
     "standby_remove": _standby_remove,
     "spare_add": _spare_add,
     "spare_remove": _spare_remove,
+    "spare_join": _spare_join,
 }
 _REQUEST_NAMES: Final = {
     Ping: "ping",
@@ -433,6 +458,7 @@ _REQUEST_NAMES: Final = {
     StandbyRemove: "standby_remove",
     SpareAdd: "spare_add",
     SpareRemove: "spare_remove",
+    SpareJoin: "spare_join",
 }
 
 

@@ -99,10 +99,11 @@ def sequencer_spec(
     chain: int = 1,
     standby: str | None = None,
     spares: tuple[str, ...] = (),
+    on_fenced: str = "stop",
 ) -> str:
     """The sequencer's unit spec on the fabric; with `tcp_port` it also serves TCP there; with
     `standby` (a host's name) its standby is on that host (for the main agents), and `spares`
-    its spares.
+    its spares, and `on_fenced` what its primary does once deposed.
 
     With `chain` > 1 the unit is a chain of that many sequencers: each forwards to the next on
     the next port over the NF netns's loopback, and the last one to the sink.
@@ -111,6 +112,8 @@ def sequencer_spec(
     standby_table = "" if standby is None else f'\n[standby]\nhost = "{standby}"\n'
     if spares:
         standby_table += f"spares = {json.dumps(list(spares))}\n"
+    if on_fenced != "stop":
+        standby_table += f'on_fenced = "{on_fenced}"\n'
     dest = f"{SINK_IP}:{SINK_PORT}" if chain == 1 else f"127.0.0.1:{NF_PORT + 1}"
     members = ""
     for i in range(1, chain):

@@ -27,6 +27,8 @@ One file describes one protected unit::
     host = "auto"                       # "auto" or a host name
     spares = []                         # with a remote standby: up to 8 more peers, where a
                                         # takeover claims its term (docs/failover.md, Partitions)
+    on_fenced = "stop"                  # a deposed primary stops the unit, or with "standby"
+                                        # then becomes a spare of the new primary
 
     [epoch]
     policy = "fixed"                    # "fixed" (length_ms) or "adaptive"
@@ -360,6 +362,10 @@ class StandbySpec:
 
     host: str = attrs.field(default="auto", validator=_standby_host)
     spares: tuple[str, ...] = attrs.field(default=(), validator=_spares)
+    # What a primary does once a higher term deposed it (a remote standby took the unit over):
+    # "stop" the unit, or stop it and then offer itself to the new primary as a spare
+    # ("standby"; docs/failover.md, "A deposed primary rejoins").
+    on_fenced: str = attrs.field(default="stop", validator=_one_of("stop", "standby"))
 
     def _problems(self) -> list[tuple[str, str]]:
         if not self.spares:

@@ -217,6 +217,28 @@ class _RoleRecorder(RoleHooks):
         self.db.set_unit_state(unit, "error", reason)
         log.error(reason, extra={"unit": unit})
 
+    def became_spare(self, unit: str, primary: str, term: int) -> None:
+        # What the deposed primary had here goes (its dead NF's records, netns, veth, data
+        # plane records); the records of its standby and spares are forgotten without asking
+        # them: those roles are the new primary's now. What stays is a spare's: its store.
+        db = self.db
+        agent = self.agent
+        assert agent.dp is not None
+        forget = {"remote_standby", "remote_spare"}
+        for res in db.resources(unit):
+            if res.kind in forget:
+                db.remove_resource(unit, res.kind, res.name)
+        with agent.dp.client() as dp:
+            problems = unitnet.teardown(db, unit, dp=dp, backend=agent.backend)
+        if problems:
+            log.warning("unit %s: the deposed primary left: %s", unit, "; ".join(problems))
+        root = agent.standby_root(unit)
+        db.add_resource(unit, "standby", unit, {"root": str(root), "remote": True})
+        db.remove_role(unit, "primary")
+        db.set_role(unit, "spare", primary, term)
+        db.set_unit_state(unit, "running")
+        log.warning("deposed at term %d; a spare of %s now", term, primary, extra={"unit": unit})
+
 
 class Agent:
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
@@ -623,6 +645,8 @@ class Agent:
                     control.SpareRemove: self._role_remove,
                 }[type(request)]
                 self.peer_worker.submit(self._guarded, peer_work, request, responder)
+            case control.SpareJoin():
+                self._spare_join(request, responder)
             case control.Shutdown(teardown=teardown):
                 responder.result({"stopping": True, "teardown": teardown, "pid": os.getpid()})
                 self.request_stop(teardown=teardown)
@@ -1093,6 +1117,25 @@ class Agent:
                 "seconds": seconds,
             }
         )
+
+    def _spare_join(self, request: control.SpareJoin, responder: control.Responder) -> None:
+        """A deposed primary offers itself as a spare of a unit this host took over (control
+        thread: it only reads the roles and queues the change for the remote roles' loop)."""
+        if self.remote is None:
+            responder.error(
+                "unsupported", f"{self.host} holds no remote roles: its agent.toml has no [remote]"
+            )
+            return
+        if request.host not in self.config.peers:
+            responder.error("unsupported", f"{request.host} is not a peer of {self.host}")
+            return
+        if not self._sent_by(request.host, responder):
+            return
+        answer = self.remote.spare_join(request.unit, request.host, request.term)
+        if "error" in answer:
+            responder.error(str(answer.get("code", "failed")), str(answer["error"]))
+            return
+        responder.result({"unit": request.unit, **answer})
 
     def _spare_add(self, request: control.SpareAdd, responder: control.Responder) -> None:
         """A peer's request: be a spare of its unit, a store only (peer_worker thread)."""

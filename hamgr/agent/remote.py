@@ -222,6 +222,10 @@ class RoleHooks:
     def fenced(self, unit: str, term: int | None, cause: str) -> None:
         """This primary was deposed: its NF is stopped and the unit left the data plane."""
 
+    def became_spare(self, unit: str, primary: str, term: int) -> None:
+        """The deposed primary keeps a spare's store of `unit`, whose primary is `primary` at
+        `term` now (on_fenced = "standby"), after `fenced`."""
+
 
 @attrs.frozen
 class Detached:
@@ -1169,10 +1173,17 @@ class RemoteAgent:
         if self.holds(unit):
             raise ValueError(f"unit {unit} already has a role on {self.host}")
         kept = [s for s in spares if s not in (standby, self.host)]
-        role = PrimaryRole(spec, UnitNames(self.host, unit), nf, term, standby, kept)
+        role = PrimaryRole(
+            spec, UnitNames(self.host, unit), nf, term, standby, kept, on_fenced=self._policy(spec)
+        )
         self.primaries[unit] = role
         self.specs[unit] = spec
         return role
+
+    def _policy(self, spec: UnitSpec) -> str:
+        """What this host does with `spec` once deposed: the plan says (a plan's agent), or
+        the spec (the main agent's, whose plan has no units)."""
+        return self._on_fenced.get(spec.name, spec.standby.on_fenced)
 
     def add_unprotected(self, spec: UnitSpec, nf: ProtectedNf, term: int) -> None:
         """A unit this host took over and runs without a standby, found again after a restart:
@@ -1836,9 +1847,15 @@ class RemoteAgent:
             why = "no standby watched it" if not primary else "this host serves no store"
             self.event("alarm", unit=unit, reason=f"deposed, and cannot become a spare: {why}")
             return
+        try:
+            # First: the main agent removes what the primary had here, and records the spare.
+            self.hooks.became_spare(unit, primary, deposed_at)
+        except Exception:
+            log.exception("unit %s: recording the spare role failed", unit)
         shutil.rmtree(self.plan.runtime / "standby" / unit, ignore_errors=True)
         store = self._open_store(role.spec)
         store.observe_term(deposed_at)
+        self.spare_of[unit] = (primary, deposed_at)
         self.event("spare", unit=unit, primary=primary, term=deposed_at, cause="deposed")
         driver = RejoinDriver(
             Rejoin(unit, self.host, primary, deposed_at),
@@ -2505,7 +2522,7 @@ class StandbySteps:
             standby,
             spares,
             protection="unprotected",
-            on_fenced=self.agent._on_fenced.get(self.unit, "stop"),
+            on_fenced=self.agent._policy(self.spec),
         )
         self.agent.primaries[self.unit] = role
         # A failed re-protection leaves the unit running unprotected (plain), not stalled.

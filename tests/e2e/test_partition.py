@@ -87,6 +87,14 @@ def isolate_b_after_a_first_stream(
     return out1, cut_us
 
 
+def heal_until_rejoined(fab: Fabric) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Heal A|B, then wait until A's offer to be a spare reached B: A's `rejoined` and B's
+    `spare_joined` events."""
+    heal_us = fab.heal("A", "B")
+    rejoined = fab.wait_event("A", "rejoined", timeout=15, after_us=heal_us)
+    return rejoined, fab.wait_event("B", "spare_joined", timeout=10, after_us=heal_us)
+
+
 def assert_stood_down_unanswered(record: dict[str, Any], spare: str) -> None:
     """A standby's takeover record at term 2 while it was cut off from its one spare: the
     claim got no answer, so it stood down and restored nothing."""
@@ -294,9 +302,7 @@ def test_a_deposed_primary_rejoins_as_a_spare_and_takes_the_unit_back(tmp_path: 
             fab.wait_event("B", "protected", timeout=30, after_us=cut_us)
             time.sleep(1.5)  # A's offers go unanswered while the link is cut
             offering = fab.request("A", {"type": "status"})["rejoining"]
-            heal_us = fab.heal("A", "B")
-            rejoined = fab.wait_event("A", "rejoined", timeout=15, after_us=heal_us)
-            joined = fab.wait_event("B", "spare_joined", timeout=10, after_us=heal_us)
+            rejoined, joined = heal_until_rejoined(fab)
         finally:
             finish_traffic(sink, sender)
         second = tmp_path / "second"

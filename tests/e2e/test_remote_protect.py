@@ -21,7 +21,11 @@ from hamgr.bench.failover import finish_traffic, start_traffic
 from hamgr.fabric import Fabric, sequencer_spec
 from hamgr.trafgen import check_sequence, read_records
 from shim import netns
-from tests.e2e.test_partition import assert_stood_down_unanswered, isolate_b_after_a_first_stream
+from tests.e2e.test_partition import (
+    assert_stood_down_unanswered,
+    heal_until_rejoined,
+    isolate_b_after_a_first_stream,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -427,6 +431,86 @@ def test_an_isolated_standby_stands_down_and_a_reprotects_onto_the_spare(tmp_pat
         for letter in "ABC":
             assert _units(fab, letter) == [], letter
             assert not netns.netns_exists(f"hamgr-{fab.hosts[letter].name}-{UNIT}")
+
+
+def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby(
+    tmp_path: Path,
+) -> None:
+    """`[standby] on_fenced = "standby"` with the main agents: A|B, B takes over at term 2 and
+    re-protects onto C, A is deposed and keeps a spare's store (its NF, netns and records of
+    the old role gone). After the heal its offer reaches B; when C dies, B re-protects onto A,
+    which becomes its standby and holds B's commits. No output twice, none skipped."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        a, b, c = (fab.hosts[x].name for x in "ABC")
+        spec = tmp_path / f"{UNIT}.toml"
+        spec.write_text(
+            sequencer_spec(epoch_ms=fab.epoch_ms, standby=b, spares=(c,), on_fenced="standby")
+        )
+        fab.cli_json("A", "protect", str(spec))
+        first = tmp_path / "first"
+        first.mkdir()
+        sink, sender, out1 = start_traffic(fab, first, seconds=8.0, pps=PPS)
+        try:
+            primary = _wait(
+                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed") and p,
+                20,
+                "a first commit on A",
+            )
+            time.sleep(1.0)
+            cut_us = fab.partition("A", "B")
+            taken = _taken_over(fab, "B", 2)
+            fenced = fab.wait_event("A", "fenced", timeout=30, after_us=cut_us)
+            fab.wait_event("A", "spare", timeout=10, after_us=cut_us)
+            a_spare = _wait(lambda: _role(fab, "A", "spare"), 10, "A's spare role")
+            time.sleep(1.5)  # offers unanswered while cut off
+            rejoined, joined = heal_until_rejoined(fab)
+        finally:
+            finish_traffic(sink, sender)
+        second = tmp_path / "second"
+        second.mkdir()
+        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
+        try:
+            _protected(fab, "B", peer=c, term=2)
+            c_killed = fab.kill_host("C")
+            moved = fab.wait_event("B", "reprotected", timeout=20, after_us=c_killed)
+            standby = _wait(
+                lambda: (
+                    (s := _role(fab, "A", "standby"))
+                    and s["peer"] == b
+                    and (s["last_committed"] or 0) > 0
+                    and s
+                ),
+                30,
+                "A to hold B's commits",
+            )
+            on_a = _protected(fab, "B", peer=a, term=2)
+        finally:
+            finish_traffic(sink, sender)
+        checks = [check_sequence(read_records(out)) for out in (out1, out2)]
+        print(f"{checks}; fenced {fenced}; moved {moved}")
+        assert taken["last_failover"]["status"] == "finished"
+        assert (fenced["term"], fenced["policy"]) == (2, "standby")
+        assert fenced["nf_pid"] == primary["nf_pid"]
+        assert not Path(f"/proc/{primary['nf_pid']}").exists()
+        # Deposed, A is a spare of B at term 2, with a store and nothing of the old role.
+        assert (a_spare["peer"], a_spare["term"], a_spare["state"]) == (b, 2, "spare"), a_spare
+        assert (rejoined["primary"], rejoined["term"]) == (b, 2)
+        assert (joined["spare"], joined["term"]) == (a, 2)
+        # C died: A is B's standby now, holding its commits, and B counts as protected by it.
+        assert (moved["standby"], moved["term"]) == (a, 2)
+        assert (standby["term"], standby["state"]) == (2, "watching")
+        assert _role(fab, "A", "spare") is None
+        assert on_a["protection"] == "protected"
+        a_db = StateDB(fab.hosts["A"].work / "state.db", host=a)
+        try:
+            assert [(r.role, r.peer, r.term) for r in a_db.roles(UNIT)] == [("standby", b, 2)]
+            assert not a_db.resources(UNIT, "container")
+        finally:
+            a_db.close()
+        for check in checks:
+            assert check.received > 0
+            assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
 
 
 def test_refusals_leave_nothing_on_either_host(tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ def _req(kind: str, **fields: Any) -> dict[str, Any]:
             _req("spare_remove", unit="seq0", primary="hostA"),
             control.SpareRemove("r1", "seq0", "hostA"),
         ),
+        (
+            _req("spare_join", unit="seq0", host="hostA", term=2),
+            control.SpareJoin("r1", "seq0", "hostA", 2),
+        ),
     ],
 )
 def test_good_requests(message: dict[str, Any], expected: control.Request) -> None:
@@ -170,6 +174,12 @@ def test_good_requests(message: dict[str, Any], expected: control.Request) -> No
             _req("spare_remove", unit="u/1", primary="a"),
             "bad_field",
             "spare_remove.unit: 'u/1' does not match",
+        ),
+        (_req("spare_join", unit="u", host="a"), "bad_field", "spare_join.term: is required"),
+        (
+            _req("spare_join", unit="u", host="a", term=0),
+            "bad_field",
+            "spare_join.term: must be in [1,",
         ),
     ],
 )

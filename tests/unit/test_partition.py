@@ -701,7 +701,7 @@ def test_the_new_primary_keeps_the_other_spares_and_the_planned_policy(tmp_path:
     agent: Any = steps.agent
     protected: list[tuple[str, bool]] = []
     agent.host, agent.embedded, agent.primaries = "hostB", False, {}
-    agent._on_fenced = {UNIT: "standby"}
+    agent._policy = lambda spec: {UNIT: "standby"}.get(spec.name, "stop")
     agent.protect = lambda role, standby, *, first, unprotected: protected.append((standby, first))
     agent.write_status = lambda: None
     steps.restored[2] = attrs.make_class("Nf", ["pid"])(4242)  # type: ignore[assignment]

@@ -249,6 +249,10 @@ def test_bad_field(old: str, new: str, expected: str) -> None:
             '[protection]\non_standby_loss = "panic"',
             'spec.toml:11: protection.on_standby_loss: must be "stall" or "run-unprotected"',
         ),
+        (
+            '[standby]\non_fenced = "restart"',
+            'spec.toml:11: standby.on_fenced: must be "stop" or "standby", got "restart"',
+        ),
         ("[protection]\nk = 4", "spec.toml:11: protection.k: unknown key"),
         ("[bogus]\nx = 1", "spec.toml:10: bogus: unknown key"),
     ],
@@ -263,6 +267,14 @@ def test_spares_round_trip() -> None:
     assert spec.standby.spares == ("hostC", "hostD")
     assert UnitSpec.from_json(spec.to_json()) == spec
     assert loads(MINIMAL).standby.spares == ()
+
+
+def test_on_fenced_defaults_to_stop_and_round_trips() -> None:
+    assert loads(MINIMAL).standby.on_fenced == "stop"
+    spec = loads(MINIMAL + '[standby]\nhost = "hostB"\non_fenced = "standby"\n')
+    assert spec.standby.on_fenced == "standby"
+    assert spec.to_json()["standby"]["on_fenced"] == "standby"
+    assert UnitSpec.from_json(spec.to_json()) == spec
 
 
 def test_a_section_that_is_not_a_table() -> None:
