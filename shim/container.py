@@ -566,6 +566,10 @@ class Container:
 
     def __attrs_post_init__(self) -> None:
         self._running.set()
+        if self._gone:
+            # A handle on what a dead container left (``gone=True``): its PID may name an
+            # unrelated process by now, so none is opened, and kill() signals nothing.
+            return
         # Opened at once: a pidfd taken later could name an unrelated process reusing the PID.
         try:
             self._pidfd = os.pidfd_open(self.pid)

@@ -255,11 +255,12 @@ def adopt_container(backend: RuncBackend, res: Resource) -> Container:
 def dead_container(backend: RuncBackend, res: Resource) -> Container:
     """A handle on a recorded container whose NF died while no agent watched it (`AdoptError`
     with `dead`): built from the record alone, for what the agent still does with a dead NF
-    (its pid in events and status; `destroy`, which removes what runc left)."""
-    return _handle(backend, res, int(res.detail["pid"]))
+    (its pid in events and status; `destroy`, which removes what runc left). The handle opens
+    no pidfd and signals nothing: the recorded PID may belong to another process by now."""
+    return _handle(backend, res, int(res.detail["pid"]), gone=True)
 
 
-def _handle(backend: RuncBackend, res: Resource, pid: int) -> Container:
+def _handle(backend: RuncBackend, res: Resource, pid: int, *, gone: bool = False) -> Container:
     # shim.container has no public "adopt" yet; the handle is built the way `start` builds it.
     detail = res.detail
     bundle = Bundle(Path(detail["bundle"]), Path(detail["rootfs"]), bool(detail["owns_rootfs"]))
@@ -271,6 +272,7 @@ def _handle(backend: RuncBackend, res: Resource, pid: int) -> Container:
         Path(detail["work_dir"]),
         backend._runner(),
         backend,
+        gone=gone,
     )
 
 

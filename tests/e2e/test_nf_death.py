@@ -193,11 +193,13 @@ def test_an_nf_that_died_while_the_agent_was_down_is_handed_to_b_at_its_restart(
     the NF, and the sink heard no output twice and none skipped."""
     with Fabric(tmp_path / "fab", agents="main") as fab:
         fab.start()
-        b = fab.hosts["B"].name
+        a, b = fab.hosts["A"].name, fab.hosts["B"].name
+        runc_state = fab.hosts["A"].work / "containers" / "runc" / f"{a}-{UNIT}"
         sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS)
         try:
             primary = _protected_and_committed(fab, tmp_path)
             pid = int(primary["nf_pid"])
+            recorded = runc_state.exists()
             fab.cli("A", "down")
             kill_us = _kill_nf(pid)
             time.sleep(0.5)
@@ -220,6 +222,9 @@ def test_an_nf_that_died_while_the_agent_was_down_is_handed_to_b_at_its_restart(
         assert fenced["term"] == 2
         assert fenced["nf_pid"] == pid
         assert UNIT not in set(fab.dp_stats("A").units)
+        # What runc kept of the stopped container went with the fence.
+        assert recorded, runc_state
+        assert not runc_state.exists()
         assert a_role is not None
         assert a_role["state"] == "error", a_role
         assert f"the NF (pid {pid}) died; {b} took the unit over at term 2" in a_role["error"]
