@@ -239,6 +239,15 @@ class _RoleRecorder(RoleHooks):
         db.set_unit_state(unit, "running")
         log.warning("deposed at term %d; a spare of %s now", term, primary, extra={"unit": unit})
 
+    def spare_of(self, unit: str, primary: str, term: int) -> None:
+        # The primary that took the offer: the one whose spare_remove drops this role.
+        if self.db.role(unit, "spare") is not None:
+            self.db.set_role(unit, "spare", primary, term)
+
+    def spare_joined(self, unit: str, spare: str, term: int) -> None:
+        # As `spare_add` records a spare: an unprotect here asks it to drop its role.
+        self.db.add_resource(unit, "remote_spare", spare, {"term": term})
+
 
 class Agent:
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:

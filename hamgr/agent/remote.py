@@ -223,8 +223,14 @@ class RoleHooks:
         """This primary was deposed: its NF is stopped and the unit left the data plane."""
 
     def became_spare(self, unit: str, primary: str, term: int) -> None:
-        """The deposed primary keeps a spare's store of `unit`, whose primary is `primary` at
-        `term` now (on_fenced = "standby"), after `fenced`."""
+        """The deposed primary keeps a spare's store of `unit`, whose primary is likely
+        `primary` at `term` now (on_fenced = "standby"), after `fenced`."""
+
+    def spare_of(self, unit: str, primary: str, term: int) -> None:
+        """This host, a deposed primary's spare of `unit`, learned its primary: `primary`."""
+
+    def spare_joined(self, unit: str, spare: str, term: int) -> None:
+        """`spare`, a deposed primary, is a spare of `unit`, whose primary this host is."""
 
 
 @attrs.frozen
@@ -891,7 +897,7 @@ class RemoteAgent:
         spares = [str(x) for x in req.get("spares", []) if str(x) in self.plan.peers]
         rejoin = self._rejoins.pop(unit, None)
         if rejoin is not None:  # a deposed primary's offer: taken up, whatever it was told
-            rejoin.stop()
+            rejoin.stop(timeout=0)
         self._watch(spec, primary, int(req["term"]), spares, busy=True)
         self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
 
@@ -1113,6 +1119,9 @@ class RemoteAgent:
                 self._drop_standby(unit)
             raise
         self.spare_of.pop(unit, None)
+        rejoin = self._rejoins.pop(unit, None)
+        if rejoin is not None:  # a deposed primary's offer: taken up, whatever it was told
+            rejoin.stop(timeout=0)
         self.event("watching", unit=unit, primary=primary, term=term, spares=spares)
 
     def add_primary(
@@ -1835,31 +1844,35 @@ class RemoteAgent:
         """on_fenced = "standby": keep an empty store of the deposed unit, as a spare does, and
         offer this host to the new primary (`hamgr.agent.rejoin`; loop thread, after `_fence`).
 
-        The new primary is the standby that watched this host (or the one it had lost): only a
-        standby takes a unit over. Whatever store an earlier role of this host left is removed
-        first: a re-protection onto this host ships a full image, and an old promoted store
-        would refuse it.
+        Which peer deposed it, this host cannot tell for sure: only a standby takes a unit over,
+        but a re-protection may have moved the standby just before the one it lost took the
+        unit over (and then the new standby's higher term is what fenced this host). So the
+        offer goes to every peer, the likeliest first (the standby it lost, then its standby,
+        then its spares), and the answers say which one runs the unit (`Rejoin`). Whatever
+        store an earlier role of this host left is removed first: a re-protection onto this
+        host ships a full image, and an old promoted store would refuse it.
         """
         unit = role.spec.name
-        primary = role.lost_standby or role.standby
         deposed_at = role.term + 1 if term is None else term
-        if not primary or self.server is None:
-            why = "no standby watched it" if not primary else "this host serves no store"
+        likely = [role.lost_standby, role.standby, *role.spares, *self.plan.peers]
+        candidates = tuple(p for p in dict.fromkeys(likely) if p and p != self.host)
+        if not candidates or self.server is None:
+            why = "it has no peer" if not candidates else "this host serves no store"
             self.event("alarm", unit=unit, reason=f"deposed, and cannot become a spare: {why}")
             return
         try:
             # First: the main agent removes what the primary had here, and records the spare.
-            self.hooks.became_spare(unit, primary, deposed_at)
+            self.hooks.became_spare(unit, candidates[0], deposed_at)
         except Exception:
             log.exception("unit %s: recording the spare role failed", unit)
         shutil.rmtree(self.plan.runtime / "standby" / unit, ignore_errors=True)
         store = self._open_store(role.spec)
         store.observe_term(deposed_at)
-        self.spare_of[unit] = (primary, deposed_at)
-        self.event("spare", unit=unit, primary=primary, term=deposed_at, cause="deposed")
+        self.spare_of[unit] = (candidates[0], deposed_at)
+        self.event("spare", unit=unit, candidates=candidates, term=deposed_at, cause="deposed")
         driver = RejoinDriver(
-            Rejoin(unit, self.host, primary, deposed_at),
-            request=lambda body, timeout_s: self.links.request(primary, body, timeout_s),
+            Rejoin(unit, self.host, candidates, deposed_at),
+            request=self.links.request,
             done=lambda outcome: self._rejoined.put((unit, outcome)),
         )
         self._rejoins[unit] = driver
@@ -1873,10 +1886,16 @@ class RemoteAgent:
         driver.stop()
         r = driver.rejoin
         match outcome:
-            case Joined(term=term):
-                self.event("rejoined", unit=unit, primary=r.primary, term=term, offers=r.offers)
-            case Refused(code=code, detail=detail):
-                self.event("rejoin_refused", unit=unit, primary=r.primary, code=code, detail=detail)
+            case Joined(primary=primary, term=term):
+                if unit in self.spare_of:
+                    self.spare_of[unit] = (primary, term)
+                try:
+                    self.hooks.spare_of(unit, primary, term)
+                except Exception:
+                    log.exception("unit %s: recording the spare's primary failed", unit)
+                self.event("rejoined", unit=unit, primary=primary, term=term, offers=r.offers)
+            case Refused(detail=detail):
+                self.event("rejoin_refused", unit=unit, candidates=r.candidates, detail=detail)
 
     def spare_join(self, unit: str, host: str, term: int) -> dict[str, Any]:
         """`host`, deposed as the primary of `unit` at `term`, offers itself as a spare (any
@@ -1904,6 +1923,10 @@ class RemoteAgent:
             return
         if host not in role.spares:
             role.spares.append(host)
+            try:
+                self.hooks.spare_joined(unit, host, role.term)
+            except Exception:
+                log.exception("unit %s: recording the spare %s failed", unit, host)
         self.event("spare_joined", unit=unit, spare=host, term=role.term, spares=role.spares)
         if role.lost_standby is not None:
             self._recheck_at = 0.0  # a unit without a standby: re-protect onto it now

@@ -465,6 +465,12 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
             a_spare = _wait(lambda: _role(fab, "A", "spare"), 10, "A's spare role")
             time.sleep(1.5)  # offers unanswered while cut off
             rejoined, joined = heal_until_rejoined(fab)
+            a_joined = _role(fab, "A", "spare")
+            b_db = StateDB(fab.hosts["B"].work / "state.db", host=b)
+            try:
+                b_spares = [r.name for r in b_db.resources(UNIT, "remote_spare")]
+            finally:
+                b_db.close()
         finally:
             finish_traffic(sink, sender)
         second = tmp_path / "second"
@@ -479,10 +485,12 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
                     (s := _role(fab, "A", "standby"))
                     and s["peer"] == b
                     and (s["last_committed"] or 0) > 0
+                    # Not "confirming": a flap of B's probes on this loaded host, being checked.
+                    and s["state"] == "watching"
                     and s
                 ),
                 30,
-                "A to hold B's commits",
+                "A to hold B's commits and watch B",
             )
             on_a = _protected(fab, "B", peer=a, term=2)
         finally:
@@ -494,8 +502,12 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
         assert fenced["nf_pid"] == primary["nf_pid"]
         assert not Path(f"/proc/{primary['nf_pid']}").exists()
         # Deposed, A is a spare of B at term 2, with a store and nothing of the old role.
-        assert (a_spare["peer"], a_spare["term"], a_spare["state"]) == (b, 2, "spare"), a_spare
+        assert (a_spare["term"], a_spare["state"]) == (2, "spare"), a_spare
         assert (rejoined["primary"], rejoined["term"]) == (b, 2)
+        # Joined: A's spare role names B, and B records A as its spare (its unprotect drops it).
+        assert a_joined is not None
+        assert (a_joined["peer"], a_joined["term"]) == (b, 2), a_joined
+        assert a in b_spares
         assert (joined["spare"], joined["term"]) == (a, 2)
         # C died: A is B's standby now, holding its commits, and B counts as protected by it.
         assert (moved["standby"], moved["term"]) == (a, 2)
