@@ -324,7 +324,11 @@ class LocalFailover(Generic[NF]):
         config: fo.FailoverConfig | None = None,
         clock: Callable[[], int] = _now_us,
         hooks: FailoverHooks[NF] | None = None,
+        committed: tuple[Path, int] | None = None,
     ) -> None:
+        """`committed`: the last committed image and its epoch, when `engine` has committed
+        nothing itself (an owner that restarted finds `nf` dead and `engine` never ran: the
+        first step then restores that image)."""
         config = config or fo.FailoverConfig()
         if config.lossless:
             raise LocalFailoverError(
@@ -370,6 +374,8 @@ class LocalFailover(Generic[NF]):
         self._quiescing: _Quiescing | None = None
         # An engine step that failed inside a quiesce, re-raised by the next `step` (see there).
         self._engine_error: Exception | None = None
+        if committed is not None:
+            self._committed, self._committed_epoch = committed
         self._note_commit(engine)
 
     # -- public --------------------------------------------------------------------------
@@ -491,7 +497,8 @@ class LocalFailover(Generic[NF]):
     @staticmethod
     def _watch(nf: NF) -> select.poll:
         poller = select.poll()
-        poller.register(nf.pidfd, select.POLLIN)
+        if not nf.exited():  # a dead one (found so by a restarted owner) has no pidfd to watch
+            poller.register(nf.pidfd, select.POLLIN)
         return poller
 
     def _note_commit(self, engine: PrimaryEngine) -> None:

@@ -1345,8 +1345,49 @@ class Agent:
             raise
         return engine, handover
 
+    def _engine_of_dead(
+        self, rt: UnitRuntime, dp: DataPlaneClient, term: int, died: str
+    ) -> tuple[PrimaryEngine, tuple[Path, int]]:
+        """For a unit whose NF died while the agent was down: an engine that never steps (the
+        failover replaces it), and the image its local standby committed last."""
+        assert rt.standby is not None
+        unit = rt.spec.name
+        committed = rt.standby.server.committed(unit)
+        if committed is None or committed.term != term:
+            raise RuntimeError(
+                f"{died} while the agent was down, and its standby holds no commit at term "
+                f"{term}: nothing to restore; `hamgr unprotect` it and protect it again"
+            )
+        image = self.images_root / unit / f"epoch-{committed.epoch:08d}"
+        if not image.is_dir():
+            raise RuntimeError(
+                f"{died} while the agent was down, and its committed image {image} is gone: "
+                "nothing to restore; `hamgr unprotect` it and protect it again"
+            )
+        stats = dp.stats(unit).units[unit]
+        shipper = self._shipper(rt)
+        try:
+            engine = self._new_engine(
+                rt,
+                dp,
+                shipper,
+                term=term,
+                first_epoch=int(stats.epoch),
+                closed_total=int(stats.nf_rx),
+            )
+        except BaseException:
+            shipper.close()
+            raise
+        return engine, (image, committed.epoch)
+
     def _run_local(
-        self, rt: UnitRuntime, engine: PrimaryEngine, dp: DataPlaneClient, *, commits_base: int
+        self,
+        rt: UnitRuntime,
+        engine: PrimaryEngine,
+        dp: DataPlaneClient,
+        *,
+        commits_base: int,
+        committed: tuple[Path, int] | None = None,
     ) -> LocalRunner:
         """The unit's loop: its engine, stepped through local failover (hamgr.agent.local)."""
         assert self.db is not None
@@ -1392,6 +1433,7 @@ class Agent:
             commits_base=commits_base,
             failovers=count,
             last_failover=dict(last) if last is not None else None,
+            committed=committed,
         )
         runner.start()
         return runner
@@ -1714,16 +1756,41 @@ class Agent:
             log.info("unit %s: removing replaced container %s", unit, stale.name)
             unitnet.destroy_container(self.backend, stale, None)
             self.db.remove_resource(unit, "container", stale.name)
-        rt.nf = unitnet.adopt_container(self.backend, newest)
+        died: str | None = None
+        try:
+            rt.nf = unitnet.adopt_container(self.backend, newest)
+        except unitnet.AdoptError as exc:
+            if not exc.dead:
+                raise
+            # The NF died while no agent watched it: restored from the last committed image
+            # by the unit's failover driver, at its first step (docs/failover.md).
+            died = str(exc)
+            rt.nf = unitnet.dead_container(self.backend, newest)
         rt.standby = self._start_standby(unit)
         dp = self.dp.client()
         try:
-            engine, handover = self._take_over(rt, dp, role.term)
-            rt.runner = self._run_local(rt, engine, dp, commits_base=role.commits_total)
+            if died is None:
+                engine, handover = self._take_over(rt, dp, role.term)
+                rt.runner = self._run_local(rt, engine, dp, commits_base=role.commits_total)
+            else:
+                engine, committed = self._engine_of_dead(rt, dp, role.term, died)
+                rt.runner = self._run_local(
+                    rt, engine, dp, commits_base=role.commits_total, committed=committed
+                )
         except BaseException:
             dp.close()
             rt.stop(drain_seconds=0)
             raise
+        if died is not None:
+            log.warning(
+                "unit %s: %s while the agent was down; restoring epoch %d",
+                unit,
+                died,
+                committed[1],
+                extra={"unit": unit},
+            )
+            self.bus.publish("nf_found_dead", unit=unit, pid=rt.nf.pid, term=role.term, cause=died)
+            return rt
         self.db.set_unit_state(unit, "running")
         self.bus.publish(
             "adopt",

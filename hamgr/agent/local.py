@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -193,6 +194,7 @@ class LocalRunner:
         failovers: int = 0,
         last_failover: dict[str, Any] | None = None,
         config: fo.FailoverConfig | None = None,
+        committed: tuple[Path, int] | None = None,
     ) -> None:
         self.unit = unit
         self.dp = dp
@@ -236,6 +238,7 @@ class LocalRunner:
                 destroyed=hooks.destroyed,
                 protected=self._on_protected,
             ),
+            committed=committed,
         )
 
     # -- what the agent reads ------------------------------------------------------------

@@ -259,6 +259,56 @@ def test_a_killed_nf_is_restored_adopted_after_an_agent_crash_and_unprotected_cl
     assert not _leftovers(agent, [str(old_pid), str(new_pid)])
 
 
+def test_an_nf_that_died_while_the_agent_was_down_is_restored_at_its_restart(
+    agent: AgentHarness, tmp_path: Path
+) -> None:
+    """`hamgr down` (the NF and the data plane run on), the NF is killed, `hamgr up`: no pidfd
+    saw the death, so the adoption finds it and the unit's failover driver restores the last
+    committed image at term 2, as it would have at once. The sink's counter has no duplicate
+    and no gap; output flows again."""
+    first = _protect(agent, tmp_path)
+    old_pid = first["nf_pid"]
+    sink = UdpSink.open(agent.bed.cl, SINK_PORT)
+    sender = UdpSender.open(agent.bed.cl, NF_PORT)
+    try:
+        sender.start_stream(interval=0.004, max_count=2500, max_seconds=10.0)
+        _wait(lambda: _commits_at_least(agent, 3), 20, "commits before the agent stops")
+        agent.hamgr("down")
+        os.kill(old_pid, signal.SIGKILL)
+        _wait(lambda: procs.start_ticks(old_pid) is None, 10, "the NF to die")
+        held = len(sink.snapshot())
+        agent.hamgr("up", "--netns", agent.bed.host_ns)
+        p = _wait(
+            lambda: (p := _primary(agent))["term"] == 2 and p["failovers"] >= 1 and p,
+            20,
+            "the restore at term 2",
+        )
+        new_pid = p["nf_pid"]
+        assert new_pid not in (None, old_pid)
+        assert procs.start_ticks(new_pid) is not None
+        assert p["last_failover"]["status"] == "finished", p
+        assert p["last_failover"]["old_pid"] == old_pid
+        _wait(
+            lambda: (
+                (q := _primary(agent))["protection"] == "protected"
+                and (q["last_committed"] or 0) > 0
+                and q["state"] == "running"
+            ),
+            20,
+            "the restored NF to be protected and committing",
+        )
+        _wait(lambda: len(sink.snapshot()) > held, 10, "output to flow again")
+        sender.stop_stream()
+        records = sink.wait_quiet(quiet=1.0, timeout=30)
+    finally:
+        sender.close()
+        sink.close()
+    _no_visible_rollback(records)
+    assert len(records) > held
+    found = [ln for ln in agent.log().splitlines() if "while the agent was down" in ln]
+    assert found, "the restarted agent did not say why it restored the unit"
+
+
 def test_planned_switchover_loses_no_input_and_now_restores_the_last_commit(
     agent: AgentHarness, tmp_path: Path
 ) -> None:

@@ -335,6 +335,57 @@ def test_without_a_committed_image_the_failover_fails_at_locate(rig: Rig) -> Non
     assert rig.backend.restored == []
 
 
+@attrs.define
+class DeadNf:
+    """What a restarted owner holds of an NF that died unseen: no pidfd (`Container` made with
+    ``gone=True`` raises on it), always exited."""
+
+    name: str
+    pid: int
+    spec: ContainerSpec
+    destroyed: bool = False
+
+    @property
+    def pidfd(self) -> int:
+        raise AssertionError("a dead NF's pidfd must not be used")
+
+    def exited(self, timeout: float = 0.0) -> bool:
+        return True
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+def test_an_nf_found_dead_is_restored_from_the_given_commit_at_the_first_step(rig: Rig) -> None:
+    """An owner that restarted finds the NF dead: its engine never ran (it committed nothing),
+    so the driver is given the standby's last commit; the first step restores it, at term 2,
+    without stepping that engine."""
+    spec = ContainerSpec(name="hb1-seq", image=Path("/nonexistent"), args=("nf",), netns=NETNS)
+    dead = DeadNf("hb1-seq", 100, spec)
+    never = FakeEngine(1, rig.engines[0].image_root)
+    image = never.image_dir(6)  # written by the rig
+    driver = lf.LocalFailover(
+        UNIT,
+        dataplane=rig.dp,
+        backend=rig.backend,  # type: ignore[arg-type]
+        nf=dead,  # type: ignore[arg-type]
+        engine=never,  # type: ignore[arg-type]
+        protect=lambda term, first_epoch, nf, base: FakeEngine(term, never.image_root),
+        term_file=lf.TermFile(rig.term_file.path.with_name("term-dead")),
+        committed=(image, 6),
+    )
+    driver.step()
+    assert never.steps == 0
+    (rec,) = driver.records
+    assert (rec.status, rec.term, rec.old_pid) == (fo.Status.FINISHED, 2, 100)
+    assert rec.restored_epoch == 6
+    (restored,) = rig.backend.restored
+    assert restored.name == "hb1-seq-t2"
+    assert driver.machine.pid == restored.pid
+    driver.close()
+    assert dead.destroyed
+
+
 def test_an_engine_error_propagates_while_the_nf_lives_and_is_a_death_once_it_died(
     rig: Rig,
 ) -> None:
