@@ -44,7 +44,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -202,10 +202,11 @@ class _RoleRecorder(RoleHooks):
         else:
             log.warning("takeover aborted: %s", report.detail, extra={"unit": unit})
 
-    def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
-        # The spec names its standby: the new one now. Its spares stay spares but the new
-        # standby and this host (a standby that took the unit over); a dead primary is not one.
-        spares = tuple(s for s in spec.standby.spares if s not in (standby, self.agent.host))
+    def add_standby(self, spec: UnitSpec, standby: str, term: int, spares: Sequence[str]) -> None:
+        # The spec names its standby: the new one now, and the primary's spares now (where the
+        # new standby claims its next term): not the spec's, which may name one that died
+        # since, or miss a deposed primary that joined; never the new standby or this host.
+        spares = tuple(s for s in spares if s not in (standby, self.agent.host))
         placed = attrs.evolve(spec, standby=attrs.evolve(spec.standby, host=standby, spares=spares))
         self.agent.standby_add(placed, standby, term)
 

@@ -77,7 +77,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -211,9 +211,10 @@ class RoleHooks:
     def report(self, unit: str, report: fo.Report, record: Mapping[str, Any] | None) -> None:
         """A takeover's report; once FINISHED this host is the unit's primary at its term."""
 
-    def add_standby(self, spec: UnitSpec, standby: str, term: int) -> None:
-        """Make `standby` the standby of `spec` at `term` (a re-protection after a takeover in
-        the main agent: its `standby_add`). A plan's agent has spares instead: refused."""
+    def add_standby(self, spec: UnitSpec, standby: str, term: int, spares: Sequence[str]) -> None:
+        """Make `standby` the standby of `spec` at `term`, with the primary's `spares` (a
+        re-protection in the main agent: its `standby_add`). A plan's agent has spares instead:
+        refused."""
         raise RuntimeError(f"{standby} holds no store for {spec.name}: it is not a spare")
 
     def standby_changed(self, unit: str, standby: str, term: int) -> None:
@@ -1710,7 +1711,7 @@ class RemoteAgent:
                 # The spare holds the image now; its standby_add makes it watch this primary
                 # (its store stays), so that this host's death is covered again.
                 try:
-                    self.hooks.add_standby(role.spec, candidate, role.term)
+                    self.hooks.add_standby(role.spec, candidate, role.term, role.spares)
                 except Exception as exc:
                     self.event(
                         "alarm",
@@ -2529,14 +2530,14 @@ class StandbySteps:
     def reprotect(self, term: int, standby: str) -> None:
         nf = self.restored[term]
         machine, _alarm = self.unprotected[term]
+        # The spares it claimed its term at, but the new standby: where the unit goes if that
+        # one is lost (a deposed primary with on_fenced = "standby" joins them later).
+        spares = [s for s in self.spares if s not in (standby, self.agent.host)]
         if self.agent.embedded:
             # It becomes the standby first (netns, image, and a watch of this host at the new
             # term), as at `hamgr protect`: a spare with the store it holds (it recorded this
             # term at the claim), another peer with a new one.
-            self.agent.hooks.add_standby(self.spec, standby, term)
-        # The spares it claimed its term at, but the new standby: where the unit goes if that
-        # one is lost (a deposed primary with on_fenced = "standby" joins them later).
-        spares = [s for s in self.spares if s not in (standby, self.agent.host)]
+            self.agent.hooks.add_standby(self.spec, standby, term, spares)
         role = PrimaryRole(
             self.spec,
             self.names,

@@ -433,13 +433,14 @@ def test_an_isolated_standby_stands_down_and_a_reprotects_onto_the_spare(tmp_pat
             assert not netns.netns_exists(f"hamgr-{fab.hosts[letter].name}-{UNIT}")
 
 
-def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby(
+def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_back(
     tmp_path: Path,
 ) -> None:
     """`[standby] on_fenced = "standby"` with the main agents: A|B, B takes over at term 2 and
     re-protects onto C, A is deposed and keeps a spare's store (its NF, netns and records of
     the old role gone). After the heal its offer reaches B; when C dies, B re-protects onto A,
-    which becomes its standby and holds B's commits. No output twice, none skipped."""
+    which becomes its standby and holds B's commits; when B dies, A takes the unit back at
+    term 3. No output twice, none skipped."""
     with Fabric(tmp_path / "fab", agents="main") as fab:
         fab.start()
         a, b, c = (fab.hosts[x].name for x in "ABC")
@@ -475,7 +476,7 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
             finish_traffic(sink, sender)
         second = tmp_path / "second"
         second.mkdir()
-        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
+        sink, sender, out2 = start_traffic(fab, second, seconds=10.0, pps=PPS)
         try:
             _protected(fab, "B", peer=c, term=2)
             c_killed = fab.kill_host("C")
@@ -493,6 +494,8 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
                 "A to hold B's commits and watch B",
             )
             on_a = _protected(fab, "B", peer=a, term=2)
+            b_killed = fab.kill_host("B")
+            back = _taken_over(fab, "A", 3)
         finally:
             finish_traffic(sink, sender)
         checks = [check_sequence(read_records(out)) for out in (out1, out2)]
@@ -514,10 +517,14 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_becomes_bs_standby
         assert (standby["term"], standby["state"]) == (2, "watching")
         assert _role(fab, "A", "spare") is None
         assert on_a["protection"] == "protected"
+        # B died: A took the unit back at term 3, claiming at no spare (C, B's old standby, is
+        # not one any more: B passed on its spares, not the spec's), and runs it.
+        assert back["last_failover"]["status"] == "finished", back
+        assert back["last_failover"]["claims"] == [], back
+        assert [r for r in read_records(out2) if r.recv_ns > b_killed * 1000], "no output from A"
         a_db = StateDB(fab.hosts["A"].work / "state.db", host=a)
         try:
-            assert [(r.role, r.peer, r.term) for r in a_db.roles(UNIT)] == [("standby", b, 2)]
-            assert not a_db.resources(UNIT, "container")
+            assert [(r.role, r.term) for r in a_db.roles(UNIT)] == [("primary", 3)]
         finally:
             a_db.close()
         for check in checks:
