@@ -1686,7 +1686,12 @@ class Agent:
         primary: RoleRow | None = self.db.role(unit, "primary")
         standby: RoleRow | None = self.db.role(unit, "standby")
         spare: RoleRow | None = self.db.role(unit, "spare")
-        spares = tuple(s for s in spec.standby.spares if s in self.config.peers)
+        # The spec's spares, and the ones that joined since (a deposed primary's spare_join,
+        # recorded as a remote_spare like the spec's).
+        recorded = [r.name for r in self.db.resources(unit, "remote_spare")]
+        spares = tuple(
+            s for s in dict.fromkeys([*spec.standby.spares, *recorded]) if s in self.config.peers
+        )
         if primary is not None:
             newest = local.newest_container(self.db, unit)
             if newest is None:

@@ -438,7 +438,8 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
 ) -> None:
     """`[standby] on_fenced = "standby"` with the main agents: A|B, B takes over at term 2 and
     re-protects onto C, A is deposed and keeps a spare's store (its NF, netns and records of
-    the old role gone). After the heal its offer reaches B; when C dies, B re-protects onto A,
+    the old role gone). After the heal its offer reaches B (and B's agent restarts, which keeps
+    A among the unit's spares); when C dies, B re-protects onto A,
     which becomes its standby and holds B's commits; when B dies, A takes the unit back at
     term 3. No output twice, none skipped."""
     with Fabric(tmp_path / "fab", agents="main") as fab:
@@ -476,6 +477,9 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
             finish_traffic(sink, sender)
         second = tmp_path / "second"
         second.mkdir()
+        # B's agent restarts: the spare that joined is one of the unit's spares still.
+        fab.cli("B", "down")
+        fab.cli("B", "up")
         sink, sender, out2 = start_traffic(fab, second, seconds=10.0, pps=PPS)
         try:
             _protected(fab, "B", peer=c, term=2)
