@@ -567,13 +567,14 @@ class Fabric(Testbed):
         pair is in its set, flooded frames included (the forward hook sees each copy with its
         own out port). Both hosts keep reaching the client, the sink and the third host.
         The table lives in the fabric netns, so `close` removes it with the netns. Returns the
-        CLOCK_MONOTONIC time of the cut, in microseconds.
+        CLOCK_MONOTONIC time of the cut (just before it: `_nft_at`), in microseconds.
         """
         if a == b or a not in self.hosts or b not in self.hosts:
             raise ValueError(f"a partition is between two hosts of {sorted(self.hosts)}")
         self._partition_setup()
-        self._nft(f"add element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
-        return time.monotonic_ns() // 1000
+        return self._nft_at(
+            f"add element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}"
+        )
 
     def _partition_setup(self) -> None:
         if not self._partition_table:
@@ -591,20 +592,21 @@ class Fabric(Testbed):
 
     def mute_probes(self, a: str, b: str, *, timeout: float = 5.0) -> int:
         """Drop the liveness probes between hosts `a` and `b`, both ways, and nothing else; returns
-        the CLOCK_MONOTONIC time of the cut, in µs.
+        the CLOCK_MONOTONIC time of the cut (just before it), in µs.
 
         The cut waits (up to `timeout`) until each data plane has the other up: one that had it
         down already, in a flap of its own, would report no ``peer_down`` for this silence."""
         if a == b or a not in self.hosts or b not in self.hosts:
             raise ValueError(f"probes are muted between two hosts of {sorted(self.hosts)}")
+        self._partition_setup()  # first: between the check and the cut, one short command
         deadline = time.monotonic() + timeout
         while not (self._probe_up(a, b) and self._probe_up(b, a)):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the probes between {a} and {b} were not up within {timeout} s")
             time.sleep(0.002)
-        self._partition_setup()
-        self._nft(f"add element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}")
-        return time.monotonic_ns() // 1000
+        return self._nft_at(
+            f"add element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}"
+        )
 
     def dp_client(self, letter: str) -> DataPlaneClient:
         """A client of host `letter`'s data plane (either kind of agent keeps it there)."""
@@ -624,8 +626,9 @@ class Fabric(Testbed):
         """Undo `mute_probes(a, b)`; returns the CLOCK_MONOTONIC time, in µs."""
         if not self._partition_table:
             raise ValueError("no probes are muted")
-        self._nft(f"delete element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}")
-        return time.monotonic_ns() // 1000
+        return self._nft_at(
+            f"delete element bridge {PARTITION_TABLE} probe_pairs {self._data_pairs(a, b)}"
+        )
 
     def _data_pairs(self, a: str, b: str) -> str:
         x, y = self._bridge_ports(a)[0], self._bridge_ports(b)[0]
@@ -635,8 +638,9 @@ class Fabric(Testbed):
         """Undo `partition(a, b)`; returns the CLOCK_MONOTONIC time of the heal, in µs."""
         if not self._partition_table:
             raise ValueError("no partition to heal")
-        self._nft(f"delete element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}")
-        return time.monotonic_ns() // 1000
+        return self._nft_at(
+            f"delete element bridge {PARTITION_TABLE} pairs {self._partition_elements(a, b)}"
+        )
 
     def partitioned(self) -> set[tuple[str, str]]:
         """The (in port, out port) pairs the fabric drops now."""
@@ -652,6 +656,14 @@ class Fabric(Testbed):
                 x, y = elem["concat"]
                 pairs.add((x, y))
         return pairs
+
+    def _nft_at(self, script: str) -> int:
+        """Run `script`; returns the CLOCK_MONOTONIC time (µs) just before it: the command takes
+        milliseconds, and what the change causes (a data plane's ``peer_down`` comes 3 ms after
+        the probes stop) may happen before it returns, never before it starts."""
+        started = time.monotonic_ns() // 1000
+        self._nft(script)
+        return started
 
     def _nft(self, script: str) -> None:
         subprocess.run(

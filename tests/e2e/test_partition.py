@@ -316,16 +316,18 @@ def test_a_deposed_primary_rejoins_as_a_spare_and_takes_the_unit_back(tmp_path: 
             rejoined, joined = heal_until_rejoined(fab)
         finally:
             finish_traffic(sink, sender)
+        # C dies while the unit is idle: a standby that dies between sending an epoch and
+        # answering `released` has it sent again by the next one, the documented window of
+        # release at the standby (docs/failover.md); this test is about the rejoin, not that.
+        c_killed = fab.kill_host("C")
+        lost = fab.wait_event("B", "standby_lost", timeout=15, after_us=c_killed)
+        moved = fab.wait_event("B", "reprotected", timeout=15, after_us=c_killed)
+        watching = fab.wait_event("A", "watching", timeout=15, after_us=c_killed)
         second = tmp_path / "second"
         second.mkdir()
-        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
+        sink, sender, out2 = start_traffic(fab, second, seconds=6.0, pps=PPS)
         try:
-            time.sleep(1.0)
-            c_killed = fab.kill_host("C")
-            lost = fab.wait_event("B", "standby_lost", timeout=15, after_us=c_killed)
-            moved = fab.wait_event("B", "reprotected", timeout=15, after_us=c_killed)
-            watching = fab.wait_event("A", "watching", timeout=15, after_us=c_killed)
-            time.sleep(1.0)
+            time.sleep(1.5)
             b_killed = fab.kill_host("B")
             back = fab.wait_event("A", "failover_record", timeout=30, after_us=b_killed)
             time.sleep(1.0)

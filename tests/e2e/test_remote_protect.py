@@ -480,11 +480,12 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
         # B's agent restarts: the spare that joined is one of the unit's spares still.
         fab.cli("B", "down")
         fab.cli("B", "up")
-        sink, sender, out2 = start_traffic(fab, second, seconds=10.0, pps=PPS)
+        _protected(fab, "B", peer=c, term=2)
+        # C dies while the unit is idle (see the plan agents' test for why).
+        c_killed = fab.kill_host("C")
+        moved = fab.wait_event("B", "reprotected", timeout=20, after_us=c_killed)
+        sink, sender, out2 = start_traffic(fab, second, seconds=8.0, pps=PPS)
         try:
-            _protected(fab, "B", peer=c, term=2)
-            c_killed = fab.kill_host("C")
-            moved = fab.wait_event("B", "reprotected", timeout=20, after_us=c_killed)
             standby = _wait(
                 lambda: (
                     (s := _role(fab, "A", "standby"))
@@ -498,6 +499,7 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
                 "A to hold B's commits and watch B",
             )
             on_a = _protected(fab, "B", peer=a, term=2)
+            time.sleep(0.5)
             b_killed = fab.kill_host("B")
             back = _taken_over(fab, "A", 3)
         finally:
