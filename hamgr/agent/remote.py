@@ -77,7 +77,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -668,6 +668,15 @@ class PrimaryRole:
     handoff: dict[str, Any] | None = None
 
 
+def _drained(q: queue.SimpleQueue[_T]) -> Iterator[_T]:
+    """What `q` holds now, without waiting."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue.Empty:
+            return
+
+
 class RemoteAgent:
     """One host's agent for remote roles (module doc).
 
@@ -896,9 +905,7 @@ class RemoteAgent:
             self.event("watch_refused", unit=unit, primary=primary, reason="primary here")
             return
         spares = [str(x) for x in req.get("spares", []) if str(x) in self.plan.peers]
-        rejoin = self._rejoins.pop(unit, None)
-        if rejoin is not None:  # a deposed primary's offer: taken up, whatever it was told
-            rejoin.stop(timeout=0)
+        self._end_rejoin(unit)
         self._watch(spec, primary, int(req["term"]), spares, busy=True)
         self.event("watching", unit=unit, primary=primary, term=int(req["term"]), spares=spares)
 
@@ -1120,9 +1127,7 @@ class RemoteAgent:
                 self._drop_standby(unit)
             raise
         self.spare_of.pop(unit, None)
-        rejoin = self._rejoins.pop(unit, None)
-        if rejoin is not None:  # a deposed primary's offer: taken up, whatever it was told
-            rejoin.stop(timeout=0)
+        self._end_rejoin(unit)
         self.event("watching", unit=unit, primary=primary, term=term, spares=spares)
 
     def add_primary(
@@ -1879,6 +1884,13 @@ class RemoteAgent:
         self._rejoins[unit] = driver
         driver.start()
 
+    def _end_rejoin(self, unit: str) -> None:
+        """This host became the standby of `unit`: a deposed primary's offer was taken up,
+        whatever it was told; its thread is not waited for (loop thread)."""
+        rejoin = self._rejoins.pop(unit, None)
+        if rejoin is not None:
+            rejoin.stop(timeout=0)
+
     def _rejoin_ended(self, unit: str, outcome: Joined | Refused) -> None:
         """How this host's offer to be a spare of `unit` ended (loop thread)."""
         driver = self._rejoins.pop(unit, None)
@@ -2113,23 +2125,11 @@ class RemoteAgent:
                             self.event("failover_ignored", unit=unit, term=req["term"], why=why)
                 for driver in self.drivers.values():
                     driver.tick()
-                while True:
-                    try:
-                        fenced = self._fenced.get_nowait()
-                    except queue.Empty:
-                        break
+                for fenced in _drained(self._fenced):
                     self._deposed(fenced)
-                while True:
-                    try:
-                        unit, outcome = self._handed.get_nowait()
-                    except queue.Empty:
-                        break
+                for unit, outcome in _drained(self._handed):
                     self._handed_over(unit, outcome)
-                while True:
-                    try:
-                        unit, joined = self._rejoined.get_nowait()
-                    except queue.Empty:
-                        break
+                for unit, joined in _drained(self._rejoined):
                     self._rejoin_ended(unit, joined)
                 if time.monotonic() >= self._recheck_at:
                     self._recheck_at = time.monotonic() + RECHECK_S
