@@ -302,7 +302,9 @@ class InputLogStats:
     replayed: int
     # The shadow log, when the log was made with ``shadow_mac``: frames held and their bytes,
     # frames logged, mirror frames that found their copy there (dropping it and everything
-    # older) or did not, frames dropped for room, frames replayed. 0 without a shadow log.
+    # older) or did not, frames dropped for room, frames replayed, and mirror frames
+    # forgotten for room before their copy came (each may be an input replayed twice).
+    # 0 without a shadow log.
     shadow: bool = False
     shadow_frames: int = 0
     shadow_bytes: int = 0
@@ -311,6 +313,7 @@ class InputLogStats:
     shadow_unmatched: int = 0
     shadow_overflow: int = 0
     shadow_replayed: int = 0
+    shadow_evicted: int = 0
 
 
 @attrs.frozen

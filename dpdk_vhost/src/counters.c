@@ -166,10 +166,12 @@ static void log_stats(struct sbuf *b, const struct dp_log *lg)
 		sb_printf(b,
 			  " log.%s.shadow_frames=%u log.%s.shadow_bytes=%lu log.%s.shadow_received=%lu"
 			  " log.%s.shadow_matched=%lu log.%s.shadow_unmatched=%lu"
-			  " log.%s.shadow_overflow=%lu log.%s.shadow_replayed=%lu",
+			  " log.%s.shadow_overflow=%lu log.%s.shadow_replayed=%lu"
+			  " log.%s.shadow_evicted=%lu",
 			  n, lg->shadow->n, n, U64(lg->shadow->bytes), n, U64(lg->shadow->received),
 			  n, U64(lg->shadow_matched), n, U64(lg->shadow_unmatched), n,
-			  U64(lg->shadow->overflow), n, U64(lg->shadow->replayed));
+			  U64(lg->shadow->overflow), n, U64(lg->shadow->replayed), n,
+			  U64(lg->shadow_evicted));
 }
 
 void stats_format(struct sbuf *b, const char *only_unit)

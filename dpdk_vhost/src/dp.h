@@ -175,7 +175,9 @@ struct dp_log_entry {
 };
 
 #define DP_SHADOW_SCAN 512 /* shadow entries a mirror frame is looked for among */
-#define DP_SHADOW_PEND 16  /* mirror frames remembered that no shadow entry matched yet */
+/* Mirror frames remembered because their flooded copy had not come yet: a burst
+ * of them can overtake their copies, so a few bursts' worth. */
+#define DP_SHADOW_PEND 256
 
 /* Input log (lossless mode, on the standby): mirror frames with one tag from
  * one port, in sequence order. Frames are copied out of their mbufs into the
@@ -208,8 +210,12 @@ struct dp_log {
 	struct dp_log *shadow;
 	uint8_t shadow_mac[6];
 	uint64_t shadow_matched, shadow_unmatched;
+	/* Remembered mirror frames forgotten for room while their copy had not
+	 * come: each is an input the shadow log may replay a second time. */
+	uint64_t shadow_evicted;
+	/* The remembered mirror frames, a FIFO in mirror order (crc and length). */
 	uint32_t pend_hash[DP_SHADOW_PEND], pend_len[DP_SHADOW_PEND];
-	uint32_t pend_n;
+	uint32_t pend_head, pend_n;
 };
 
 struct dp_global {

@@ -234,15 +234,38 @@ static inline uint32_t frame_hash(const uint8_t *p, uint32_t len)
 	return rte_hash_crc(p, len, 0);
 }
 
+/* frame_hash of the frame in m, segment by segment (a CRC runs on byte by
+ * byte, so the split does not change it). */
+static uint32_t mbuf_hash(const struct rte_mbuf *m)
+{
+	uint32_t h = 0;
+
+	for (; m != NULL; m = m->next)
+		h = rte_hash_crc(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, h);
+	return h;
+}
+
 /* The primary delivered the frame at p: its copy in the shadow log, and every
- * older entry there, need no replay. A mirror frame that can overtake its
- * flooded copy (the copy is still on its way) is remembered, and the copy is
- * not logged when it comes. */
+ * older entry there, need no replay.
+ *
+ * The bridge floods each input to the primary and the standby at once, and
+ * both keep the wire's order, so the copies come in the order the primary
+ * delivered them; a mirror frame can still overtake its own copy (the copy
+ * waits in a busy queue on its way here). Such a mirror frame is remembered
+ * (pend, a FIFO in mirror order) and its copy, when it comes, is dropped
+ * rather than logged. Frames for another MAC (a broadcast, a frame the fabric
+ * floods to the primary for an unknown MAC) never get a copy here, so they are
+ * neither looked for nor remembered: remembering them pushed the frames that
+ * do get one out of the FIFO, and their copies were then logged and replayed
+ * a second time at a takeover (I7). */
 static void shadow_match(struct dp_log *lg, const uint8_t *p, uint32_t len)
 {
 	struct dp_log *sh = lg->shadow;
-	uint32_t h = frame_hash(p, len), i, scan = sh->n < DP_SHADOW_SCAN ? sh->n : DP_SHADOW_SCAN;
+	uint32_t h, i, scan = sh->n < DP_SHADOW_SCAN ? sh->n : DP_SHADOW_SCAN;
 
+	if (len < 6 || memcmp(p, lg->shadow_mac, 6) != 0)
+		return;
+	h = frame_hash(p, len);
 	for (i = 0; i < scan; i++) {
 		const struct dp_log_entry *e = entry(sh, i);
 
@@ -253,13 +276,43 @@ static void shadow_match(struct dp_log *lg, const uint8_t *p, uint32_t len)
 				drop_oldest(sh);
 			sh->trimmed += i + 1;
 			lg->shadow_matched++;
+			/* Every remembered frame is older than this one, so its
+			 * copy would have come before this copy did: it never will. */
+			lg->pend_n = 0;
 			return;
 		}
 	}
 	lg->shadow_unmatched++;
-	lg->pend_hash[lg->pend_n % DP_SHADOW_PEND] = h;
-	lg->pend_len[lg->pend_n % DP_SHADOW_PEND] = len;
+	if (lg->pend_n == DP_SHADOW_PEND) {
+		lg->pend_head = (lg->pend_head + 1) % DP_SHADOW_PEND;
+		lg->pend_n--;
+		lg->shadow_evicted++;
+	}
+	i = (lg->pend_head + lg->pend_n) % DP_SHADOW_PEND;
+	lg->pend_hash[i] = h;
+	lg->pend_len[i] = len;
 	lg->pend_n++;
+}
+
+/* Whether the copy in m is of a remembered mirror frame; if so, it and the
+ * older remembered ones are forgotten (their copies, older, are not coming). */
+static int pend_take(struct dp_log *lg, const struct rte_mbuf *m)
+{
+	uint32_t h, i;
+
+	if (lg->pend_n == 0)
+		return 0;
+	h = mbuf_hash(m);
+	for (i = 0; i < lg->pend_n; i++) {
+		uint32_t k = (lg->pend_head + i) % DP_SHADOW_PEND;
+
+		if (lg->pend_hash[k] == h && lg->pend_len[k] == m->pkt_len) {
+			lg->pend_head = (k + 1) % DP_SHADOW_PEND;
+			lg->pend_n -= i + 1;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 static void log_append(struct dp_log *lg, const struct rte_mbuf *m, uint64_t seq)
@@ -293,18 +346,11 @@ static int shadow_receive(struct dp_log *lg, struct rte_mbuf *m)
 {
 	struct dp_log *sh = lg->shadow;
 	struct dp_log_entry *e;
-	uint32_t i, n = lg->pend_n < DP_SHADOW_PEND ? lg->pend_n : DP_SHADOW_PEND;
 
-	if (rte_pktmbuf_is_contiguous(m)) {
-		uint32_t h = frame_hash(rte_pktmbuf_mtod(m, const uint8_t *), m->pkt_len);
-
-		for (i = 0; i < n; i++)
-			if (lg->pend_hash[i] == h && lg->pend_len[i] == m->pkt_len) {
-				/* Its mirror frame came first: the primary has it. */
-				lg->pend_len[i] = UINT32_MAX;
-				lg->shadow_matched++;
-				return 1;
-			}
+	if (pend_take(lg, m)) {
+		/* Its mirror frame came first: the primary has it. */
+		lg->shadow_matched++;
+		return 1;
 	}
 	e = store(sh, m, 0, sh->received + 1);
 	if (e == NULL)

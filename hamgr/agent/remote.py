@@ -89,7 +89,14 @@ from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import PeerDown, PeerUp, ProbeStats
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.handoff import Answer, Fence, GiveUp, Handoff, HandoffDriver
-from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
+from hamgr.agent.lossless import (
+    InputLogs,
+    ReplayError,
+    log_counters,
+    log_name,
+    mirror_tag,
+    replay_loss,
+)
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.rejoin import Joined, Refused, Rejoin, RejoinDriver, spare_join_answer
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
@@ -2458,6 +2465,7 @@ class StandbySteps:
         shadow = 0
         with self.agent.dp_client() as dp:
             try:
+                before = dp.stats().input_logs.get(name)
                 r = dp.replay_input_log(name, self.unit, after_seq, term=term)
                 if dp.stats().input_logs[name].shadow:
                     try:
@@ -2492,6 +2500,8 @@ class StandbySteps:
             first=r.first,
             last=r.last,
             shadow=shadow,
+            # The log as the replay found it: how its mirror frames met their flooded copies.
+            log=log_counters(before),
         )
         return r.delivered + shadow
 

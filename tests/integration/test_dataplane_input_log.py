@@ -591,6 +591,39 @@ def test_shadow_log_keeps_the_flooded_inputs_no_mirror_frame_covered(env: Env) -
     assert env.s_nf.recv_all(quiet=0.2) == []
 
 
+def test_shadow_log_replays_no_input_whose_mirror_frame_overtook_its_copy(env: Env) -> None:
+    """Mirror frames can overtake their flooded copies, a burst at a time, with frames for
+    other MACs among them (the standby's released output, flooded to the primary for a sink
+    the fabric never learned, comes back mirrored). Each copy is still dropped when it comes,
+    so a takeover right after replays none of those inputs a second time."""
+    dp = env.standby()
+    dp.add_af_packet_port("i0", "i0")
+    dp.add_input_log("L", "i0", TAG, shadow_mac=NF_MAC)
+    standby_unit(dp)
+    f = inner_frames(range(1, 45))
+    mirrors: dict[int, bytes] = {}
+    for k in range(1, 41):
+        mirrors[2 * k - 1] = f[k]
+        # A frame for another MAC that the primary's wire port took and mirrored.
+        mirrors[2 * k] = b"\x02\x00\x00\x00\x00\x99" + frame(k, stream=1, size=90)[6:]
+    inject_log(env, dp, "L", TAG, mirrors)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_matched, log.shadow_unmatched) == (0, 0, 40)
+
+    # The 40 copies come late, then 41..44, which the primary never delivered.
+    for s in range(1, 45):
+        env.inject.send(f[s])
+    assert wait_for(lambda: dp.stats().ports["i0"].shadow_rx == 44)
+    log = dp.stats().input_logs["L"]
+    assert (log.shadow_frames, log.shadow_matched, log.shadow_evicted) == (4, 40, 0)
+
+    # The primary dies: the takeover replays the mirrored inputs, then the shadow log.
+    assert dp.replay_input_log("L", "s1", after=0) == Replayed(80, 1, 80)
+    assert dp.replay_shadow_log("L", "s1").delivered == 4
+    got = env.s_nf.recv_all(quiet=0.3)
+    assert got == [*mirrors.values(), *(f[s] for s in range(41, 45))]
+
+
 def test_shadow_log_is_bounded_and_stays_out_of_a_units_wire_port(env: Env) -> None:
     dp = env.standby()
     dp.add_af_packet_port("i0", "i0")
