@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import faulthandler
 import fcntl
 import importlib.metadata
 import logging
@@ -47,7 +48,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -97,6 +98,19 @@ STANDBY_ADD_TIMEOUT_S = 60.0
 STANDBY_REMOVE_TIMEOUT_S = 30.0
 # A peer's spare_add only opens a store.
 SPARE_ADD_TIMEOUT_S = 30.0
+
+
+STACKS_FILE = "stacks.txt"
+
+
+def stacks_on_sigusr1(path: Path) -> IO[str]:
+    """From now on ``kill -USR1 <agent pid>`` appends the stack of every thread to `path`
+    (written by the interpreter's fault handler, so it works while every thread is stuck):
+    what a unit whose loop stopped stepping waits on. Returns the open file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a")
+    faulthandler.register(signal.SIGUSR1, file=f, all_threads=True)
+    return f
 
 
 class AgentError(Exception):
@@ -274,6 +288,7 @@ class Agent:
         self.keypair: keys.Keypair | None = None
         self.authorized = keys.AuthorizedKeys(config.state_dir / keys.AUTHORIZED_KEYS)
         self._unhealthy: str | None = None
+        self._stacks: IO[str] | None = None
 
     # --- paths ---
 
@@ -297,6 +312,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._stacks = stacks_on_sigusr1(self.config.log_dir / STACKS_FILE)
         self.notifier.ready(self._status_line())
         self.bus.publish("agent_start", host=self.host, pid=os.getpid())
         log.info(
@@ -463,6 +479,10 @@ class Agent:
             self.metrics.close()
         if self.db is not None:
             self.db.close()
+        if self._stacks is not None:
+            faulthandler.unregister(signal.SIGUSR1)
+            self._stacks.close()
+            self._stacks = None
         if self._pid_lock is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.config.pid_path.unlink()

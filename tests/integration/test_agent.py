@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import zmq
 
 from hamgr import control, keys
 from hamgr.agent import procs
+from hamgr.agent.daemon import STACKS_FILE
 from hamgr.agent.topology import AgentHarness
 from hamgr.testbed import NF_PORT, SINK_PORT, wait_udp_bound
 from shim import netns
@@ -66,14 +68,39 @@ def _protect(agent: AgentHarness, tmp_path: Path, **kwargs: Any) -> dict[str, An
     return result
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
+def _wait_for(predicate: Any, timeout: float) -> Any:
+    """The predicate's first true value within `timeout` seconds, else None."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return None
+
+
+def _stacks(agent: AgentHarness, status: dict[str, Any]) -> str:
+    """The agent's thread stacks (`kill -USR1`), for a failure's message."""
+    path = agent.state_dir / "log" / STACKS_FILE
+    os.kill(status["pid"], signal.SIGUSR1)
+    sizes = [-1]
+
+    def settled() -> bool:
+        # Written thread by thread: done once it has stopped growing.
+        time.sleep(0.2)
+        size = path.stat().st_size if path.exists() else 0
+        sizes.append(size)
+        return size > 0 and sizes[-2] == size
+
+    _wait_for(settled, 5)
+    return f"the agent's threads:\n{path.read_text() if path.exists() else '(none written)'}"
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    value = _wait_for(predicate, timeout)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
 def _in_order(records: list[tuple[int, int, float]], sent: int) -> None:
@@ -506,6 +533,18 @@ def test_a_failed_protect_rolls_back_and_refusals_touch_nothing(
     assert json.loads(missing.stdout.strip().splitlines()[-1])["code"] == "no_such_unit"
 
 
+def test_sigusr1_writes_the_stack_of_every_thread(agent: AgentHarness, tmp_path: Path) -> None:
+    """`kill -USR1` on the agent: every thread's stack, the unit's loop among them, in
+    log/stacks.txt; the agent goes on serving."""
+    _protect(agent, tmp_path)
+    status = _status(agent)
+    text = _stacks(agent, status)
+    assert re.search(r'hamgr/agent/local\.py", line \d+ in _run', text), text
+    assert "in _supervise" in text, text
+    assert _status(agent)["pid"] == status["pid"]
+    assert _role(_status(agent), "primary")["state"] == "running"
+
+
 def test_a_stalled_data_plane_is_survived_in_process(agent: AgentHarness, tmp_path: Path) -> None:
     """The data plane stops answering for longer than a request's timeout (SIGSTOP): the unit's
     step fails, the loop unwedges the unit and takes it over again with a fresh engine, and
@@ -520,10 +559,18 @@ def test_a_stalled_data_plane_is_survived_in_process(agent: AgentHarness, tmp_pa
         _wait(lambda: (_role(_status(agent), "primary")["commits_total"] or 0) >= 3, 20, "commits")
         stop_seq = sender.next_seq
         os.kill(dp_pid, signal.SIGSTOP)
+        stopped = time.monotonic()
         try:
-            time.sleep(6.5)  # past the data-plane client's 5 s request timeout
+            # Stopped until a request of the unit's loop has timed out (the client's timeout is
+            # 5 s, counted from the request, which may come a moment after the stop).
+            failed = _wait_for(lambda: "epoch step failed" in agent.log(), 20)
+            stalled_s = time.monotonic() - stopped
         finally:
             os.kill(dp_pid, signal.SIGCONT)
+        if not failed:
+            pytest.fail(f"no epoch step failed within 20 s of the stall; {_stacks(agent, before)}")
+        print(f"the first step failed {stalled_s:.1f} s into the stall")
+        assert stalled_s >= 5.0
         cont_seq = sender.next_seq
         _wait(lambda: "epoch engine restarted" in agent.log(), 40, "the engine to be restarted")
         mid = _role(_status(agent), "primary")
