@@ -505,11 +505,21 @@ class Agent:
                     self._unhealthy = None
             elif problem != self._unhealthy:
                 self._unhealthy = problem
-                log.error("unhealthy, withholding the watchdog: %s", problem)
+                log.error("unhealthy, withholding the watchdog: %s%s", problem, self._dump_stacks())
             if now - last_persist >= PERSIST_EVERY_S:
                 last_persist = now
                 self._persist()
                 self.notifier.status(self._status_line())
+
+    def _dump_stacks(self) -> str:
+        """Every thread's stack into the stacks file, as `kill -USR1` does: where a stuck loop
+        waits. Returns a note for the log line that says where it went."""
+        if self._stacks is None:
+            return ""
+        self._stacks.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} the agent is unhealthy\n")
+        self._stacks.flush()
+        faulthandler.dump_traceback(self._stacks, all_threads=True)
+        return f" (every thread's stack: {self._stacks.name})"
 
     def _health(self, now: float) -> str | None:
         assert self.control is not None

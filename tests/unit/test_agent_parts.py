@@ -387,3 +387,33 @@ def test_json_formatter_survives_odd_extras() -> None:
     record = logging.LogRecord("x", logging.INFO, "f", 1, "m", None, None)
     record.path = Path("/p")
     assert json.loads(JsonFormatter().format(record))["path"] == "/p"
+
+
+# --- thread stacks ---------------------------------------------------------------------------
+
+
+def test_sigusr1_and_an_unhealthy_agent_write_every_threads_stack(tmp_path: Path) -> None:
+    import faulthandler
+    import signal
+    import time
+
+    from hamgr.agent.daemon import Agent, stacks_on_sigusr1
+
+    path = tmp_path / "log" / "stacks.txt"
+    agent = Agent.__new__(Agent)  # only the stacks file is used
+    agent._stacks = stacks_on_sigusr1(path)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while "test_agent_parts.py" not in path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = path.read_text()
+        assert "in test_sigusr1_and_an_unhealthy_agent_write_every_threads_stack" in first
+        note = agent._dump_stacks()
+        assert note == f" (every thread's stack: {path})"
+        second = path.read_text()[len(first) :]
+        assert "the agent is unhealthy" in second
+        assert "in test_sigusr1_and_an_unhealthy_agent_write_every_threads_stack" in second
+    finally:
+        faulthandler.unregister(signal.SIGUSR1)
+        agent._stacks.close()
