@@ -101,6 +101,8 @@ SPARE_ADD_TIMEOUT_S = 30.0
 
 
 STACKS_FILE = "stacks.txt"
+# The resource of a deposed primary's offer to be a spare, until someone takes it (`offering`).
+OFFER = "spare_offer"
 
 
 def stacks_on_sigusr1(path: Path) -> IO[str]:
@@ -253,6 +255,12 @@ class _RoleRecorder(RoleHooks):
         db.set_role(unit, "spare", primary, term)
         db.set_unit_state(unit, "running")
         log.warning("deposed at term %d; a spare of %s now", term, primary, extra={"unit": unit})
+
+    def offering(self, unit: str, candidates: Sequence[str], term: int) -> None:
+        self.db.add_resource(unit, OFFER, unit, {"candidates": list(candidates), "term": term})
+
+    def offer_ended(self, unit: str) -> None:
+        self.db.remove_resource(unit, OFFER, unit)
 
     def spare_of(self, unit: str, primary: str, term: int) -> None:
         # The primary that took the offer: the one whose spare_remove drops this role.
@@ -1646,6 +1654,7 @@ class Agent:
                 others={
                     "remote_standby": self._drop_remote(unit, "standby"),
                     "remote_spare": self._drop_remote(unit, "spare"),
+                    OFFER: lambda _res: None,  # a record only: the offer ends with the role
                 },
             )
         finally:
@@ -1766,7 +1775,14 @@ class Agent:
             remote.add_standby(spec, standby.peer, standby.term, list(spares))
             term, peer, role = standby.term, standby.peer, "standby"
         elif spare is not None:
-            remote.add_spare(spec, spare.peer, spare.term)
+            # A deposed primary whose offer to be a spare was not taken yet offers again.
+            offer = self.db.resources(unit, OFFER)
+            remote.add_spare(
+                spec,
+                spare.peer,
+                spare.term,
+                offer=offer[0].detail["candidates"] if offer else (),
+            )
             term, peer, role = spare.term, spare.peer, "spare"
         else:
             raise RuntimeError("no role was recorded for it")

@@ -234,6 +234,14 @@ class RoleHooks:
         """The deposed primary keeps a spare's store of `unit`, whose primary is likely
         `primary` at `term` now (on_fenced = "standby"), after `fenced`."""
 
+    def offering(self, unit: str, candidates: Sequence[str], term: int) -> None:
+        """This host, deposed at `term`, offers itself as a spare of `unit` to `candidates`
+        until one takes it (`offer_ended`): a restart resumes the offer (`add_spare`)."""
+
+    def offer_ended(self, unit: str) -> None:
+        """The offer `offering` recorded ended: taken, refused, or this host became the
+        standby."""
+
     def spare_of(self, unit: str, primary: str, term: int) -> None:
         """This host, a deposed primary's spare of `unit`, learned its primary: `primary`."""
 
@@ -1085,9 +1093,12 @@ class RemoteAgent:
             self.inputs.shadow(unit, spec.nf.mac)
         return store
 
-    def add_spare(self, spec: UnitSpec, primary: str, term: int) -> None:
+    def add_spare(self, spec: UnitSpec, primary: str, term: int, offer: Sequence[str] = ()) -> None:
         """Keep a store for `spec`, whose primary is `primary` (loop thread): a standby's term
-        claim is granted or refused here, and the primary may re-protect the unit onto it."""
+        claim is granted or refused here, and the primary may re-protect the unit onto it.
+
+        With `offer`, this host is a deposed primary whose offer to be a spare no one had
+        taken when its agent stopped: it offers itself to those peers again."""
         unit = spec.name
         if self.holds(unit):
             raise ValueError(f"unit {unit} already has a role on {self.host}")
@@ -1096,6 +1107,9 @@ class RemoteAgent:
         store = self._open_store(spec)
         self.spare_of[unit] = (primary, term)
         self.event("spare", unit=unit, primary=primary, term=max(term, store.term))
+        candidates = tuple(p for p in dict.fromkeys(offer) if p in self.plan.peers)
+        if candidates:
+            self._offer(unit, candidates, term)
 
     def add_standby(
         self,
@@ -1883,13 +1897,29 @@ class RemoteAgent:
         store.observe_term(deposed_at)
         self.spare_of[unit] = (candidates[0], deposed_at)
         self.event("spare", unit=unit, candidates=candidates, term=deposed_at, cause="deposed")
+        self._offer(unit, candidates, deposed_at)
+
+    def _offer(self, unit: str, candidates: tuple[str, ...], term: int) -> None:
+        """Offer this host, deposed at `term`, as a spare of `unit` to `candidates` until one
+        takes it (`hamgr.agent.rejoin`), and have the offer recorded so that a restart goes on
+        with it."""
+        try:
+            self.hooks.offering(unit, candidates, term)
+        except Exception:
+            log.exception("unit %s: recording the offer to be a spare failed", unit)
         driver = RejoinDriver(
-            Rejoin(unit, self.host, candidates, deposed_at),
+            Rejoin(unit, self.host, candidates, term),
             request=self.links.request,
             done=lambda outcome: self._rejoined.put((unit, outcome)),
         )
         self._rejoins[unit] = driver
         driver.start()
+
+    def _offer_over(self, unit: str) -> None:
+        try:
+            self.hooks.offer_ended(unit)
+        except Exception:
+            log.exception("unit %s: recording the end of the offer to be a spare failed", unit)
 
     def _end_rejoin(self, unit: str) -> None:
         """This host became the standby of `unit`: a deposed primary's offer was taken up,
@@ -1897,6 +1927,7 @@ class RemoteAgent:
         rejoin = self._rejoins.pop(unit, None)
         if rejoin is not None:
             rejoin.stop(timeout=0)
+            self._offer_over(unit)
 
     def _rejoin_ended(self, unit: str, outcome: Joined | Refused) -> None:
         """How this host's offer to be a spare of `unit` ended (loop thread)."""
@@ -1904,6 +1935,7 @@ class RemoteAgent:
         if driver is None:
             return
         driver.stop()
+        self._offer_over(unit)
         r = driver.rejoin
         match outcome:
             case Joined(primary=primary, term=term):

@@ -316,7 +316,8 @@ def teardown(
 
     Each resource is forgotten once it is gone, so a teardown that is interrupted resumes
     where it stopped. `others` removes the kinds this module does not know (the agent's
-    remote_standby, remote_spare and remote_store); one that raises is kept, as a problem.
+    remote_standby, remote_spare, remote_store and spare_offer); one that raises is kept, as a
+    problem.
     `keep`: the resources to leave alone (a role that goes on with what it had before).
     """
     problems: list[str] = []

@@ -433,6 +433,27 @@ def test_an_isolated_standby_stands_down_and_a_reprotects_onto_the_spare(tmp_pat
             assert not netns.netns_exists(f"hamgr-{fab.hosts[letter].name}-{UNIT}")
 
 
+def _protect_deposable(fab: Fabric, tmp_path: Path) -> tuple[str, str, str]:
+    """The unit on A, standby B, spare C, with `[standby] on_fenced = "standby"`."""
+    a, b, c = (fab.hosts[x].name for x in "ABC")
+    spec = tmp_path / f"{UNIT}.toml"
+    spec.write_text(
+        sequencer_spec(epoch_ms=fab.epoch_ms, standby=b, spares=(c,), on_fenced="standby")
+    )
+    fab.cli_json("A", "protect", str(spec))
+    return a, b, c
+
+
+def _remote_spares(fab: Fabric, letter: str) -> list[str]:
+    """The spares of the unit that the host's state.db records (`remote_spare`)."""
+    h = fab.hosts[letter]
+    db = StateDB(h.work / "state.db", host=h.name)
+    try:
+        return [r.name for r in db.resources(UNIT, "remote_spare")]
+    finally:
+        db.close()
+
+
 def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_back(
     tmp_path: Path,
 ) -> None:
@@ -444,12 +465,7 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
     term 3. No output twice, none skipped."""
     with Fabric(tmp_path / "fab", agents="main") as fab:
         fab.start()
-        a, b, c = (fab.hosts[x].name for x in "ABC")
-        spec = tmp_path / f"{UNIT}.toml"
-        spec.write_text(
-            sequencer_spec(epoch_ms=fab.epoch_ms, standby=b, spares=(c,), on_fenced="standby")
-        )
-        fab.cli_json("A", "protect", str(spec))
+        a, b, c = _protect_deposable(fab, tmp_path)
         first = tmp_path / "first"
         first.mkdir()
         sink, sender, out1 = start_traffic(fab, first, seconds=8.0, pps=PPS)
@@ -468,11 +484,7 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
             time.sleep(1.5)  # offers unanswered while cut off
             rejoined, joined = heal_until_rejoined(fab)
             a_joined = _role(fab, "A", "spare")
-            b_db = StateDB(fab.hosts["B"].work / "state.db", host=b)
-            try:
-                b_spares = [r.name for r in b_db.resources(UNIT, "remote_spare")]
-            finally:
-                b_db.close()
+            b_spares = _remote_spares(fab, "B")
         finally:
             finish_traffic(sink, sender)
         second = tmp_path / "second"
@@ -536,6 +548,57 @@ def test_a_deposed_primary_with_on_fenced_standby_rejoins_and_takes_the_unit_bac
         for check in checks:
             assert check.received > 0
             assert (check.duplicates, check.gaps, check.reordered) == (0, 0, 0), check
+
+
+def test_a_deposed_primary_offers_itself_again_after_its_agent_restarts(tmp_path: Path) -> None:
+    """on_fenced = "standby" with the main agents: A|B, B takes the unit over, A is deposed
+    and offers itself as a spare, unanswered while cut off; then A's agent restarts. The
+    restarted agent goes on offering (the offer is in its state.db), and after the heal B
+    takes it: A is B's spare in both state.dbs, and the offer's record is gone."""
+    with Fabric(tmp_path / "fab", agents="main") as fab:
+        fab.start()
+        a, b, c = _protect_deposable(fab, tmp_path)
+        sink, sender, _ = start_traffic(fab, tmp_path, seconds=3.0, pps=PPS)
+        try:
+            _wait(
+                lambda: (p := _role(fab, "A", "primary")) and p.get("last_committed"),
+                20,
+                "a commit",
+            )
+            cut_us = fab.partition("A", "B")
+            _taken_over(fab, "B", 2)
+            fab.wait_event("A", "spare", timeout=30, after_us=cut_us)
+        finally:
+            finish_traffic(sink, sender)
+
+        def offers() -> list[dict[str, Any]]:
+            db = StateDB(fab.hosts["A"].work / "state.db", host=a)
+            try:
+                return [dict(r.detail) for r in db.resources(UNIT, "spare_offer")]
+            finally:
+                db.close()
+
+        before = offers()
+        restart_us = time.monotonic_ns() // 1000
+        fab.cli("A", "down")
+        fab.cli("A", "up")
+        adopted = _role(fab, "A", "spare")
+        fab.wait_event("A", "spare", timeout=10, after_us=restart_us)
+        rejoined, joined = heal_until_rejoined(fab)
+        a_joined = _role(fab, "A", "spare")
+        b_spares = _remote_spares(fab, "B")
+        assert len(before) == 1, before
+        assert (before[0]["term"], before[0]["candidates"][0]) == (2, b), before
+        assert set(before[0]["candidates"]) == {b, c}, before
+        assert adopted is not None
+        assert adopted["term"] == 2, adopted
+        assert rejoined["offers"] >= 1, rejoined
+        assert (rejoined["primary"], rejoined["term"]) == (b, 2)
+        assert (joined["spare"], joined["term"]) == (a, 2)
+        assert a_joined is not None
+        assert (a_joined["peer"], a_joined["term"]) == (b, 2), a_joined
+        assert a in b_spares
+        assert offers() == []
 
 
 def test_refusals_leave_nothing_on_either_host(tmp_path: Path) -> None:
