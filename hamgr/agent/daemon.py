@@ -311,6 +311,11 @@ class Agent:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT or a shutdown request; returns the exit status."""
+        # From the start: an adoption can hang too (a CRIU call, a data plane that stopped).
+        try:
+            self._stacks = stacks_on_sigusr1(self.config.log_dir / STACKS_FILE)
+        except OSError as exc:
+            log.warning("kill -USR1 will not write the threads' stacks: %s", exc)
         try:
             self._start()
         except AgentError as exc:
@@ -320,7 +325,6 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self._stacks = stacks_on_sigusr1(self.config.log_dir / STACKS_FILE)
         self.notifier.ready(self._status_line())
         self.bus.publish("agent_start", host=self.host, pid=os.getpid())
         log.info(
