@@ -92,6 +92,16 @@ def check_sequence(records: list[Record]) -> SequenceCheck:
     return SequenceCheck(len(records), duplicates, gaps, reordered)
 
 
+def inputs_twice(records: list[Record]) -> int:
+    """Inputs the NF counted more than once: a sender seq reflected with two or more
+    different counters (an input replayed twice at a takeover, I7). The counter check does
+    not see it (each output has a counter of its own), nor does a count of lost inputs."""
+    counters: dict[int, set[int]] = {}
+    for r in records:
+        counters.setdefault(r.seq, set()).add(r.counter)
+    return sum(len(c) - 1 for c in counters.values())
+
+
 def missing_outside_takeover(records: list[Record], kill_ns: int) -> set[int]:
     """Counters missing anywhere but between the old primary's last and the new one's first output.
 

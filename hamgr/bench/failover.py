@@ -46,7 +46,10 @@ Measured per run (all times CLOCK_MONOTONIC, which every namespace shares):
   ``outage_ms`` (B attached the unit); ``copy_restore_ms`` is that copy's restore alone, and
   ``copies_dropped_before_kill`` counts the copies B restored ahead for a live A and dropped.
 - ``duplicates``/``gaps``: in the NF's UDP counter as the sink saw it (`trafgen.check_sequence`);
-  ``lost_packets``: UDP inputs sent but never reflected in any output.
+  ``lost_packets``: UDP inputs sent but never reflected in any output; ``inputs_twice`` (not
+  in the issue's line): inputs reflected with two different counters, an input the NF counted
+  twice (`trafgen.inputs_twice`; a lossless replay that delivered one twice), which neither of
+  the others shows.
 - ``tcp_survived``: runs whose TCP connection kept working across the failover
   (`trafgen.tcp_survived`): connected before the failure, never reset or closed, every answer
   correct and from the same NF connection (the NF numbers its connections and counts the lines of
@@ -102,6 +105,7 @@ from hamgr.trafgen import (
     Record,
     TcpSummary,
     check_sequence,
+    inputs_twice,
     member_records,
     missing_outside_takeover,
     read_records,
@@ -321,6 +325,7 @@ def run_measures(
         # Where the gaps fall, to tell a takeover defect from one in steady state.
         "gaps_outside_takeover": len(missing_outside_takeover(records, split_ns)),
         "lost_packets": sent - len({r.seq for r in records}),
+        "inputs_twice": inputs_twice(records),
         "received": check.received,
         "sent": sent,
         "tcp_survived": (
@@ -417,6 +422,8 @@ def summarize(
         # failover_ms.
         "silence_ms_p50": round(statistics.median(silence), 1) if silence else None,
         "silence_ms_max": round(max(silence), 1) if silence else None,
+        # Not in the list: inputs the NF counted twice (an input replayed twice).
+        "inputs_twice": sum(int(r.get("inputs_twice", 0)) for r in results),
     }
 
 

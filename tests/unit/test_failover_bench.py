@@ -300,6 +300,8 @@ def test_the_summary_line_has_the_issues_fields_and_counts_failed_runs() -> None
     assert summary["tcp_survived"] == 2
     # A failover that failed has no failover_ms; it is counted instead of vanishing.
     assert summary["failed_runs"] == 1
+    assert summary["inputs_twice"] == 0
+    assert summarize("remote", [{**run(9.0), "inputs_twice": 2}, run(8.0)])["inputs_twice"] == 2
 
 
 def test_the_sink_gap_spans_the_split() -> None:

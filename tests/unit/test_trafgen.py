@@ -15,6 +15,7 @@ from hamgr import trafgen
 from hamgr.trafgen import (
     Record,
     check_sequence,
+    inputs_twice,
     member_records,
     missing_outside_takeover,
     read_records,
@@ -31,6 +32,16 @@ def records(*pairs: tuple[int, int]) -> list[Record]:
 def test_duplicates_and_gaps_are_counted() -> None:
     check = check_sequence(records((1, 1), (2, 2), (2, 3), (5, 4), (4, 5)))
     assert (check.duplicates, check.gaps, check.reordered) == (1, 1, 1)
+
+
+def test_an_input_counted_twice_is_seen_by_its_seq_not_by_the_counter() -> None:
+    # Stop 13's lossless run: input 829 reflected as counters 829 and 830, then on by one.
+    seen = [Record(c, s, 0, c) for c, s in ((828, 828), (829, 829), (830, 829), (831, 830))]
+    assert check_sequence(seen).duplicates == check_sequence(seen).gaps == 0
+    assert inputs_twice(seen) == 1
+    # An output sent twice (the same counter) is a duplicate, not an input counted twice.
+    again = [Record(c, c, 0, c) for c in (1, 2, 2, 3)]
+    assert (check_sequence(again).duplicates, inputs_twice(again)) == (1, 0)
 
 
 def test_a_gap_at_the_takeover_is_the_known_limit() -> None:
