@@ -195,7 +195,9 @@ def test_an_nf_that_died_while_the_agent_was_down_is_handed_to_b_at_its_restart(
         fab.start()
         a, b = fab.hosts["A"].name, fab.hosts["B"].name
         runc_state = fab.hosts["A"].work / "containers" / "runc" / f"{a}-{UNIT}"
-        sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS)
+        # While A's agent is down nothing is released: the sink must outwait that silence
+        # (down, the kill, up, the takeover and the first commit at C: 2.5 s in one run).
+        sink, sender, out = start_traffic(fab, tmp_path, seconds=8.0, pps=PPS, idle_exit=10.0)
         try:
             primary = _protected_and_committed(fab, tmp_path)
             pid = int(primary["nf_pid"])
