@@ -565,10 +565,12 @@ def test_a_stalled_data_plane_is_survived_in_process(agent: AgentHarness, tmp_pa
             # 5 s, counted from the request, which may come a moment after the stop).
             failed = _wait_for(lambda: "epoch step failed" in agent.log(), 20)
             stalled_s = time.monotonic() - stopped
+            # Where the loop waits, taken while the data plane is still stopped.
+            stuck = "" if failed else _stacks(agent, before)
         finally:
             os.kill(dp_pid, signal.SIGCONT)
         if not failed:
-            pytest.fail(f"no epoch step failed within 20 s of the stall; {_stacks(agent, before)}")
+            pytest.fail(f"no epoch step failed within 20 s of the stall; {stuck}")
         print(f"the first step failed {stalled_s:.1f} s into the stall")
         assert stalled_s >= 5.0
         cont_seq = sender.next_seq
