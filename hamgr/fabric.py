@@ -67,6 +67,7 @@ from hamgr.agent.unitnet import UnitNames
 from hamgr.testbed import Testbed
 from shim import netns
 from shim.container import remove_cgroup
+from shim.devmounts import DevMountError, detach_mounts_under
 
 __all__ = ["Fabric", "HostHandle", "sequencer_spec"]
 
@@ -170,18 +171,6 @@ def _in_netns(name: str) -> set[int]:
                 if os.stat(entry / "ns" / "net").st_ino == ino:
                     out.add(int(entry.name))
     return out
-
-
-def _mounts_under(root: Path) -> list[str]:
-    """Mount points at or below `root`, deepest first (this process's mount namespace)."""
-    prefix = str(root).rstrip("/") + "/"
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point.startswith(prefix):
-                found.append(point)
-    return sorted(found, key=len, reverse=True)
 
 
 def _children(pids: set[int]) -> set[int]:
@@ -733,10 +722,9 @@ class Fabric(Testbed):
         for h in self.hosts.values():
             # What a restore cut short by its host's kill left mounted in the work dir (the
             # bundle's /dev and /dev/shm, CRIU's root): detached, or the work dir stays.
-            for point in _mounts_under(h.work) + _mounts_under(h.runtime):
-                subprocess.run(
-                    ["umount", "-l", point], capture_output=True, timeout=10, check=False
-                )
+            for root in (h.work, h.runtime):
+                with contextlib.suppress(DevMountError):
+                    detach_mounts_under(root)
             remove_cgroup(UnitNames(h.name, UNIT).cgroup_parent, timeout=2.0)
             shutil.rmtree(h.runtime, ignore_errors=True)
         # The partition table lives in the fabric netns and goes with it.

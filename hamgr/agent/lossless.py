@@ -34,7 +34,7 @@ from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import InputLogStats
 from shim.store import Checkpoint
 
-__all__ = ["InputLogs", "ReplayError", "log_counters", "log_name", "mirror_tag", "replay_loss"]
+__all__ = ["InputLogs", "ReplayError", "log_name", "mirror_tag", "replay_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +84,6 @@ def replay_loss(after: int, error: DataPlaneError, stats: InputLogStats | None) 
     else:
         lost = f"lost: the inputs after seq {delivered_upto} (the log holds none after it)"
     return f"{what}; {lost}"
-
-
-def log_counters(stats: InputLogStats | None) -> dict[str, int] | None:
-    """The counters of an input log that say how its replay will go, for an event: frames held,
-    gaps and duplicates in the mirror stream and, with a shadow log, how the mirror frames met
-    their flooded copies (found in the shadow log, or not yet there and remembered). None
-    without the log."""
-    if stats is None:
-        return None
-    return {
-        "frames": stats.frames,
-        "first_seq": stats.first_seq,
-        "last_seq": stats.last_seq,
-        "gaps": stats.gaps,
-        "duplicates": stats.duplicates,
-        "shadow_frames": stats.shadow_frames,
-        "shadow_received": stats.shadow_received,
-        "shadow_matched": stats.shadow_matched,
-        "shadow_unmatched": stats.shadow_unmatched,
-        "shadow_overflow": stats.shadow_overflow,
-        "shadow_evicted": stats.shadow_evicted,
-    }
 
 
 class InputLogs:

@@ -89,14 +89,7 @@ from dpdk_vhost.client import DataPlaneClient, DataPlaneError
 from dpdk_vhost.protocol import PeerDown, PeerUp, ProbeStats
 from hamgr.agent.dataplane import OwnedDataPlane
 from hamgr.agent.handoff import Answer, Fence, GiveUp, Handoff, HandoffDriver
-from hamgr.agent.lossless import (
-    InputLogs,
-    ReplayError,
-    log_counters,
-    log_name,
-    mirror_tag,
-    replay_loss,
-)
+from hamgr.agent.lossless import InputLogs, ReplayError, log_name, mirror_tag, replay_loss
 from hamgr.agent.primary import Observed, UnitRunner, primary_config, take_over
 from hamgr.agent.rejoin import Joined, Refused, Rejoin, RejoinDriver, spare_join_answer
 from hamgr.agent.unitnet import NF_IFNAME, UnitNames, nf_container_spec
@@ -1915,27 +1908,25 @@ class RemoteAgent:
         self._rejoins[unit] = driver
         driver.start()
 
-    def _offer_over(self, unit: str) -> None:
-        try:
-            self.hooks.offer_ended(unit)
-        except Exception:
-            log.exception("unit %s: recording the end of the offer to be a spare failed", unit)
-
-    def _end_rejoin(self, unit: str) -> None:
-        """This host became the standby of `unit`: a deposed primary's offer was taken up,
-        whatever it was told; its thread is not waited for (loop thread)."""
-        rejoin = self._rejoins.pop(unit, None)
-        if rejoin is not None:
-            rejoin.stop(timeout=0)
-            self._offer_over(unit)
+    def _end_rejoin(self, unit: str, wait: float = 0.0) -> RejoinDriver | None:
+        """End this host's offer to be a spare of `unit`, if it makes one, and the record of
+        it; its thread is waited for up to `wait` s (loop thread). Called when the offer's
+        outcome came, and when this host became the standby (the offer was taken up, whatever
+        it was told)."""
+        driver = self._rejoins.pop(unit, None)
+        if driver is not None:
+            driver.stop(timeout=wait)
+            try:
+                self.hooks.offer_ended(unit)
+            except Exception:
+                log.exception("unit %s: recording the end of the offer to be a spare failed", unit)
+        return driver
 
     def _rejoin_ended(self, unit: str, outcome: Joined | Refused) -> None:
         """How this host's offer to be a spare of `unit` ended (loop thread)."""
-        driver = self._rejoins.pop(unit, None)
+        driver = self._end_rejoin(unit, wait=5.0)
         if driver is None:
             return
-        driver.stop()
-        self._offer_over(unit)
         r = driver.rejoin
         match outcome:
             case Joined(primary=primary, term=term):
@@ -2533,7 +2524,7 @@ class StandbySteps:
             last=r.last,
             shadow=shadow,
             # The log as the replay found it: how its mirror frames met their flooded copies.
-            log=log_counters(before),
+            log=None if before is None else attrs.asdict(before),
         )
         return r.delivered + shadow
 

@@ -31,6 +31,7 @@ from hamgr.agent.topology import AgentHarness
 from hamgr.testbed import NF_PORT, SINK_PORT, wait_udp_bound
 from shim import netns
 from tests.integration.container_env import UdpSender, UdpSink, in_netns
+from tests.integration.dp_env import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -68,17 +69,6 @@ def _protect(agent: AgentHarness, tmp_path: Path, **kwargs: Any) -> dict[str, An
     return result
 
 
-def _wait_for(predicate: Any, timeout: float) -> Any:
-    """The predicate's first true value within `timeout` seconds, else None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
-
-
 def _stacks(agent: AgentHarness, status: dict[str, Any]) -> str:
     """The agent's thread stacks (`kill -USR1`), for a failure's message."""
     path = agent.state_dir / "log" / STACKS_FILE
@@ -92,15 +82,18 @@ def _stacks(agent: AgentHarness, status: dict[str, Any]) -> str:
         sizes.append(size)
         return size > 0 and sizes[-2] == size
 
-    _wait_for(settled, 5)
+    wait_for(settled, 5.0, step=0.0)
     return f"the agent's threads:\n{path.read_text() if path.exists() else '(none written)'}"
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    value = _wait_for(predicate, timeout)
-    if not value:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-    return value
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _in_order(records: list[tuple[int, int, float]], sent: int) -> None:
@@ -563,7 +556,7 @@ def test_a_stalled_data_plane_is_survived_in_process(agent: AgentHarness, tmp_pa
         try:
             # Stopped until a request of the unit's loop has timed out (the client's timeout is
             # 5 s, counted from the request, which may come a moment after the stop).
-            failed = _wait_for(lambda: "epoch step failed" in agent.log(), 20)
+            failed = wait_for(lambda: "epoch step failed" in agent.log(), 20.0, step=0.05)
             stalled_s = time.monotonic() - stopped
             # Where the loop waits, taken while the data plane is still stopped.
             stuck = "" if failed else _stacks(agent, before)

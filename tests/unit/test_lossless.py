@@ -15,7 +15,7 @@ import pytest
 
 from dpdk_vhost.client import DataPlaneError
 from dpdk_vhost.protocol import InputLogStats
-from hamgr.agent.lossless import InputLogs, log_counters, mirror_tag, replay_loss
+from hamgr.agent.lossless import InputLogs, mirror_tag, replay_loss
 from hamgr.agent.remote import attach_unit
 from hamgr.agent.unitnet import UnitNames
 from hamgr.bench.failover import classify_lost
@@ -243,15 +243,6 @@ def test_a_log_with_nothing_after_the_cut_or_no_log_at_all() -> None:
     err = DataPlaneError("log_incomplete", "seq 56 is missing (trimmed)")
     assert "the log holds none after it" in replay_loss(55, err, log_stats(last_seq=50))
     assert "the log is gone" in replay_loss(55, DataPlaneError("no_such_log", "x"), None)
-
-
-def test_the_replayed_event_carries_the_logs_counters() -> None:
-    stats = log_stats(frames=7, first_seq=11, last_seq=17, shadow_frames=3, shadow_evicted=2)
-    counters = log_counters(stats)
-    assert counters is not None
-    assert (counters["frames"], counters["first_seq"], counters["last_seq"]) == (7, 11, 17)
-    assert (counters["shadow_frames"], counters["shadow_evicted"]) == (3, 2)
-    assert log_counters(None) is None
 
 
 # --- the standby's input logs ---------------------------------------------------------------
